@@ -1,0 +1,22 @@
+"""Hugging Face PyTorch/safetensors checkpoints to Flax and back; Orbax save/restore."""
+
+from gkv_jax.conversion.checkpoint import load_checkpoint, save_checkpoint
+from gkv_jax.conversion.hf import (
+    ConversionError,
+    convert_weights,
+    from_hf,
+    hf_state_dict,
+    model_from_weights,
+    to_hf,
+)
+
+__all__ = [
+    "ConversionError",
+    "convert_weights",
+    "from_hf",
+    "hf_state_dict",
+    "load_checkpoint",
+    "model_from_weights",
+    "save_checkpoint",
+    "to_hf",
+]

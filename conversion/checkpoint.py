@@ -1,0 +1,60 @@
+"""Orbax save/restore of a `Transformer`: weights bit-exact, dtype and config preserved."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from gkv_jax.models.config import Llama3RopeScaling, ModelConfig
+from gkv_jax.models.transformer import Transformer, resolve_dtype
+
+
+def _config_to_json(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _config_from_json(data: dict) -> ModelConfig:
+    data = dict(data)
+    if data.get("rope_scaling") is not None:
+        data["rope_scaling"] = Llama3RopeScaling(**data["rope_scaling"])
+    data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
+    return ModelConfig(**data)
+
+
+def save_checkpoint(model: Transformer, path: str | os.PathLike) -> str:
+    """Saves weights (Orbax) and the config + dtype (JSON) under `path` (must not exist)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        raise FileExistsError(f"path: {path!r} already exists")
+    metadata = {"config": _config_to_json(model.config), "dtype": jnp.dtype(model.dtype).name}
+    weights = nnx.state(model, nnx.Param).to_pure_dict()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, ocp.args.Composite(
+            weights=ocp.args.StandardSave(weights),
+            metadata=ocp.args.JsonSave(metadata)))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Transformer:
+    """Restores a model written by `save_checkpoint`, in the dtype it was saved in."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path: no checkpoint directory at {path!r}")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        metadata = checkpointer.restore(
+            path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        config = _config_from_json(metadata["config"])
+        dtype = resolve_dtype(metadata["dtype"])
+        abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
+        weights = checkpointer.restore(
+            path, ocp.args.Composite(weights=ocp.args.StandardRestore(target)))["weights"]
+    state.replace_by_pure_dict(weights)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,350 @@
+"""Strict Hugging Face <-> Flax weight conversion for the Qwen2 / Llama / Qwen3 families.
+
+One table (`LAYER_RULES`) says how each HF tensor maps to a stacked model weight; `from_hf`
+and `to_hf` both read it. Strict in both directions: every HF tensor is consumed, every model
+weight is filled exactly once, every shape is checked, and errors name the HF key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from gkv_jax.models.config import ModelConfig
+from gkv_jax.models.transformer import Transformer, param_shapes, resolve_dtype
+
+# ---------------------------------------------------------------------------- the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one HF tensor becomes one model weight.
+
+    `to_flax(hf_array, config)` reshapes/transposes an HF tensor into the model's layout;
+    `hf_shape(config)` is the HF tensor's expected shape; `to_hf` is the inverse.
+    """
+
+    hf_suffix: str
+    name: str
+    hf_shape: Callable[[ModelConfig], tuple[int, ...]]
+    to_flax: Callable[[np.ndarray, ModelConfig], np.ndarray]
+    to_hf: Callable[[np.ndarray, ModelConfig], np.ndarray]
+    when: Callable[[ModelConfig], bool] = lambda c: True
+
+
+def _linear_in(heads: Callable[[ModelConfig], int]):
+    """HF [heads*H, D] -> ours [D, heads, H] (a projection into heads)."""
+    return (lambda c: (heads(c) * c.head_dim, c.hidden_size),
+            lambda w, c: w.T.reshape(c.hidden_size, heads(c), c.head_dim),
+            lambda w, c: w.reshape(c.hidden_size, heads(c) * c.head_dim).T)
+
+
+def _bias(heads: Callable[[ModelConfig], int]):
+    return (lambda c: (heads(c) * c.head_dim,),
+            lambda b, c: b.reshape(heads(c), c.head_dim),
+            lambda b, c: b.reshape(-1))
+
+
+def _same(shape: Callable[[ModelConfig], tuple[int, ...]]):
+    return shape, lambda w, c: w, lambda w, c: w
+
+
+def _transposed(shape: Callable[[ModelConfig], tuple[int, ...]]):
+    return shape, lambda w, c: w.T, lambda w, c: w.T
+
+
+def _q_heads(c):
+    return c.num_heads
+
+
+def _kv_heads(c):
+    return c.num_kv_heads
+
+
+def _has_bias(c):
+    return c.qkv_bias
+
+
+def _has_qk_norm(c):
+    return c.qk_norm
+
+
+LAYER_RULES: tuple[Rule, ...] = (
+    Rule("input_layernorm.weight", "attn_norm", *_same(lambda c: (c.hidden_size,))),
+    Rule("self_attn.q_proj.weight", "q_proj", *_linear_in(_q_heads)),
+    Rule("self_attn.k_proj.weight", "k_proj", *_linear_in(_kv_heads)),
+    Rule("self_attn.v_proj.weight", "v_proj", *_linear_in(_kv_heads)),
+    Rule("self_attn.q_proj.bias", "q_bias", *_bias(_q_heads), when=_has_bias),
+    Rule("self_attn.k_proj.bias", "k_bias", *_bias(_kv_heads), when=_has_bias),
+    Rule("self_attn.v_proj.bias", "v_bias", *_bias(_kv_heads), when=_has_bias),
+    Rule("self_attn.q_norm.weight", "q_norm", *_same(lambda c: (c.head_dim,)),
+         when=_has_qk_norm),
+    Rule("self_attn.k_norm.weight", "k_norm", *_same(lambda c: (c.head_dim,)),
+         when=_has_qk_norm),
+    Rule("self_attn.o_proj.weight", "o_proj",
+         lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+         lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+         lambda w, c: w.reshape(c.num_heads * c.head_dim, c.hidden_size).T),
+    Rule("post_attention_layernorm.weight", "mlp_norm", *_same(lambda c: (c.hidden_size,))),
+    Rule("mlp.gate_proj.weight", "gate_proj",
+         *_transposed(lambda c: (c.intermediate_size, c.hidden_size))),
+    Rule("mlp.up_proj.weight", "up_proj",
+         *_transposed(lambda c: (c.intermediate_size, c.hidden_size))),
+    Rule("mlp.down_proj.weight", "down_proj",
+         *_transposed(lambda c: (c.hidden_size, c.intermediate_size))),
+)
+
+GLOBAL_RULES: tuple[Rule, ...] = (
+    Rule("model.embed_tokens.weight", "embedding",
+         *_same(lambda c: (c.vocab_size, c.hidden_size))),
+    Rule("model.norm.weight", "final_norm", *_same(lambda c: (c.hidden_size,))),
+    Rule("lm_head.weight", "lm_head", *_transposed(lambda c: (c.vocab_size, c.hidden_size)),
+         when=lambda c: not c.tie_word_embeddings),
+)
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Derived buffers that some older checkpoints store; recomputed from the config, so skipped.
+_DERIVED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
+
+
+# ---------------------------------------------------------------------------- sources
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch  # only when the caller handed us torch tensors
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.startswith("torch"):
+        return _torch_to_numpy(value)
+    return np.asarray(value)
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"source: no *.safetensors files in {directory!r}")
+    paths = [os.path.join(directory, f) for f in files]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"source: shard {path!r} named in the index is missing")
+    return paths
+
+
+def _iter_safetensors(paths: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) pairs, one shard open at a time, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    for path in paths:
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                yield key, f.get_tensor(key)
+
+
+def _open_source(source: Any) -> tuple[ModelConfig, Iterator[tuple[str, np.ndarray]]]:
+    """The config and a stream of (HF key, array) for any accepted `source`."""
+    if isinstance(source, str | os.PathLike):
+        directory = os.fspath(source)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"source: {directory!r} is not a directory (expected a local Hugging Face "
+                "checkpoint with config.json and *.safetensors)")
+        config = ModelConfig.from_hf_config(directory)
+        return config, _iter_safetensors(_safetensors_files(directory))
+    if isinstance(source, tuple) and len(source) == 2:
+        state_dict, hf_config = source
+        config = ModelConfig.from_hf_config(hf_config)
+        return config, ((k, _as_numpy(v)) for k, v in state_dict.items())
+    if hasattr(source, "state_dict") and hasattr(source, "config"):
+        config = ModelConfig.from_hf_config(source.config)
+        return config, ((k, _as_numpy(v)) for k, v in source.state_dict().items())
+    raise TypeError(
+        "source must be a transformers model, a local checkpoint directory or a "
+        f"(state_dict, hf_config) pair, got {type(source).__name__}")
+
+
+# ---------------------------------------------------------------------------- HF -> Flax
+def _check_shape(key: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
+    if tuple(array.shape) != tuple(expected):
+        raise ConversionError(
+            f"{key}: expected shape {tuple(expected)}, got {tuple(array.shape)}")
+
+
+def _rules_by_key(config: ModelConfig) -> dict[str, tuple[Rule, int | None]]:
+    table: dict[str, tuple[Rule, int | None]] = {
+        r.hf_suffix: (r, None) for r in GLOBAL_RULES if r.when(config)}
+    for i in range(config.num_layers):
+        for r in LAYER_RULES:
+            if r.when(config):
+                table[f"model.layers.{i}.{r.hf_suffix}"] = (r, i)
+    return table
+
+
+def convert_weights(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]],
+                    dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Maps a stream of HF tensors into the model's nested weight dict (numpy, `dtype`).
+
+    Each tensor is cast once, straight into a preallocated stacked array.
+
+    Raises:
+      ConversionError: naming the first unexpected, duplicated, mis-shaped or missing key.
+    """
+    np_dtype = np.dtype(resolve_dtype(dtype))
+    shapes = param_shapes(config)
+    out: dict[str, Any] = {name: np.empty(shape, np_dtype) for name, shape in shapes.items()
+                           if name != "layers"}
+    out["layers"] = {name: np.empty(shape, np_dtype)
+                     for name, shape in shapes["layers"].items()}
+    table = _rules_by_key(config)
+    seen: set[str] = set()
+    embedding_key = "model.embed_tokens.weight"
+    tied_head = None
+    for key, array in tensors:
+        if _DERIVED_KEY.search(key):
+            continue
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            tied_head = array  # a tied checkpoint may still store the head; checked below
+            continue
+        if key not in table:
+            raise ConversionError(f"{key}: unexpected tensor (no weight of a "
+                                  f"{config.family} model maps to it)")
+        if key in seen:
+            raise ConversionError(f"{key}: tensor appears twice")
+        seen.add(key)
+        rule, layer = table[key]
+        _check_shape(key, array, rule.hf_shape(config))
+        value = rule.to_flax(array, config)
+        if layer is None:
+            out[rule.name][...] = value
+        else:
+            out["layers"][rule.name][layer] = value
+    missing = [k for k in table if k not in seen]
+    if missing:
+        rule, _ = table[missing[0]]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"{missing[0]}: missing tensor, expected shape "
+                              f"{rule.hf_shape(config)}{more}")
+    if tied_head is not None:
+        _check_shape("lm_head.weight", tied_head, (config.vocab_size, config.hidden_size))
+        if not np.array_equal(tied_head.astype(np_dtype), out["embedding"]):
+            raise ConversionError(
+                f"lm_head.weight: differs from {embedding_key} although "
+                "tie_word_embeddings=True")
+    return out
+
+
+def model_from_weights(config: ModelConfig, weights: dict[str, Any],
+                       dtype: Any = jnp.float32) -> Transformer:
+    """An NNX `Transformer` holding `weights` (no random initialisation is run)."""
+    dtype = resolve_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    device_weights = jax.tree.map(lambda a: jnp.asarray(a, dtype), weights)
+    state.replace_by_pure_dict(device_weights)
+    return nnx.merge(graphdef, state)
+
+
+def from_hf(source: Any, dtype: Any = jnp.float32) -> Transformer:
+    """A Flax model from a Hugging Face checkpoint.
+
+    Args:
+      source: an in-memory `transformers` model, a local directory with `config.json` and one
+        or more `*.safetensors` files (sharded with `model.safetensors.index.json` or not), or
+        a `(state_dict, hf_config)` pair.
+      dtype: parameter dtype, a jnp dtype or its name ("float32", "bfloat16", "float16").
+
+    Raises:
+      ConversionError: a tensor is missing, unexpected or mis-shaped (the message names it).
+      ValueError: the config uses a feature this library does not implement, or bad dtype.
+      FileNotFoundError: the directory or a shard does not exist.
+    """
+    dtype = resolve_dtype(dtype)
+    config, tensors = _open_source(source)
+    return model_from_weights(config, convert_weights(config, tensors, dtype), dtype)
+
+
+# ---------------------------------------------------------------------------- Flax -> HF
+def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
+    """The model's weights under HF names and layouts (numpy, the model's dtype)."""
+    config = model.config
+    params = jax.tree.map(np.asarray, model.params())
+    out: dict[str, np.ndarray] = {}
+    for r in GLOBAL_RULES:
+        if r.when(config):
+            out[r.hf_suffix] = np.ascontiguousarray(r.to_hf(params[r.name], config))
+    for i in range(config.num_layers):
+        for r in LAYER_RULES:
+            if r.when(config):
+                out[f"model.layers.{i}.{r.hf_suffix}"] = np.ascontiguousarray(
+                    r.to_hf(params["layers"][r.name][i], config))
+    return out
+
+
+def _shard(state: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, array in state.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = array
+        size += array.nbytes
+    return shards
+
+
+def to_hf(model: Transformer, out_dir: str | os.PathLike,
+          max_shard_bytes: int = 5 * 1024**3) -> str:
+    """Writes `config.json` and safetensors that `transformers` loads with the same logits.
+
+    Checkpoints above `max_shard_bytes` are split into shards with a
+    `model.safetensors.index.json`, as Hugging Face does. Returns the directory.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    state = hf_state_dict(model)
+    hf_config = model.config.to_hf_dict()
+    hf_config["torch_dtype"] = jnp.dtype(model.dtype).name
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    shards = _shard(state, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+        return out_dir
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
+             "weight_map": weight_map}
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return out_dir

@@ -1,0 +1,14 @@
+"""gkv-jax: reasoning LLMs in JAX with a fixed-size, decoding-time-evicted KV cache (G-KV).
+
+Shape letters used in every docstring:
+  B batch, T tokens, C cache slots (capacity = budget + divide_length), S cached tokens
+  scored at a compression, N query heads, K KV heads, G = N / K group size, H head dim,
+  D model dim, F MLP width, V vocab, L layers, W observation window.
+"""
+
+from gkv_jax.cache import KVCache, init_cache
+from gkv_jax.models import ModelConfig, Transformer
+
+__version__ = "0.1.0"
+
+__all__ = ["KVCache", "ModelConfig", "Transformer", "init_cache"]

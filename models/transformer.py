@@ -1,0 +1,286 @@
+"""The shared decoder-only transformer of the Qwen2 / Llama / Qwen3 families, in Flax NNX.
+
+Layer weights are stacked along a leading L axis and the layers run under `lax.scan`, so
+compile time does not grow with depth. The math lives in pure functions over a plain dict of
+arrays (`forward`, `forward_cached`); `Transformer` is the NNX module that owns the weights and
+calls them. Weight layouts keep heads as their own axis (`q_proj: [L, D, N, H]`), which is what
+a `model`-axis sharding splits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from gkv_jax.cache import KVCache
+from gkv_jax.models import layers
+from gkv_jax.models.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """A supported parameter dtype from a jnp dtype or its name."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return jnp.dtype(DTYPES[dtype])
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from err
+    if resolved.name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {resolved.name!r}")
+    return resolved
+
+
+def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stacked per-layer weights (leading axis L), by name."""
+    L, D, F = config.num_layers, config.hidden_size, config.intermediate_size
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    shapes = {
+        "attn_norm": (L, D),
+        "q_proj": (L, D, N, H),
+        "k_proj": (L, D, K, H),
+        "v_proj": (L, D, K, H),
+        "o_proj": (L, N, H, D),
+        "mlp_norm": (L, D),
+        "gate_proj": (L, D, F),
+        "up_proj": (L, D, F),
+        "down_proj": (L, F, D),
+    }
+    if config.qkv_bias:
+        shapes.update(q_bias=(L, N, H), k_bias=(L, K, H), v_bias=(L, K, H))
+    if config.qk_norm:
+        shapes.update(q_norm=(L, H), k_norm=(L, H))
+    return shapes
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """Shapes of every weight: {"embedding", "final_norm", ["lm_head"], "layers": {...}}."""
+    shapes: dict[str, Any] = {
+        "embedding": (config.vocab_size, config.hidden_size),
+        "final_norm": (config.hidden_size,),
+        "layers": layer_param_shapes(config),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (config.hidden_size, config.vocab_size)
+    return shapes
+
+
+_NORM_NAMES = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm")
+_BIAS_NAMES = ("q_bias", "k_bias", "v_bias")
+
+
+def _init_weight(name: str, shape: tuple[int, ...], dtype, key) -> Array:
+    if name in _NORM_NAMES:
+        return jnp.ones(shape, dtype)
+    if name in _BIAS_NAMES:
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class LayerStack(nnx.Module):
+    """All decoder layers' weights, stacked along a leading L axis (see `layer_param_shapes`)."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        for name, shape in layer_param_shapes(config).items():
+            setattr(self, name, nnx.Param(_init_weight(name, shape, dtype, rngs.params())))
+
+
+class Transformer(nnx.Module):
+    """A Qwen2 / Llama / Qwen3 causal LM.
+
+    `model(input_ids)` is the full causal forward, float32 logits [B, T, V].
+    `model(tokens, positions, cache)` is the cached forward and returns `(logits, cache)`.
+
+    Args:
+      config: the architecture.
+      dtype: parameter (and activation) dtype, e.g. jnp.bfloat16 or "float32".
+      rngs: initialisation randomness (weights ~ N(0, 0.02), norms 1, biases 0).
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        dtype = resolve_dtype(dtype)
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        shapes = param_shapes(config)
+        self.embedding = nnx.Param(
+            _init_weight("embedding", shapes["embedding"], dtype, rngs.params()))
+        self.final_norm = nnx.Param(
+            _init_weight("final_norm", shapes["final_norm"], dtype, rngs.params()))
+        if "lm_head" in shapes:
+            self.lm_head = nnx.Param(
+                _init_weight("lm_head", shapes["lm_head"], dtype, rngs.params()))
+        self.layers = LayerStack(config, dtype, rngs)
+
+    def params(self) -> dict[str, Any]:
+        """The weights as a plain nested dict of arrays (the input of the pure functions)."""
+        out = {"embedding": self.embedding[...], "final_norm": self.final_norm[...],
+               "layers": {name: getattr(self.layers, name)[...]
+                          for name in layer_param_shapes(self.config)}}
+        if not self.config.tie_word_embeddings:
+            out["lm_head"] = self.lm_head[...]
+        return out
+
+    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
+                 cache: KVCache | None = None, *, attention_mask: Array | None = None):
+        params = self.params()
+        if cache is None:
+            return forward(self.config, params, tokens, positions, attention_mask=attention_mask)
+        if positions is None:
+            raise ValueError("positions are required with a cache (true token positions, "
+                             "-1 for pads)")
+        if attention_mask is not None:
+            positions = jnp.where(attention_mask.astype(bool), positions, -1)
+        hidden, cache = forward_cached(self.config, params, tokens, positions, cache)
+        return lm_logits(self.config, params, hidden), cache
+
+
+# ------------------------------------------------------------------------ pure functions
+def embed(params: dict[str, Any], tokens: Int[Array, "B T"]) -> Array:
+    return jnp.take(params["embedding"], tokens, axis=0)
+
+
+def lm_logits(config: ModelConfig, params: dict[str, Any],
+              hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Final RMSNorm and the LM head (the embedding matrix if tied), float32 logits."""
+    normed = layers.rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        return jnp.einsum("btd,vd->btv", normed, params["embedding"],
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", normed, params["lm_head"],
+                      preferred_element_type=jnp.float32)
+
+
+def positions_from_mask(attention_mask: Array) -> Int[Array, "B T"]:
+    """True positions of a (left-)padded batch: 0.. over real tokens, -1 on pads."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, -1)
+
+
+def _project_qkv(config: ModelConfig, p: dict[str, Array], x: Array, positions: Array):
+    """Queries [B, T, N, H] and keys/values [B, T, K, H] of one layer, post-RoPE."""
+    q = jnp.einsum("btd,dnh->btnh", x, p["q_proj"])
+    k = jnp.einsum("btd,dkh->btkh", x, p["k_proj"])
+    v = jnp.einsum("btd,dkh->btkh", x, p["v_proj"])
+    if config.qkv_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if config.qk_norm:
+        q = layers.rms_norm(q, p["q_norm"], config.rms_norm_eps)
+        k = layers.rms_norm(k, p["k_norm"], config.rms_norm_eps)
+    inv_freq = layers.rope_inverse_frequencies(config)
+    return layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq), v
+
+
+def _residual_mlp(config: ModelConfig, p: dict[str, Array], x: Array) -> Array:
+    h = layers.rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+    return x + layers.swiglu(h, p["gate_proj"], p["up_proj"], p["down_proj"])
+
+
+def _attention_output(p: dict[str, Array], attended: Array) -> Array:
+    return jnp.einsum("btnh,nhd->btd", attended, p["o_proj"])
+
+
+def forward_hidden(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
+                   positions: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    """Full causal forward without a cache; returns the last hidden states (pre final norm)."""
+    key_positions = positions[:, None, :]
+
+    def layer(x, p):
+        h = layers.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(config, p, h, positions)
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        mask = layers.attention_mask(positions, jnp.broadcast_to(
+            key_positions, (x.shape[0], config.num_kv_heads, x.shape[1])))
+        x = x + _attention_output(p, layers.grouped_attention(q, keys, values, mask))
+        return _residual_mlp(config, p, x), None
+
+    hidden, _ = jax.lax.scan(layer, embed(params, tokens), params["layers"])
+    return hidden
+
+
+def forward(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
+            positions: Int[Array, "B T"] | None = None, *,
+            attention_mask: Array | None = None) -> Float[Array, "B T V"]:
+    """Full causal forward: float32 logits [B, T, V].
+
+    Args:
+      tokens: [B, T] int32 ids.
+      positions: [B, T] int32 true positions (-1 = pad); default 0..T-1, or derived from
+        `attention_mask` (1 = real token, 0 = pad; left padding).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        if attention_mask is not None:
+            positions = positions_from_mask(jnp.asarray(attention_mask))
+        else:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                         tokens.shape)
+    elif attention_mask is not None:
+        positions = jnp.where(jnp.asarray(attention_mask).astype(bool), positions, -1)
+    hidden = forward_hidden(config, params, tokens, jnp.asarray(positions, jnp.int32))
+    return lm_logits(config, params, hidden)
+
+
+def write_slots(buffer: Array, layer: Array, slots: Int[Array, "B T"],
+                new: Array) -> Array:
+    """Writes `new` [B, T, K, ...] into `buffer` [L, B, K, C, ...] at (layer, b, :, slots[b, t])."""
+    batch = jnp.arange(slots.shape[0])[:, None]
+    return buffer.at[layer, batch, :, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
+                   positions: Int[Array, "B T"], cache: KVCache
+                   ) -> tuple[Float[Array, "B T D"], KVCache]:
+    """Cached forward: appends T tokens per sequence at slot `cache.lengths[b]` and attends
+    over every filled slot whose position is not in the future.
+
+    Positions are the tokens' true positions; a token with position -1 (a pad, or a finished
+    sequence) is written as an empty slot that nothing attends to. `lengths` advances by T
+    for every sequence; the caller must leave room (`lengths + T <= capacity`). The query
+    window ring takes the newest W queries of every layer.
+
+    Returns:
+      hidden: [B, T, D] last hidden states (apply `lm_logits`).
+      cache: the updated cache (`global_score` untouched).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    T = tokens.shape[1]
+    W = cache.window
+    slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    slot_positions = jnp.broadcast_to(positions[:, :, None],
+                                      (*positions.shape, config.num_kv_heads))
+
+    def layer(carry, xs):
+        x, keys, values, cache_positions, query_window = carry
+        p, index = xs
+        h = layers.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(config, p, h, positions)
+        keys = write_slots(keys, index, slots, k)
+        values = write_slots(values, index, slots, v)
+        cache_positions = write_slots(cache_positions, index, slots, slot_positions)
+        mask = layers.attention_mask(positions, cache_positions[index])
+        attended = layers.grouped_attention(q, keys[index], values[index], mask)
+        x = x + _attention_output(p, attended)
+        if W:
+            recent = jnp.concatenate(
+                [query_window[index], q.transpose(0, 2, 1, 3).astype(query_window.dtype)],
+                axis=2)[:, :, -W:]
+            query_window = query_window.at[index].set(recent)
+        return (_residual_mlp(config, p, x), keys, values, cache_positions, query_window), None
+
+    carry = (embed(params, tokens), cache.keys, cache.values, cache.positions,
+             cache.query_window)
+    xs = (params["layers"], jnp.arange(config.num_layers))
+    (hidden, keys, values, cache_positions, query_window), _ = jax.lax.scan(layer, carry, xs)
+    new_cache = cache.replace(keys=keys, values=values, positions=cache_positions,
+                              query_window=query_window, lengths=cache.lengths + T)
+    return hidden, new_cache
