@@ -32,7 +32,7 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike) -> str:
     if os.path.exists(path):
         raise FileExistsError(f"path: {path!r} already exists")
     metadata = {"config": _config_to_json(model.config), "dtype": jnp.dtype(model.dtype).name}
-    weights = nnx.state(model, nnx.Param).to_pure_dict()
+    weights = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(path, ocp.args.Composite(
             weights=ocp.args.StandardSave(weights),
@@ -53,8 +53,8 @@ def load_checkpoint(path: str | os.PathLike) -> Transformer:
         abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
         target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
         weights = checkpointer.restore(
             path, ocp.args.Composite(weights=ocp.args.StandardRestore(target)))["weights"]
-    state.replace_by_pure_dict(weights)
+    nnx.replace_by_pure_dict(state, weights)
     return nnx.merge(graphdef, state)

@@ -265,7 +265,7 @@ def model_from_weights(config: ModelConfig, weights: dict[str, Any],
     abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     device_weights = jax.tree.map(lambda a: jnp.asarray(a, dtype), weights)
-    state.replace_by_pure_dict(device_weights)
+    nnx.replace_by_pure_dict(state, device_weights)
     return nnx.merge(graphdef, state)
 
 

@@ -7,8 +7,9 @@ Shape letters used in every docstring:
 """
 
 from gkv_jax.cache import KVCache, init_cache
+from gkv_jax.loading import load
 from gkv_jax.models import ModelConfig, Transformer
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "init_cache"]
+__all__ = ["KVCache", "ModelConfig", "Transformer", "init_cache", "load"]
