@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.cache import KVCache
 from gkv_jax.models import layers
@@ -130,10 +130,12 @@ class Transformer(nnx.Module):
         return out
 
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
-                 cache: KVCache | None = None, *, attention_mask: Array | None = None):
+                 cache: KVCache | None = None, *, attention_mask: Array | None = None,
+                 kv_mask: Array | None = None):
         params = self.params()
         if cache is None:
-            return forward(self.config, params, tokens, positions, attention_mask=attention_mask)
+            return forward(self.config, params, tokens, positions, attention_mask=attention_mask,
+                           kv_mask=kv_mask)
         if positions is None:
             raise ValueError("positions are required with a cache (true token positions, "
                              "-1 for pads)")
@@ -189,32 +191,43 @@ def _attention_output(p: dict[str, Array], attended: Array) -> Array:
 
 
 def forward_hidden(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
-                   positions: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-    """Full causal forward without a cache; returns the last hidden states (pre final norm)."""
-    key_positions = positions[:, None, :]
+                   positions: Int[Array, "B T"], kv_mask: Bool[Array, "L B K T T"] | None = None
+                   ) -> Float[Array, "B T D"]:
+    """Full causal forward without a cache; returns the last hidden states (pre final norm).
 
-    def layer(x, p):
+    `kv_mask`, if given, further restricts which keys each query sees, per layer and KV head
+    (True = visible): the teacher-forced view of a generation under eviction.
+    """
+    key_positions = jnp.broadcast_to(positions[:, None, :],
+                                     (tokens.shape[0], config.num_kv_heads, tokens.shape[1]))
+    causal = layers.attention_mask(positions, key_positions)
+
+    def layer(x, xs):
+        p, layer_mask = xs
         h = layers.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
         q, k, v = _project_qkv(config, p, h, positions)
         keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        mask = layers.attention_mask(positions, jnp.broadcast_to(
-            key_positions, (x.shape[0], config.num_kv_heads, x.shape[1])))
+        mask = causal if layer_mask is None else causal & layer_mask
         x = x + _attention_output(p, layers.grouped_attention(q, keys, values, mask))
         return _residual_mlp(config, p, x), None
 
-    hidden, _ = jax.lax.scan(layer, embed(params, tokens), params["layers"])
+    hidden, _ = jax.lax.scan(layer, embed(params, tokens), (params["layers"], kv_mask))
     return hidden
 
 
 def forward(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
             positions: Int[Array, "B T"] | None = None, *,
-            attention_mask: Array | None = None) -> Float[Array, "B T V"]:
+            attention_mask: Array | None = None,
+            kv_mask: Bool[Array, "L B K T T"] | None = None) -> Float[Array, "B T V"]:
     """Full causal forward: float32 logits [B, T, V].
 
     Args:
       tokens: [B, T] int32 ids.
       positions: [B, T] int32 true positions (-1 = pad); default 0..T-1, or derived from
         `attention_mask` (1 = real token, 0 = pad; left padding).
+      kv_mask: optional [L, B, K, T, T] bool, per layer and KV head, which keys (last axis)
+        each query may see on top of causality (e.g. the tokens it attended to during a
+        generation with eviction).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
@@ -225,7 +238,8 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T
                                          tokens.shape)
     elif attention_mask is not None:
         positions = jnp.where(jnp.asarray(attention_mask).astype(bool), positions, -1)
-    hidden = forward_hidden(config, params, tokens, jnp.asarray(positions, jnp.int32))
+    hidden = forward_hidden(config, params, tokens, jnp.asarray(positions, jnp.int32),
+                            kv_mask)
     return lm_logits(config, params, hidden)
 
 

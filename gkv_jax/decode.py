@@ -1,0 +1,346 @@
+"""The functional decode loop: prefill, decode steps, and eviction, all jit-able.
+
+Timing follows gkv-algorithm.md section 1. Forward 0 (the prefill) produces generated token 0;
+decode forward k feeds token k-1 and produces token k. After forward 0 and after every decode
+forward k with k % divide_length == 0, every active sequence's cache is compressed (evicting
+where it holds more than `budget` real tokens). The current token always attends over the
+uncompressed cache first, so a buffer of `budget + divide_length` slots is enough.
+
+Slot layout invariant (evicting policies): after the prefill, every sequence's cache has
+`lengths == budget` (a short prompt is written right-aligned at the end of the first `budget`
+slots, its left part empty), and every compression brings active sequences back to `budget`.
+So at each compression every active sequence's buffer is exactly full (S == capacity) and the
+last W slots are the last W tokens, for all sequences of the batch at once.
+
+Public, jit-able pieces: `cache_capacity`, `prefill`, `decode_step`, `evict`, `run_cycles`;
+`gkv_jax.generate` assembles them into one compiled program.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from gkv_jax.cache import EMPTY_POSITION, KVCache, init_cache
+from gkv_jax.eviction import EvictionConfig, select
+from gkv_jax.models.config import ModelConfig
+from gkv_jax.models.transformer import forward_cached, lm_logits
+from gkv_jax.sampling import SamplingParams, sample
+
+
+@chex.dataclass(frozen=True)
+class DecodeState:
+    """Everything a decode step carries (a pytree of fixed shapes).
+
+    Attributes:
+      cache: the `KVCache`.
+      last_token: [B] int32, the token the next forward feeds.
+      next_position: [B] int32, its true position (prompt length + tokens generated before it).
+      done: [B] bool, the sequence produced an EOS; its cache is frozen.
+      rng: PRNG key of the sampler.
+      step: [] int32 index of the next forward (1 right after the prefill).
+    """
+
+    cache: KVCache
+    last_token: Int[Array, " B"]
+    next_position: Int[Array, " B"]
+    done: Bool[Array, " B"]
+    rng: Array
+    step: Int[Array, ""]
+
+
+def query_window_size(eviction: EvictionConfig) -> int:
+    """W of the query ring the cache must keep: the policy's window, none for `streaming`
+    (which scores nothing) and for `full`."""
+    return eviction.window if eviction.policy not in ("full", "streaming") else 0
+
+
+def cache_capacity(eviction: EvictionConfig, prompt_length: int, max_new_tokens: int) -> int:
+    """C slots per (layer, sequence, KV head): `budget + divide_length` for evicting policies
+    (independent of `max_new_tokens`), prompt + generated tokens for `full`."""
+    if eviction.evicts:
+        return eviction.budget + eviction.divide_length
+    return prompt_length + max_new_tokens - 1
+
+
+def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
+    """[B] number of real (non-empty) slots; every layer and KV head holds the same count."""
+    return jnp.sum(cache.positions[0, :, 0, :] >= 0, axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------ eviction
+def _select_layer(eviction: EvictionConfig, query_window, keys, positions, global_score):
+    """Kept rows [B, K, budget] of one layer: the selected slots then the last W slots."""
+    S, W = keys.shape[2], eviction.window
+    valid = positions[:, 0, :] >= 0  # identical across KV heads until the first eviction
+    kept_index, new_score = select(eviction, query_window, keys, valid,
+                                   global_score[:, :, :eviction.budget - W])
+    window_rows = jnp.broadcast_to(jnp.arange(S - W, S, dtype=jnp.int32),
+                                   (*kept_index.shape[:2], W))
+    rows = jnp.concatenate([kept_index.astype(jnp.int32), window_rows], axis=-1)
+    if new_score is None:
+        new_score = jnp.full(kept_index.shape, jnp.nan, jnp.float32)
+    return rows, new_score
+
+
+def _gather_slots(buffer: Array, rows: Int[Array, "B K R"]) -> Array:
+    """buffer [B, K, S, ...] -> [B, K, R, ...] at the given slot rows."""
+    index = rows.reshape(*rows.shape, *([1] * (buffer.ndim - 3)))
+    return jnp.take_along_axis(buffer, index, axis=2)
+
+
+def _place(kept: Array, capacity: int, fill) -> Array:
+    """kept [B, K, budget, ...] into a [B, K, capacity, ...] buffer, the rest `fill`."""
+    pad = [(0, 0)] * kept.ndim
+    pad[2] = (0, capacity - kept.shape[2])
+    return jnp.pad(kept, pad, constant_values=fill)
+
+
+def _blend(mask: Bool[Array, " B"], new: Array, old: Array) -> Array:
+    return jnp.where(mask.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+
+
+def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
+          capacity: int | None = None) -> tuple[KVCache, Bool[Array, " B"]]:
+    """One compression of every layer (gkv-algorithm.md section 2, or the policy's variant).
+
+    Every active sequence must have a full buffer (`lengths == cache.capacity`). Sequences
+    holding more than `budget` real tokens evict down to `budget`; other active sequences
+    are compacted without losing a token (pads and holes dropped), which attends exactly as
+    before; inactive (finished) sequences are left untouched.
+
+    Args:
+      eviction: the policy (static).
+      cache: [L, B, K, S, ...] buffers.
+      active: [B] sequences to compress.
+      capacity: slots of the returned cache (default: the same as the input; the prefill
+        compresses a prompt-sized cache into a `budget + divide_length` one).
+
+    Returns:
+      The compressed cache and [B] bool, which sequences actually evicted tokens.
+    """
+    capacity = cache.capacity if capacity is None else capacity
+    budget = eviction.budget
+    evicting = active & (real_token_counts(cache) > budget)
+
+    def per_layer(xs):
+        query_window, keys, values, positions, global_score = xs
+        rows, new_score = _select_layer(eviction, query_window, keys, positions, global_score)
+        kept_positions = _gather_slots(positions, rows)
+        # A sequence that only compacts keeps its history exactly as it was.
+        old_score = _gather_slots(global_score, rows)
+        nan_window = jnp.full((*new_score.shape[:2], eviction.window), jnp.nan, jnp.float32)
+        scored = _blend(evicting, jnp.concatenate([new_score, nan_window], axis=-1), old_score)
+        scored = jnp.where(kept_positions >= 0, scored, jnp.nan)
+        return (_place(_gather_slots(keys, rows), capacity, 0),
+                _place(_gather_slots(values, rows), capacity, 0),
+                _place(kept_positions, capacity, EMPTY_POSITION),
+                _place(scored, capacity, jnp.nan))
+
+    keys, values, positions, global_score = jax.lax.map(
+        per_layer, (cache.query_window, cache.keys, cache.values, cache.positions,
+                    cache.global_score))
+    if capacity != cache.capacity:  # the prefill: every sequence is compressed
+        return KVCache(keys=keys, values=values, positions=positions,
+                       global_score=global_score, query_window=cache.query_window,
+                       lengths=jnp.full_like(cache.lengths, budget)), evicting
+
+    def keep_inactive(new, old):
+        return jnp.where(active.reshape(1, -1, *([1] * (new.ndim - 2))), new, old)
+
+    compressed = cache.replace(
+        keys=keep_inactive(keys, cache.keys), values=keep_inactive(values, cache.values),
+        positions=keep_inactive(positions, cache.positions),
+        global_score=keep_inactive(global_score, cache.global_score),
+        lengths=jnp.where(active, budget, cache.lengths))
+    return compressed, evicting
+
+
+# ------------------------------------------------------------------------------ prefill
+def prefill(config: ModelConfig, eviction: EvictionConfig, params: dict, tokens: Array,
+            positions: Int[Array, "B T"], capacity: int, dtype
+            ) -> tuple[Float[Array, "B V"], KVCache, Bool[Array, " B"]]:
+    """Forward 0 over left-padded prompts, then the prefill compression.
+
+    Args:
+      tokens: [B, T] int32 prompts, left-padded.
+      positions: [B, T] int32 true positions, -1 on pads.
+      capacity: C of the returned cache (see `cache_capacity`).
+      dtype: the model's parameter dtype (of the cached keys and values).
+
+    Returns:
+      logits [B, V] float32 of the last prompt token, the cache, and [B] bool which
+      sequences evicted at the prefill.
+    """
+    B, T = tokens.shape
+    W = query_window_size(eviction)
+    no_eviction = jnp.zeros((B,), bool)
+    if not eviction.evicts or T <= eviction.budget:
+        cache = init_cache(config, B, capacity, W, dtype)
+        if eviction.evicts:  # right-align the prompt within the first `budget` slots
+            cache = cache.replace(lengths=jnp.full((B,), eviction.budget - T, jnp.int32))
+        hidden, cache = forward_cached(config, params, tokens, positions, cache)
+        return lm_logits(config, params, hidden[:, -1:])[:, 0], cache, no_eviction
+    cache = init_cache(config, B, T, W, dtype)
+    hidden, cache = forward_cached(config, params, tokens, positions, cache)
+    cache, evicted = evict(eviction, cache, jnp.ones((B,), bool), capacity)
+    return lm_logits(config, params, hidden[:, -1:])[:, 0], cache, evicted
+
+
+# ------------------------------------------------------------------------------ decoding
+def _freeze_finished(done: Bool[Array, " B"], new: KVCache, old: KVCache) -> KVCache:
+    """Finished sequences keep their lengths and query ring (their slot writes were empty)."""
+    return new.replace(
+        lengths=jnp.where(done, old.lengths, new.lengths),
+        query_window=jnp.where(done[None, :, None, None, None], old.query_window,
+                               new.query_window))
+
+
+@chex.dataclass(frozen=True)
+class StepOutput:
+    """What one decode step emits.
+
+    Attributes:
+      tokens: [B] int32 sampled tokens (finished sequences repeat the filler).
+      log_probs: [B] float32 log-probability of each sampled token.
+      logits: [B, V] float32 logits of the step (dropped by XLA when unused).
+    """
+
+    tokens: Int[Array, " B"]
+    log_probs: Float[Array, " B"]
+    logits: Float[Array, "B V"]
+
+
+def decode_step(config: ModelConfig, params: dict, state: DecodeState,
+                sampling: SamplingParams, eos_ids: Int[Array, " E"]
+                ) -> tuple[DecodeState, StepOutput]:
+    """One decode forward: feeds `state.last_token` and samples the next token.
+
+    A finished sequence feeds an empty slot (position -1) and its cache stays frozen; its
+    output token is `eos_ids[0]` (or 0 without EOS ids). Compression is not part of a step:
+    call `evict` after every `divide_length`-th step, as `run_cycles` does.
+    """
+    done = state.done
+    positions = jnp.where(done, EMPTY_POSITION, state.next_position)[:, None]
+    hidden, cache = forward_cached(config, params, state.last_token[:, None], positions,
+                                   state.cache)
+    cache = _freeze_finished(done, cache, state.cache)
+    rng, key = jax.random.split(state.rng)
+    logits = lm_logits(config, params, hidden)[:, 0]
+    tokens, log_probs = sample(logits, key, sampling)
+    filler = eos_ids[0] if eos_ids.shape[0] else 0
+    tokens = jnp.where(done, filler, tokens)
+    log_probs = jnp.where(done, 0.0, log_probs)
+    new_state = DecodeState(
+        cache=cache, last_token=tokens,
+        next_position=jnp.where(done, state.next_position, state.next_position + 1),
+        done=done | jnp.isin(tokens, eos_ids), rng=rng, step=state.step + 1)
+    return new_state, StepOutput(tokens=tokens, log_probs=log_probs, logits=logits)
+
+
+@chex.dataclass(frozen=True)
+class Outputs:
+    """Per-token outputs written in place as cycles run.
+
+    Attributes:
+      tokens: [B, M] int32 generated ids (token j at column j).
+      log_probs: [B, M] float32.
+      compressions: [] int32 number of compression steps at which some sequence evicted.
+    """
+
+    tokens: Int[Array, "B M"]
+    log_probs: Float[Array, "B M"]
+    compressions: Int[Array, ""]
+
+
+def _decode_steps(config, params, state, outputs, sampling, eos_ids, num_steps: int):
+    """`num_steps` decode steps under `lax.scan`; returns the state, the outputs with the new
+    tokens written, and [B] done flags before the last step (who the last forward served)."""
+
+    def step(carry, _):
+        state, _ = carry
+        before = state.done
+        state, emitted = decode_step(config, params, state, sampling, eos_ids)
+        return (state, before), (emitted.tokens, emitted.log_probs)
+
+    start = state.step
+    (state, done_before_last), (tokens, log_probs) = jax.lax.scan(
+        step, (state, state.done), None, length=num_steps)
+    outputs = outputs.replace(
+        tokens=jax.lax.dynamic_update_slice_in_dim(outputs.tokens, tokens.T, start, axis=1),
+        log_probs=jax.lax.dynamic_update_slice_in_dim(outputs.log_probs, log_probs.T, start,
+                                                      axis=1))
+    return state, outputs, done_before_last
+
+
+def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
+               state: DecodeState, outputs: Outputs, sampling: SamplingParams,
+               eos_ids: Int[Array, " E"], max_new_tokens: int) -> tuple[DecodeState, Outputs]:
+    """Decode forwards 1 .. max_new_tokens - 1 in cycles of `divide_length` steps.
+
+    Each full cycle ends with one `evict` of the sequences its last forward served (so a
+    sequence whose EOS came at a compression step is compressed, then frozen). A final
+    partial cycle ends without a compression. The loop stops early, at cycle granularity,
+    once every sequence is done.
+    """
+    period = eviction.divide_length
+    num_full, remainder = divmod(max_new_tokens - 1, period)
+
+    def cycle(carry):
+        index, state, outputs = carry
+        state, outputs, served = _decode_steps(config, params, state, outputs, sampling,
+                                               eos_ids, period)
+        if eviction.evicts:
+            cache, evicted = evict(eviction, state.cache, ~served)
+            state = state.replace(cache=cache)
+            outputs = outputs.replace(
+                compressions=outputs.compressions + jnp.any(evicted).astype(jnp.int32))
+        return index + 1, state, outputs
+
+    def unfinished(carry):
+        index, state, _ = carry
+        return (index < num_full) & ~jnp.all(state.done)
+
+    if num_full:
+        _, state, outputs = jax.lax.while_loop(unfinished, cycle,
+                                               (jnp.int32(0), state, outputs))
+    if remainder:
+        def tail(carry):
+            state, outputs = carry
+            state, outputs, _ = _decode_steps(config, params, state, outputs, sampling,
+                                              eos_ids, remainder)
+            return state, outputs
+
+        state, outputs = jax.lax.cond(jnp.all(state.done), lambda c: c, tail, (state, outputs))
+    return state, outputs
+
+
+def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_tokens: int,
+                    params: dict, tokens: Array, positions: Array, sampling: SamplingParams,
+                    seed: Array, eos_ids: Array) -> tuple[Outputs, DecodeState]:
+    """The whole generation as one jit-able function (config, eviction and max_new_tokens
+    static): prefill, sample token 0, then `run_cycles`.
+
+    Args:
+      tokens: [B, T] int32 left-padded prompts; positions: [B, T] true positions (-1 pads).
+      seed: [] int32 sampler seed. eos_ids: [E] int32 (E may be 0).
+    """
+    dtype = jax.tree.leaves(params)[0].dtype
+    capacity = cache_capacity(eviction, tokens.shape[1], max_new_tokens)
+    logits, cache, evicted = prefill(config, eviction, params, tokens, positions, capacity,
+                                     dtype)
+    rng, key = jax.random.split(jax.random.PRNGKey(seed))
+    first, first_log_prob = sample(logits, key, sampling)
+    B = tokens.shape[0]
+    outputs = Outputs(
+        tokens=jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first),
+        log_probs=jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_log_prob),
+        compressions=jnp.any(evicted).astype(jnp.int32))
+    state = DecodeState(cache=cache, last_token=first,
+                        next_position=jnp.max(positions, axis=1) + 1,
+                        done=jnp.isin(first, eos_ids), rng=rng, step=jnp.int32(1))
+    state, outputs = run_cycles(config, eviction, params, state, outputs, sampling, eos_ids,
+                                max_new_tokens)
+    return outputs, state

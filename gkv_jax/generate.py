@@ -1,0 +1,238 @@
+"""`gkv_jax.generate`: prompts in, tokens out, through one compiled decode program.
+
+The host side only tokenizes, pads to a prompt-length bucket, and trims the results; the
+whole generation (prefill, decode cycles, evictions, sampling) is one XLA program compiled
+once per (model config, eviction config, batch size, bucket, max_new_tokens). Sampling
+parameters and the seed are traced, so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gkv_jax.decode import generate_tokens
+from gkv_jax.eviction import EvictionConfig
+from gkv_jax.sampling import SamplingParams
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """What `generate` returns.
+
+    Attributes:
+      tokens: per prompt, the generated ids up to and including the first EOS.
+      texts: the decoded `tokens` (None without a tokenizer).
+      logprobs: per prompt, the log-probability of each generated token under the
+        distribution it was sampled from (None unless `return_logprobs`).
+      kept_positions: [L, B, K, C] int32 true positions held in the cache after the forward
+        that produced each sequence's last token; -1 marks an empty slot (None unless
+        `return_kept_positions`).
+      stats: cache_bytes, full_cache_bytes, tokens_per_second, compile_seconds,
+        run_seconds, compressions, prompt_bucket, capacity, generated_tokens.
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    logprobs: list[list[float]] | None
+    kept_positions: np.ndarray | None
+    stats: dict[str, Any]
+
+
+# One compiled executable per static signature; the number of entries is the number of
+# compilations this process has done (tests count them).
+_COMPILED: dict[tuple, Any] = {}
+
+
+def compiled_programs() -> int:
+    """How many distinct generation programs have been compiled in this process."""
+    return len(_COMPILED)
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
+    """The padded prompt length: the smallest bucket >= length (powers of two by default)."""
+    if buckets is None:
+        return max(MIN_BUCKET, 1 << (length - 1).bit_length())
+    fitting = [b for b in sorted(buckets) if b >= length]
+    if not fitting:
+        raise ValueError(
+            f"prompt_buckets: the longest prompt has {length} tokens, above the largest "
+            f"bucket {max(buckets)}")
+    return fitting[0]
+
+
+def _tokenize(prompts, tokenizer, chat_template: bool, system_prompt: str | None):
+    if not isinstance(prompts, list | tuple) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+    if all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise ValueError("prompts are strings: pass tokenizer= to tokenize them "
+                             "(or pass lists of token ids)")
+        ids = [_encode(tokenizer, p, chat_template, system_prompt) for p in prompts]
+    elif all(isinstance(p, list | tuple | np.ndarray) for p in prompts):
+        if chat_template:
+            raise ValueError("chat_template=True needs string prompts")
+        ids = [[int(t) for t in p] for p in prompts]
+    else:
+        raise ValueError("prompts must be all strings or all lists of token ids")
+    for i, p in enumerate(ids):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+    return ids
+
+
+def _encode(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None):
+    if not chat_template:
+        if system_prompt is not None:
+            prompt = system_prompt + prompt
+        return list(tokenizer(prompt)["input_ids"])
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    messages.append({"role": "user", "content": prompt})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _eos_ids(eos_token_id, tokenizer, config) -> np.ndarray:
+    if eos_token_id is None:
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos_token_id = tokenizer.eos_token_id
+        else:
+            eos_token_id = list(config.eos_token_ids)
+    ids = [eos_token_id] if isinstance(eos_token_id, int | np.integer) else list(eos_token_id)
+    for i in ids:
+        if not 0 <= int(i) < config.vocab_size:
+            raise ValueError(f"eos_token_id {i} is outside the vocabulary [0, "
+                             f"{config.vocab_size})")
+    return np.asarray(ids, np.int32)
+
+
+def _left_pad(ids: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros((len(ids), width), np.int32)
+    positions = np.full((len(ids), width), -1, np.int32)
+    for b, p in enumerate(ids):
+        tokens[b, width - len(p):] = p
+        positions[b, width - len(p):] = np.arange(len(p))
+    return tokens, positions
+
+
+def _trim(tokens: np.ndarray, log_probs: np.ndarray, eos: np.ndarray):
+    """Each row up to and including its first EOS."""
+    out_tokens, out_log_probs = [], []
+    for row, lp in zip(tokens, log_probs, strict=True):
+        hits = np.flatnonzero(np.isin(row, eos))
+        end = int(hits[0]) + 1 if hits.size else len(row)
+        out_tokens.append(row[:end].tolist())
+        out_log_probs.append(lp[:end].tolist())
+    return out_tokens, out_log_probs
+
+
+def _compiled(config, eviction, max_new_tokens, args):
+    signature = (config, eviction, max_new_tokens,
+                 tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)),
+                 jax.tree.structure(args))
+    if signature in _COMPILED:
+        return _COMPILED[signature], 0.0
+    start = time.perf_counter()
+    program = jax.jit(generate_tokens, static_argnums=(0, 1, 2))
+    compiled = program.lower(config, eviction, max_new_tokens, *args).compile()
+    _COMPILED[signature] = compiled
+    return compiled, time.perf_counter() - start
+
+
+def _stats(model, state, ids, generated, capacity, width, compile_s, run_s, compressions):
+    config = model.config
+    itemsize = jnp.dtype(model.dtype).itemsize
+    final_length = max(len(p) + len(g) for p, g in zip(ids, generated, strict=True))
+    per_slot = config.num_layers * len(ids) * config.num_kv_heads * 2 * config.head_dim * itemsize
+    total = sum(len(g) for g in generated)
+    return {
+        "cache_bytes": state.cache.num_bytes(),
+        "full_cache_bytes": per_slot * final_length,
+        "tokens_per_second": total / run_s if run_s > 0 else float("inf"),
+        "compile_seconds": compile_s,
+        "run_seconds": run_s,
+        "compressions": compressions,
+        "prompt_bucket": width,
+        "capacity": capacity,
+        "generated_tokens": total,
+    }
+
+
+def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, eos_token_id=None, chat_template: bool = False,
+             system_prompt: str | None = None, prompt_buckets: Sequence[int] | None = None,
+             return_logprobs: bool = False, return_kept_positions: bool = False
+             ) -> GenerateOutput:
+    """Generates continuations of a batch of prompts with a fixed-size, evicted KV cache.
+
+    Args:
+      model: a `gkv_jax.Transformer`.
+      prompts: list of strings (needs `tokenizer`) or list of token-id lists, any lengths.
+      tokenizer: a `transformers` tokenizer, for string prompts and `texts`.
+      eviction: an `EvictionConfig`; None means `EvictionConfig(policy="full")`.
+      max_new_tokens: generated tokens per prompt (>= 1), EOS included.
+      temperature: 0 for greedy, else sampling temperature.
+      top_p: nucleus mass in (0, 1]. top_k: keep the k most likely tokens (0 = all).
+      seed: sampler seed; the same seed gives the same output.
+      eos_token_id: int, list of ints, or None for the tokenizer's / the model config's EOS.
+      chat_template: format each string prompt with the tokenizer's chat template (one user
+        turn, generation prompt added), with `system_prompt` as the system turn if given.
+      prompt_buckets: allowed padded prompt lengths (default: powers of two >= 16); prompts
+        in the same bucket reuse the compiled program.
+      return_logprobs, return_kept_positions: fill those fields of the output.
+
+    Raises:
+      ValueError: naming the parameter, for an empty prompt list or prompt, string prompts
+        without a tokenizer, max_new_tokens < 1, sampling values out of range, or a prompt
+        plus max_new_tokens beyond the model's context.
+    """
+    config = model.config
+    eviction = EvictionConfig(policy="full") if eviction is None else eviction
+    if not isinstance(eviction, EvictionConfig):
+        raise TypeError(f"eviction must be an EvictionConfig or None, got {type(eviction)}")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    sampling = SamplingParams.create(temperature, top_p, top_k)
+    ids = _tokenize(prompts, tokenizer, chat_template, system_prompt)
+    longest = max(len(p) for p in ids)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"max_new_tokens: prompt length {longest} + max_new_tokens {max_new_tokens} = "
+            f"{longest + max_new_tokens} exceeds the model's context "
+            f"(max_position_embeddings={config.max_position_embeddings})")
+    for i, p in enumerate(ids):
+        if min(p) < 0 or max(p) >= config.vocab_size:
+            raise ValueError(f"prompts[{i}] has token ids outside [0, {config.vocab_size})")
+    width = bucket_length(longest, prompt_buckets)
+    tokens, positions = _left_pad(ids, width)
+    eos = _eos_ids(eos_token_id, tokenizer, config)
+
+    args = (model.params(), jnp.asarray(tokens), jnp.asarray(positions), sampling,
+            jnp.int32(seed), jnp.asarray(eos))
+    program, compile_s = _compiled(config, eviction, int(max_new_tokens), args)
+    start = time.perf_counter()
+    outputs, state = jax.block_until_ready(program(*args))
+    run_s = time.perf_counter() - start
+
+    generated, log_probs = _trim(np.asarray(outputs.tokens), np.asarray(outputs.log_probs), eos)
+    texts = None
+    if tokenizer is not None:
+        texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    stats = _stats(model, state, ids, generated, state.cache.capacity, width, compile_s,
+                   run_s, int(outputs.compressions))
+    return GenerateOutput(
+        tokens=generated, texts=texts,
+        logprobs=log_probs if return_logprobs else None,
+        kept_positions=np.asarray(state.cache.positions) if return_kept_positions else None,
+        stats=stats)
