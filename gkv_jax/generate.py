@@ -37,7 +37,8 @@ class GenerateOutput:
         that produced each sequence's last token; -1 marks an empty slot (None unless
         `return_kept_positions`).
       stats: cache_bytes, full_cache_bytes, tokens_per_second, compile_seconds,
-        run_seconds, compressions, prompt_bucket, capacity, generated_tokens.
+        run_seconds, compressions, forwards (model forwards run, prefill included),
+        prompt_bucket, capacity, generated_tokens.
     """
 
     tokens: list[list[int]]
@@ -162,6 +163,7 @@ def _stats(model, state, ids, generated, capacity, width, compile_s, run_s, comp
         "compile_seconds": compile_s,
         "run_seconds": run_s,
         "compressions": compressions,
+        "forwards": int(state.step),
         "prompt_bucket": width,
         "capacity": capacity,
         "generated_tokens": total,

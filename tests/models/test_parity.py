@@ -78,8 +78,9 @@ def test_cached_greedy_matches_transformers_generate(spec):
     steps = 32
     tokens, step_logits, cache = _greedy_with_cache(model, prompt, steps)
     with torch.no_grad():
-        reference = hf.generate(torch.as_tensor(prompt), max_new_tokens=steps, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
+        ids = torch.as_tensor(prompt)
+        reference = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
     assert tokens == reference[0, prompt.shape[1]:].tolist()
     # The cached forward equals the full forward over the same prefix at every step.
     sequence = np.concatenate([prompt[0], tokens])
