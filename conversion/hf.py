@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from gkv_jax.models.config import ModelConfig
-from gkv_jax.models.transformer import Transformer, param_shapes, resolve_dtype
+from gkv_jax.models.transformer import Transformer, resolve_dtype
 
 # ---------------------------------------------------------------------------- the table
 
@@ -205,24 +205,28 @@ def _rules_by_key(config: ModelConfig) -> dict[str, tuple[Rule, int | None]]:
     return table
 
 
+def _to_model_layout(rule: Rule, array: np.ndarray, config: ModelConfig, dtype) -> jax.Array:
+    """One HF tensor on the device, in the model's layout and dtype (cast once). The
+    transpose runs in XLA: fast, and the host never holds more than this tensor."""
+    return rule.to_flax(jnp.asarray(array), config).astype(dtype)
+
+
 def convert_weights(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]],
                     dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Maps a stream of HF tensors into the model's nested weight dict (numpy, `dtype`).
+    """Maps a stream of HF tensors into the model's nested weight dict (jax arrays, `dtype`).
 
-    Each tensor is cast once, straight into a preallocated stacked array.
+    Tensors move to the device one at a time; per-layer pieces are stacked weight by weight
+    at the end, so the peak is the model plus one stacked weight.
 
     Raises:
       ConversionError: naming the first unexpected, duplicated, mis-shaped or missing key.
     """
-    np_dtype = np.dtype(resolve_dtype(dtype))
-    shapes = param_shapes(config)
-    out: dict[str, Any] = {name: np.empty(shape, np_dtype) for name, shape in shapes.items()
-                           if name != "layers"}
-    out["layers"] = {name: np.empty(shape, np_dtype)
-                     for name, shape in shapes["layers"].items()}
+    dtype = resolve_dtype(dtype)
     table = _rules_by_key(config)
+    out: dict[str, Any] = {}
+    pieces: dict[str, list] = {r.name: [None] * config.num_layers for r in LAYER_RULES
+                               if r.when(config)}
     seen: set[str] = set()
-    embedding_key = "model.embed_tokens.weight"
     tied_head = None
     for key, array in tensors:
         if _DERIVED_KEY.search(key):
@@ -238,11 +242,11 @@ def convert_weights(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray
         seen.add(key)
         rule, layer = table[key]
         _check_shape(key, array, rule.hf_shape(config))
-        value = rule.to_flax(array, config)
+        value = _to_model_layout(rule, array, config, dtype)
         if layer is None:
-            out[rule.name][...] = value
+            out[rule.name] = value
         else:
-            out["layers"][rule.name][layer] = value
+            pieces[rule.name][layer] = value
     missing = [k for k in table if k not in seen]
     if missing:
         rule, _ = table[missing[0]]
@@ -251,10 +255,10 @@ def convert_weights(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray
                               f"{rule.hf_shape(config)}{more}")
     if tied_head is not None:
         _check_shape("lm_head.weight", tied_head, (config.vocab_size, config.hidden_size))
-        if not np.array_equal(tied_head.astype(np_dtype), out["embedding"]):
-            raise ConversionError(
-                f"lm_head.weight: differs from {embedding_key} although "
-                "tie_word_embeddings=True")
+        if not bool(jnp.array_equal(jnp.asarray(tied_head).astype(dtype), out["embedding"])):
+            raise ConversionError("lm_head.weight: differs from model.embed_tokens.weight "
+                                  "although tie_word_embeddings=True")
+    out["layers"] = {name: jnp.stack(pieces.pop(name)) for name in list(pieces)}
     return out
 
 
@@ -264,8 +268,7 @@ def model_from_weights(config: ModelConfig, weights: dict[str, Any],
     dtype = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    device_weights = jax.tree.map(lambda a: jnp.asarray(a, dtype), weights)
-    nnx.replace_by_pure_dict(state, device_weights)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype), weights))
     return nnx.merge(graphdef, state)
 
 

@@ -6,10 +6,25 @@ Shape letters used in every docstring:
   D model dim, F MLP width, V vocab, L layers, W observation window.
 """
 
+from gkv_jax import conversion, decode, eviction
 from gkv_jax.cache import KVCache, init_cache
+from gkv_jax.eviction import EvictionConfig
+from gkv_jax.generation import GenerateOutput, generate
 from gkv_jax.loading import load
 from gkv_jax.models import ModelConfig, Transformer
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "init_cache", "load"]
+__all__ = [
+    "EvictionConfig",
+    "GenerateOutput",
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "conversion",
+    "decode",
+    "eviction",
+    "generate",
+    "init_cache",
+    "load",
+]

@@ -14,7 +14,7 @@ import pytest
 from gkv_jax import conversion
 from gkv_jax.decode import DecodeState, cache_capacity, decode_step, evict, prefill
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generate import generate
+from gkv_jax.generation import generate
 from gkv_jax.models import forward
 from gkv_jax.sampling import SamplingParams
 from tests.helpers import SPEC_BY_NAME, tiny_hf_model
@@ -24,7 +24,7 @@ GREEDY = SamplingParams.create()
 NO_EOS = jnp.zeros((0,), jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model():
     return conversion.from_hf(tiny_hf_model(SPEC))
 

@@ -15,7 +15,7 @@ import transformers
 from gkv_jax import conversion
 from gkv_jax.decode import generate_tokens
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generate import bucket_length, compiled_programs, generate
+from gkv_jax.generation import bucket_length, compiled_programs, generate
 from gkv_jax.sampling import SamplingParams
 from tests.helpers import SPEC_BY_NAME, tiny_hf_model
 
@@ -24,7 +24,7 @@ RNG = np.random.default_rng(7)
 PROMPTS = [RNG.integers(0, SPEC.vocab, n).tolist() for n in (5, 19, 12)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny():
     hf = tiny_hf_model(SPEC)
     return hf, conversion.from_hf(hf)

@@ -17,7 +17,7 @@ from tests.helpers import SPECS, hf_logits, tiny_hf_model
 TOL = 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converted(spec_name: str):
     spec = next(s for s in SPECS if s.name == spec_name)
     hf = tiny_hf_model(spec)
