@@ -34,12 +34,18 @@ head dim 64, MLP 768, vocab 4096, context 8192); `--preset NAME` uses a real arc
 Usage:
   # CPU, small model (a few minutes on 2 cores):
   python benchmarks/generate_bench.py --results benchmarks/results.jsonl
+  # only the gkv rows (e.g. to re-measure them):
+  python benchmarks/generate_bench.py --no-full
   # smoke test, seconds:
   python benchmarks/generate_bench.py --quick
-  # GPU, R1-Distill-Qwen-1.5B architecture (random bf16 weights), H100 at 3350 GB/s:
+  # GPU, R1-Distill-Qwen-1.5B architecture (random bf16 weights), H100 SXM at 3350 GB/s:
   python benchmarks/generate_bench.py --preset deepseek-r1-distill-qwen-1.5b \\
       --dtype bfloat16 --batch 1 64 --max-new-tokens 4096 16384 --budgets 2048 \\
       --roofline-gbps 3350 --results benchmarks/results.jsonl
+
+Known limitation: on the CPU backend, `--dtype bfloat16` with batch >= 2 fails inside the
+library (XLA CPU: "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32");
+batch 1 works.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -115,10 +122,11 @@ def random_prompts(config: ModelConfig, batch: int, length: int, seed: int) -> l
     return rng.integers(0, config.vocab_size, (batch, length)).tolist()
 
 
-def sweep(batches: list[int], max_new: list[int], budgets: list[int],
-          divide_length: int) -> list[Run]:
-    policies = [EvictionConfig(policy="full")] + [
-        EvictionConfig(policy="gkv", budget=b, divide_length=divide_length) for b in budgets]
+def sweep(batches: list[int], max_new: list[int], budgets: list[int], divide_length: int,
+          with_full: bool = True) -> list[Run]:
+    policies = [EvictionConfig(policy="full")] if with_full else []
+    policies += [EvictionConfig(policy="gkv", budget=b, divide_length=divide_length)
+                 for b in budgets]
     return [Run(b, m, e) for b in batches for m in max_new for e in policies]
 
 
@@ -227,6 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --quick)")
     parser.add_argument("--budgets", nargs="+", type=int, default=list(DEFAULT_BUDGETS))
     parser.add_argument("--divide-length", type=int, default=DEFAULT_DIVIDE_LENGTH)
+    parser.add_argument("--no-full", action="store_true", help="run only the gkv budgets")
     parser.add_argument("--roofline-gbps", type=float, default=None,
                         help="memory bandwidth in GB/s; adds the roofline fraction")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -247,7 +256,8 @@ def main(argv=None) -> None:
     print(f"built {name} in {time.perf_counter() - start:.1f} s", flush=True)
     itemsize = jnp.dtype(args.dtype).itemsize
     rows = []
-    for run in sweep(args.batch, args.max_new_tokens, args.budgets, args.divide_length):
+    for run in sweep(args.batch, args.max_new_tokens, args.budgets, args.divide_length,
+                     with_full=not args.no_full):
         prompts = random_prompts(config, run.batch, args.prompt_length, args.seed)
         calls = measure(model, run, prompts)
         rows.append(row(config, itemsize, run, args.prompt_length, calls, args.roofline_gbps))
@@ -256,7 +266,8 @@ def main(argv=None) -> None:
     print("\n" + describe(name, config, args.dtype, args) + "\n")
     print(markdown_table(rows, args.roofline_gbps is not None))
     if args.results:
-        record = {"bench": "generate", "model": name, "config": dataclasses.asdict(config),
+        record = {"bench": "generate", "argv": sys.argv[1:], "model": name,
+                  "config": dataclasses.asdict(config),
                   "dtype": args.dtype, "prompt_length": args.prompt_length,
                   "divide_length": args.divide_length, "quick": args.quick,
                   "seed": args.seed, "backend": jax.default_backend(),

@@ -96,8 +96,10 @@ def grouped_attention(
     logits = jnp.where(visible, logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(visible, probs, 0.0)
+    # Accumulates in float32 and rounds once to the activation dtype (which is what the
+    # output is cast to anyway); XLA:CPU has no bf16 x bf16 -> f32 batched dot.
     out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(values.dtype), values,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=values.dtype)
     return out.reshape(B, T, N, H).astype(queries.dtype)
 
 
