@@ -1,8 +1,8 @@
 """The synthetic long chain-of-thought task of the bundled model: a register machine.
 
 A problem is a random function table `f` on the digits, four registers a, b, c, d with
-initial digits, and a number of steps n. The model writes a numbered trace of steps; step i updates register X_i with
-Y_i (X_i, Y_i fixed by the step number, see `schedule`):
+initial digits, and a number of steps n. The model writes a numbered trace of n steps;
+step i updates register X_i with Y_i (X_i, Y_i fixed by the step number, see `schedule`):
 
     X <- (f(X) + Y) mod 10
 
