@@ -38,8 +38,8 @@ TRAIN_SEED = 12345     # training problems are drawn from here and never equal a
 SEQUENCE_LENGTH = 640  # longest prompt + completion + EOS: 1 + 57 + 40 * 14 + 9 + 1 = 628
 # Training mixes shorter traces in (cheaper, and the step rule is the same): a batch draws one
 # length bucket, then problems whose number of steps fits it. Most batches are full length.
-LENGTH_BUCKETS = ((208, 1, 9, 0.15), (320, 10, 18, 0.2), (448, 19, 27, 0.2),
-                  (640, 28, 40, 0.45))  # (padded length, min steps, max steps, probability)
+STEP_BUCKETS = ((1, 9, 0.15), (10, 18, 0.2), (19, 27, 0.2), (28, 40, 0.45))
+# (min steps, max steps, probability); each bucket pads to its longest sequence (x16).
 
 
 def model_config(tokenizer) -> ModelConfig:
@@ -59,12 +59,19 @@ def encode(tokenizer, problem: synthetic.Problem) -> tuple[list[int], int]:
     return prompt + completion, len(prompt)
 
 
+def padded_length(tokenizer, steps: int) -> int:
+    """Tokens of the longest sequence with `steps` steps, rounded up to a multiple of 16."""
+    longest = synthetic.Problem(table=(0,) * 10, initial=(0,) * 4, num_steps=steps)
+    return -(-len(encode(tokenizer, longest)[0]) // 16) * 16
+
+
 def batches(tokenizer, batch_size: int, seed: int, held_out: set):
     """Endless (tokens [B, T], loss mask [B, T]) batches; the mask covers completion + EOS."""
     rng = random.Random(seed)
-    weights = [bucket[3] for bucket in LENGTH_BUCKETS]
+    weights = [bucket[2] for bucket in STEP_BUCKETS]
     while True:
-        length, min_steps, max_steps, _ = rng.choices(LENGTH_BUCKETS, weights)[0]
+        min_steps, max_steps, _ = rng.choices(STEP_BUCKETS, weights)[0]
+        length = padded_length(tokenizer, max_steps)
         tokens = np.full((batch_size, length), tokenizer.pad_token_id, np.int32)
         mask = np.zeros((batch_size, length), np.float32)
         row = 0
