@@ -42,10 +42,6 @@ Usage:
   python benchmarks/generate_bench.py --preset deepseek-r1-distill-qwen-1.5b \\
       --dtype bfloat16 --batch 1 64 --max-new-tokens 4096 16384 --budgets 2048 \\
       --roofline-gbps 3350 --results benchmarks/results.jsonl
-
-Known limitation: on the CPU backend, `--dtype bfloat16` with batch >= 2 fails inside the
-library (XLA CPU: "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32");
-batch 1 works.
 """
 
 from __future__ import annotations
