@@ -6,8 +6,9 @@ Shape letters used in every docstring:
   D model dim, F MLP width, V vocab, L layers, W observation window.
 """
 
-from gkv_jax import conversion, decode, eviction
+from gkv_jax import conversion, datasets, decode, eviction, grading
 from gkv_jax.cache import KVCache, init_cache
+from gkv_jax.evaluation import EvalReport, evaluate
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import GenerateOutput, generate
 from gkv_jax.loading import load
@@ -16,15 +17,19 @@ from gkv_jax.models import ModelConfig, Transformer
 __version__ = "0.1.0"
 
 __all__ = [
+    "EvalReport",
     "EvictionConfig",
     "GenerateOutput",
     "KVCache",
     "ModelConfig",
     "Transformer",
     "conversion",
+    "datasets",
     "decode",
+    "evaluate",
     "eviction",
     "generate",
+    "grading",
     "init_cache",
     "load",
 ]

@@ -1,6 +1,7 @@
-"""The `gkv-jax` command line: `generate` from a checkpoint, and `smoke` (a self-contained check).
+"""The `gkv-jax` command line: `generate`, `eval` (batch evaluation) and `smoke` (a check).
 
     gkv-jax generate --model DIR --prompt TEXT --policy gkv --budget 512 --max-new-tokens 1024
+    gkv-jax eval --model DIR --dataset aime24 --policies full,gkv --budgets 512,1024
     gkv-jax smoke
 """
 
@@ -11,9 +12,8 @@ import json
 import sys
 import tempfile
 
+from gkv_jax.evaluation import R1_SYSTEM_PROMPT
 from gkv_jax.eviction import POLICIES, EvictionConfig
-
-R1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def eviction_from_args(args: argparse.Namespace) -> EvictionConfig:
@@ -70,6 +70,65 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(kind):
+    """An argparse type: comma-separated values of `kind` (int or str)."""
+    def parse(text: str):
+        try:
+            return [kind(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    parse.__name__ = f"comma-separated {kind.__name__} list"
+    return parse
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import gkv_jax
+    from gkv_jax.evaluation import evaluate, eviction_configs
+
+    # Bad policies, budgets and knobs fail here, before the model loads.
+    eviction_configs(args.policies, args.budgets, args.window, args.divide_length)
+    model, tokenizer = gkv_jax.load(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise ValueError(f"--model: {args.model} has no tokenizer files")
+    evaluate(model, tokenizer, args.dataset, policies=args.policies, budgets=args.budgets,
+             window=args.window, divide_length=args.divide_length,
+             num_problems=args.num_problems, samples=args.samples, pass_k=args.pass_k,
+             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
+             output_dir=args.output_dir, progress=True)
+    return 0
+
+
+def _add_eval_parser(commands) -> None:
+    evaluation = commands.add_parser(
+        "eval", help="accuracy of eviction policies and budgets on a dataset (resumable)")
+    evaluation.add_argument("--model", required=True, help="local HF directory or hub id")
+    evaluation.add_argument("--dataset", default="synthetic",
+                            help="synthetic, aime24, aime25, amc23, math500 or a .jsonl path")
+    evaluation.add_argument("--policies", type=_comma_list(str), default=["full", "gkv"],
+                            help=f"comma-separated, from {', '.join(POLICIES)}")
+    evaluation.add_argument("--budgets", type=_comma_list(int), default=[128],
+                            help="comma-separated budgets (full ignores them)")
+    evaluation.add_argument("--window", type=int, default=None,
+                            help="observation window of snapkv, rkv and gkv")
+    evaluation.add_argument("--divide-length", type=int, default=None)
+    evaluation.add_argument("--num-problems", type=int, default=None)
+    evaluation.add_argument("--samples", type=int, default=1)
+    evaluation.add_argument("--pass-k", type=_comma_list(int), default=[1])
+    evaluation.add_argument("--max-new-tokens", type=int, default=None,
+                            help="default: 580 for synthetic, 16384 for math (capped)")
+    evaluation.add_argument("--temperature", type=float, default=0.0)
+    evaluation.add_argument("--top-p", type=float, default=1.0)
+    evaluation.add_argument("--top-k", type=int, default=0)
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--output-dir", default="runs/eval")
+    evaluation.add_argument("--dtype", default="bfloat16",
+                            choices=["float32", "bfloat16", "float16"])
+    evaluation.set_defaults(func=_cmd_eval)
+
+
 def _cmd_smoke(args: argparse.Namespace) -> int:
     """A tiny random-weights model through the whole pipeline: save as a Hugging Face
     checkpoint, load it back with `gkv_jax.load`, generate with `full` and `gkv`."""
@@ -118,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="also print the result as JSON")
     _add_generation_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    _add_eval_parser(commands)
 
     smoke = commands.add_parser("smoke", help="end-to-end check on a tiny random model")
     smoke.add_argument("--max-new-tokens", type=int, default=256)

@@ -1,0 +1,138 @@
+"""Evaluation datasets: the held-out synthetic problems and the shipped math benchmarks.
+
+    >>> examples = load_dataset("aime24", num_problems=2)
+    >>> [e.id for e in examples], examples[0].answer, examples[0].kind
+    (['aime24-0', 'aime24-1'], '204', 'math')
+
+Names: "synthetic" (held-out register-machine problems, `gkv_jax.synthetic.problems(seed, n)`,
+200 by default), and the math sets shipped in `gkv_jax/assets/data/math/`: "aime24" (30),
+"aime25" (30), "amc23" (40), "math500" (500). Any other path to a JSON-lines file with a
+`question` and an `answer` string per line is loaded as a math set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+
+from gkv_jax import synthetic
+
+SYNTHETIC = "synthetic"
+MATH_DATASETS = ("aime24", "aime25", "amc23", "math500")
+DATASETS = (SYNTHETIC, *MATH_DATASETS)
+DEFAULT_SYNTHETIC_PROBLEMS = 200
+HELD_OUT_SEED = 0  # the training script never trains on synthetic.problems(0, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One evaluation problem.
+
+    Attributes:
+      id: unique within its dataset, e.g. "aime24-0" or "synthetic-17".
+      question: the problem statement (the synthetic prompt, or the math question).
+      answer: the gold answer (4 digits, or LaTeX).
+      kind: "synthetic" (graded exactly) or "math" (graded with math-verify).
+    """
+
+    id: str
+    question: str
+    answer: str
+    kind: str
+
+
+def dataset_path(name: str) -> str:
+    """The shipped JSON-lines file of a math dataset name."""
+    if name not in MATH_DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    resource = importlib.resources.files("gkv_jax") / "assets" / "data" / "math" / f"{name}.jsonl"
+    return str(resource)
+
+
+def load_dataset(name_or_path: str, num_problems: int | None = None,
+                 seed: int = HELD_OUT_SEED) -> list[Example]:
+    """The first `num_problems` examples of a named dataset or a JSON-lines file.
+
+    Args:
+      name_or_path: "synthetic", "aime24", "aime25", "amc23", "math500", or a path to a
+        `.jsonl` file with a `question` and an `answer` per line.
+      num_problems: how many (None = all; synthetic: 200). For a file, at most its size.
+      seed: synthetic only, the problem generator's seed (0 = the held-out problems).
+
+    Raises:
+      ValueError: an unknown name (listing the valid ones), num_problems < 1 or above the
+        file's size, or a malformed line (naming the file and its 1-based line number).
+      FileNotFoundError: a `.jsonl` path that does not exist.
+    """
+    if num_problems is not None and (isinstance(num_problems, bool)
+                                     or not isinstance(num_problems, int) or num_problems < 1):
+        raise ValueError(f"num_problems must be an integer >= 1 or None, got {num_problems!r}")
+    if name_or_path == SYNTHETIC:
+        return synthetic_examples(num_problems or DEFAULT_SYNTHETIC_PROBLEMS, seed)
+    if name_or_path in MATH_DATASETS:
+        path, prefix = dataset_path(name_or_path), name_or_path
+    elif os.path.isfile(name_or_path):
+        path, prefix = name_or_path, _stem(name_or_path)
+    elif str(name_or_path).endswith(".jsonl"):
+        raise FileNotFoundError(f"dataset file {name_or_path} does not exist")
+    else:
+        raise ValueError(f"dataset must be one of {DATASETS} or a path to a .jsonl file, "
+                         f"got {name_or_path!r}")
+    examples = read_jsonl(path, prefix)
+    if num_problems is None:
+        return examples
+    if num_problems > len(examples):
+        raise ValueError(f"num_problems: {path} has {len(examples)} problems, "
+                         f"{num_problems} asked")
+    return examples[:num_problems]
+
+
+def synthetic_examples(count: int, seed: int = HELD_OUT_SEED) -> list[Example]:
+    """`count` register-machine problems as examples (the first n of any count agree)."""
+    return [Example(id=f"{SYNTHETIC}-{i}", question=p.prompt, answer=p.answer, kind=SYNTHETIC)
+            for i, p in enumerate(synthetic.problems(seed, count))]
+
+
+def read_jsonl(path: str, prefix: str) -> list[Example]:
+    """Math examples from a JSON-lines file; blank lines are skipped.
+
+    Ids are `{prefix}-{index}` (0-based, in file order).
+    """
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            question, answer = _parse_line(line, path, line_number)
+            examples.append(Example(id=f"{prefix}-{len(examples)}", question=question,
+                                    answer=answer, kind="math"))
+    if not examples:
+        raise ValueError(f"{path}: no problems in the file")
+    return examples
+
+
+def _parse_line(line: str, path: str, line_number: int) -> tuple[str, str]:
+    where = f"{path}, line {line_number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with 'question' and 'answer'")
+    for key in ("question", "answer"):
+        if key not in row:
+            raise ValueError(f"{where}: missing key {key!r}")
+    question, answer = row["question"], row["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string, got {question!r:.40}")
+    if isinstance(answer, int | float) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise ValueError(f"{where}: 'answer' must be a string or a number, got {answer!r:.40}")
+    return question, answer
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]

@@ -1,0 +1,317 @@
+"""`gkv_jax.evaluate` on a tiny random model and the synthetic task: rows, grading, summary,
+resume after an interruption, pass@k, batching, errors, and `gkv-jax eval`."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from gkv_jax import evaluation, grading, synthetic
+from gkv_jax.cli import main
+from gkv_jax.conversion import to_hf
+from gkv_jax.datasets import Example, load_dataset
+from gkv_jax.evaluation import (
+    Batch,
+    evaluate,
+    eviction_configs,
+    format_prompt,
+    pass_at_k,
+    plan_batches,
+)
+from gkv_jax.eviction import EvictionConfig
+from gkv_jax.generation import GenerateOutput, generate
+from gkv_jax.models import ModelConfig, Transformer
+
+NUM_PROBLEMS, SAMPLES = 10, 2
+# Sampled (temperature 1), so resuming must reproduce each row's random stream exactly.
+RUN = dict(policies=("full", "gkv"), budgets=(32,), window=8, divide_length=8,
+           num_problems=NUM_PROBLEMS, samples=SAMPLES, pass_k=(1, 2, 4), max_new_tokens=16,
+           temperature=1.0, seed=3, batch_size=4, progress=False)
+NUM_CONFIGS = 2
+TIMING_FIELDS = ("decode_seconds",)
+
+
+@functools.cache
+def tiny():
+    """A random 2-layer Qwen2 model over the synthetic task's character vocabulary."""
+    tokenizer = synthetic.build_tokenizer()
+    config = ModelConfig(family="qwen2", vocab_size=len(tokenizer), hidden_size=64,
+                         intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, qkv_bias=True, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id,
+                         eos_token_ids=(tokenizer.eos_token_id,),
+                         pad_token_id=tokenizer.pad_token_id)
+    return Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run the other tests compare with."""
+    model, tokenizer = tiny()
+    directory = str(tmp_path_factory.mktemp("eval_reference"))
+    return evaluate(model, tokenizer, "synthetic", output_dir=directory, **RUN)
+
+
+def _file_rows(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def test_rows_grading_and_summary_are_consistent(reference):
+    rows = reference.rows
+    assert len(rows) == NUM_CONFIGS * NUM_PROBLEMS * SAMPLES
+    keys = {(r["config"], r["problem"], r["sample"]) for r in rows}
+    assert len(keys) == len(rows)
+    file_rows = _file_rows(reference.results_path)  # in batch order
+    assert sorted(map(json.dumps, file_rows)) == sorted(map(json.dumps, rows))
+    answers = {e.id: e.answer for e in load_dataset("synthetic", NUM_PROBLEMS)}
+    for r in rows:
+        assert r["answer"] == answers[r["problem"]]
+        assert r["correct"] == grading.grade("synthetic", r["text"], r["answer"])
+        assert r["prediction"] == grading.extract("synthetic", r["text"])
+        assert 1 <= r["generated_tokens"] <= RUN["max_new_tokens"]
+    assert [s["name"] for s in reference.summary] == ["full", "gkv@32"]
+    for entry in reference.summary:
+        own = [r for r in rows if r["name"] == entry["name"]]
+        assert entry["pass@1"] == pytest.approx(sum(r["correct"] for r in own) / len(own))
+        assert "pass@2" in entry and "pass@4" not in entry  # 4 > samples
+        assert entry["problems"] == NUM_PROBLEMS and entry["samples"] == SAMPLES
+        assert entry["mean_generated_tokens"] == pytest.approx(
+            sum(r["generated_tokens"] for r in own) / len(own))
+        assert entry["tokens_per_second"] > 0 and entry["cache_bytes"] > 0
+    full, gkv = reference.summary
+    assert (gkv["window"], gkv["divide_length"], gkv["budget"]) == (8, 8, 32)
+    assert full["budget"] is None and full["divide_length"] == 8
+    assert gkv["cache_bytes"] < full["cache_bytes"]
+
+
+def test_outputs_are_written(reference):
+    with open(reference.summary_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [row["name"] for row in table] == ["full", "gkv@32"]
+    assert float(table[1]["pass@1"]) == pytest.approx(reference.summary[1]["pass@1"])
+    with open(reference.plot_path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    text = reference.table()
+    assert "pass@1" in text and "gkv@32" in text and "full" in text
+
+
+def test_resume_after_interruption_loses_and_duplicates_nothing(reference, tmp_path,
+                                                                monkeypatch):
+    model, tokenizer = tiny()
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
+    results = tmp_path / "results.jsonl"
+    first_batch = _file_rows(results)
+    assert len(first_batch) == RUN["batch_size"]
+    with open(results, "a") as f:  # a row cut off in the middle of its write
+        f.write('{"config": "full(divide_len')
+
+    calls.clear()
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1) or generate(
+        *a, **k))
+    resumed = evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
+    batches_per_config = SAMPLES * -(-NUM_PROBLEMS // RUN["batch_size"])
+    assert len(calls) == NUM_CONFIGS * batches_per_config - 1
+    on_disk = _file_rows(results)
+    assert on_disk[:len(first_batch)] == first_batch
+    assert len(on_disk) == len({(r["config"], r["problem"], r["sample"]) for r in on_disk})
+    assert _without_timing(resumed.rows) == _without_timing(reference.rows)
+    assert sorted(map(json.dumps, _without_timing(on_disk))) == sorted(
+        map(json.dumps, _without_timing(reference.rows)))
+
+    calls.clear()
+    again = evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
+    assert calls == [] and again.rows == resumed.rows and again.summary == resumed.summary
+
+
+def test_pass_at_k_hand_computed():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    assert pass_at_k(10, 3, 4) == pytest.approx(1 - 35 / 210)
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(4, 3, 2) == 1.0
+    assert pass_at_k(4, 4, 4) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def _scripted_generate(tokenizer, examples):
+    """Fake `generate`: problem i is answered right on sample s iff s < i % 5."""
+    index = {e.question: i for i, e in enumerate(examples)}
+
+    def fake(model, prompts, *, seed, **kwargs):
+        sample = seed - 100
+        texts = []
+        for prompt in prompts:
+            i = index[tokenizer.decode(prompt[1:])]
+            answer = examples[i].answer
+            if sample >= i % 5:
+                answer = f"{(int(answer) + 1) % 10000:04d}"
+            texts.append(f"00 a1:2+b3=a5\nans {answer}\n")
+        tokens = [list(range(len(t))) for t in texts]
+        stats = {"generated_tokens": sum(map(len, tokens)), "run_seconds": 2.0,
+                 "cache_bytes": 1000 * len(prompts), "full_cache_bytes": 3000 * len(prompts)}
+        return GenerateOutput(tokens=tokens, texts=texts, logprobs=None, kept_positions=None,
+                              stats=stats)
+    return fake
+
+
+def test_summary_pass_at_k_on_scripted_answers(tmp_path, monkeypatch):
+    model, tokenizer = tiny()
+    examples = load_dataset("synthetic", NUM_PROBLEMS)
+    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    report = evaluate(model, tokenizer, examples, policies="full,gkv,h2o", budgets=(32, 64),
+                      samples=4, pass_k=(1, 2, 4, 8), temperature=0.6, seed=100,
+                      batch_size=3, output_dir=str(tmp_path), progress=False)
+    assert [s["name"] for s in report.summary] == ["full", "gkv@32", "gkv@64", "h2o@32",
+                                                   "h2o@64"]
+    per_problem = [min(i % 5, 4) for i in range(NUM_PROBLEMS)]  # correct samples of 4
+    for entry in report.summary:
+        assert entry["pass@1"] == pytest.approx(sum(c / 4 for c in per_problem) / NUM_PROBLEMS)
+        assert entry["pass@2"] == pytest.approx(
+            sum(pass_at_k(4, c, 2) for c in per_problem) / NUM_PROBLEMS)
+        assert entry["pass@4"] == pytest.approx(0.8)
+        assert "pass@8" not in entry
+        assert entry["cache_bytes"] == 1000 and entry["full_cache_bytes"] == 3000
+    assert sum(r["correct"] for r in report.rows) == 4 * report.summary[0]["pass@1"] * 10 * 5
+    assert os.path.exists(report.plot_path)
+
+
+def test_eviction_configs_apply_knobs_where_used():
+    configs = eviction_configs(("full", "gkv", "h2o", "streaming", "snapkv", "gkv"),
+                               (32, 64), window=8, divide_length=16)
+    names = [evaluation.config_name(c) for c in configs]
+    assert names == ["full", "gkv@32", "gkv@64", "h2o@32", "h2o@64", "streaming@32",
+                     "streaming@64", "snapkv@32", "snapkv@64"]
+    assert all(c.divide_length == 16 for c in configs)
+    by_name = dict(zip(names, configs, strict=True))
+    assert by_name["gkv@32"].window == 8 and by_name["snapkv@64"].window == 8
+    assert by_name["h2o@32"].window == 1
+    assert (by_name["streaming@64"].sink, by_name["streaming@64"].recent) == (4, 60)
+    assert eviction_configs("full", ()) == [EvictionConfig(policy="full")]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(policies=("full", "nope")), "valid policies are full, streaming"),
+    (dict(policies=("gkv",), budgets=(8,), window=8), "budget must be > window"),
+    (dict(policies=("gkv",), budgets=()), "budgets: policy 'gkv' needs"),
+    (dict(samples=0), "samples must be"),
+    (dict(pass_k=(0,)), "pass_k must be"),
+    (dict(batch_size=0), "batch_size must be"),
+    (dict(top_p=0.0), "top_p must be"),
+    (dict(max_new_tokens=250), "max_new_tokens"),
+    (dict(dataset="nope"), "aime24"),
+])
+def test_bad_arguments_fail_before_any_generation(tmp_path, monkeypatch, kwargs, message):
+    model, tokenizer = tiny()
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: pytest.fail("generated"))
+    kwargs = dict(dict(dataset="synthetic", num_problems=2, progress=False,
+                       output_dir=str(tmp_path)), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, tokenizer, **kwargs)
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path, monkeypatch):
+    model, tokenizer = tiny()
+    examples = load_dataset("synthetic", 2)
+    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    common = dict(policies="full", num_problems=2, seed=100, output_dir=str(tmp_path),
+                  progress=False)
+    evaluate(model, tokenizer, **common)
+    with pytest.raises(ValueError, match="temperature: 0.0 there, 0.5 now"):
+        evaluate(model, tokenizer, temperature=0.5, **common)
+
+
+def test_plan_batches_one_bucket_per_batch_and_padded_shapes():
+    lengths = [5, 40, 20, 3, 17, 33, 60]
+    configs = [EvictionConfig(policy="full"), EvictionConfig(policy="gkv", budget=32)]
+    batches = plan_batches(lengths, configs, samples=2, batch_size=2)
+    assert {b.size for b in batches} == {2}
+    seen = []
+    for b in batches:
+        assert 1 <= len(b.indices) <= b.size
+        assert all(evaluation.bucket_length(lengths[i], None) == b.bucket for i in b.indices)
+        assert [lengths[i] for i in b.indices] == sorted(lengths[i] for i in b.indices)
+        seen += [(b.config, b.sample, i) for i in b.indices]
+    assert sorted(seen, key=str) == sorted(
+        [(c, s, i) for c in configs for s in range(2) for i in range(7)], key=str)
+    assert batches[0] == Batch(configs[0], 0, 16, (3, 0), 2)
+    # Fewer problems than batch_size: batches shrink to the number of problems.
+    assert {b.size for b in plan_batches([5, 6], configs, 1, 16)} == {2}
+
+
+def test_prompts_match_the_training_format():
+    _, tokenizer = tiny()
+    problem = synthetic.problems(0, 1)[0]
+    example = load_dataset("synthetic", 1)[0]
+    training = [tokenizer.bos_token_id] + tokenizer(problem.prompt)["input_ids"]
+    assert format_prompt(example, tokenizer) == training
+    math = Example(id="m-0", question="1+1=", answer="2", kind="math")
+    bos = [tokenizer.bos_token_id]
+    assert format_prompt(math, tokenizer, chat_template=False, system_prompt="") == (
+        bos + tokenizer("1+1=")["input_ids"])
+    # Math defaults: the chat template (here BOS + the turns' contents) and the R1 prompt.
+    assert format_prompt(math, tokenizer) == (
+        bos + tokenizer(evaluation.R1_SYSTEM_PROMPT + "1+1=")["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_synthetic_ckpt")
+    model, tokenizer = tiny()
+    to_hf(model, str(directory))
+    tokenizer.save_pretrained(str(directory))
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config))
+    return directory
+
+
+def test_cli_eval_prints_table_and_paths(checkpoint, reference, tmp_path, capsys):
+    # The reference run's shapes and sampling (so its compiled programs are reused).
+    code = main(["eval", "--model", str(checkpoint), "--num-problems", str(NUM_PROBLEMS),
+                 "--policies", "full,gkv", "--budgets", "32", "--window", "8",
+                 "--divide-length", "8", "--max-new-tokens", "16", "--temperature", "1",
+                 "--seed", "3", "--batch-size", "4", "--pass-k", "1",
+                 "--output-dir", str(tmp_path), "--dtype", "float32"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "gkv@32" in out and "pass@1" in out and str(tmp_path / "summary.csv") in out
+    rows = _file_rows(tmp_path / "results.jsonl")
+    assert len(rows) == NUM_CONFIGS * NUM_PROBLEMS
+    # Same weights (float32 round trip through the checkpoint), seeds and batches.
+    first_samples = [r for r in reference.rows if r["sample"] == 0]
+    assert sorted(map(json.dumps, _without_timing(rows))) == sorted(
+        map(json.dumps, _without_timing(first_samples)))
+
+
+def test_cli_eval_bad_input_exits_2(checkpoint, tmp_path, capsys):
+    code = main(["eval", "--model", str(checkpoint), "--policies", "full,nope",
+                 "--output-dir", str(tmp_path)])
+    assert code == 2
+    assert "valid policies are" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", str(checkpoint), "--budgets", "64,lots"])
+    assert exit_.value.code == 2
+    assert "--budgets" in capsys.readouterr().err
