@@ -129,6 +129,29 @@ def _add_eval_parser(commands) -> None:
     evaluation.set_defaults(func=_cmd_eval)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Accuracy, cache memory and speed of every policy on the bundled model: held-out
+    register-machine problems, a budget well below the trace length (a fresh run)."""
+    import shutil
+
+    import gkv_jax
+    from gkv_jax.evaluation import evaluate
+    from gkv_jax.loading import bundled_model_dir
+
+    model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    print(f"bundled model: {model.config.num_parameters():,} parameters; "
+          f"{args.num_problems} held-out problems (traces of 420-560 tokens); "
+          f"budget {args.budget}, window {args.window}, divide_length {args.divide_length}")
+    report = evaluate(model, tokenizer, "synthetic", policies=POLICIES, budgets=[args.budget],
+                      window=args.window, divide_length=args.divide_length,
+                      num_problems=args.num_problems, batch_size=args.batch_size,
+                      output_dir=args.output_dir, progress=True)
+    full = next(e for e in report.summary if e["policy"] == "full")
+    print(f"full cache: {full['pass@1']:.1%} exact answers; see {report.plot_path}")
+    return 0
+
+
 def _cmd_smoke(args: argparse.Namespace) -> int:
     """A tiny random-weights model through the whole pipeline: save as a Hugging Face
     checkpoint, load it back with `gkv_jax.load`, generate with `full` and `gkv`."""
@@ -179,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     _add_eval_parser(commands)
+
+    demo = commands.add_parser(
+        "demo", help="every policy on the bundled reasoning model (the default job)")
+    demo.add_argument("--num-problems", type=int, default=64)
+    demo.add_argument("--budget", type=int, default=64)
+    demo.add_argument("--window", type=int, default=8)
+    demo.add_argument("--divide-length", type=int, default=16)
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.set_defaults(func=_cmd_demo)
 
     smoke = commands.add_parser("smoke", help="end-to-end check on a tiny random model")
     smoke.add_argument("--max-new-tokens", type=int, default=256)

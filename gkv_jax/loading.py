@@ -23,6 +23,17 @@ GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def bundled_model_dir() -> str:
+    """The directory of the bundled reasoning model (a Hugging Face checkpoint shipped as
+    package data, trained on `gkv_jax.synthetic` by scripts/train_reasoner.py)."""
+    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "reasoner")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(
+            f"the bundled model is missing from {directory!r}; reinstall the package or train "
+            "it with scripts/train_reasoner.py")
+    return directory
+
+
 def resolve_source(source: str | os.PathLike) -> str:
     """The local directory of `source`: the path itself, or a hub snapshot (downloads).
 
