@@ -27,6 +27,7 @@ from gkv_jax.cache import EMPTY_POSITION, KVCache, init_cache
 from gkv_jax.eviction import EvictionConfig, select
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits
+from gkv_jax.pallas_kernels import topk_retention
 from gkv_jax.sampling import SamplingParams, sample
 
 
@@ -71,35 +72,29 @@ def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
 
 
 # ------------------------------------------------------------------------------ eviction
-def _select_layer(eviction: EvictionConfig, query_window, keys, positions, global_score):
-    """Kept rows [B, K, budget] of one layer: the selected slots then the last W slots."""
-    S, W = keys.shape[2], eviction.window
+def _compress_layer(eviction: EvictionConfig, query_window, keys, values, positions,
+                    global_score, active, evicting):
+    """One layer's selection (`select`) and compaction (`topk_retention.compact`), both
+    dispatched on `eviction.implementation`; buffers keep their [B, K, S, ...] shapes."""
     valid = positions[:, 0, :] >= 0  # identical across KV heads until the first eviction
     kept_index, new_score = select(eviction, query_window, keys, valid,
-                                   global_score[:, :, :eviction.budget - W])
-    window_rows = jnp.broadcast_to(jnp.arange(S - W, S, dtype=jnp.int32),
-                                   (*kept_index.shape[:2], W))
-    rows = jnp.concatenate([kept_index.astype(jnp.int32), window_rows], axis=-1)
-    if new_score is None:
+                                   global_score[:, :, :eviction.kept_scored])
+    if new_score is None:  # policies without history: evicting sequences carry none
         new_score = jnp.full(kept_index.shape, jnp.nan, jnp.float32)
-    return rows, new_score
+    return topk_retention.compact(
+        keys, values, positions, global_score, kept_index, window=eviction.window,
+        active=active, new_score=new_score, replace_score=evicting,
+        implementation=eviction.implementation)
 
 
-def _gather_slots(buffer: Array, rows: Int[Array, "B K R"]) -> Array:
-    """buffer [B, K, S, ...] -> [B, K, R, ...] at the given slot rows."""
-    index = rows.reshape(*rows.shape, *([1] * (buffer.ndim - 3)))
-    return jnp.take_along_axis(buffer, index, axis=2)
-
-
-def _place(kept: Array, capacity: int, fill) -> Array:
-    """kept [B, K, budget, ...] into a [B, K, capacity, ...] buffer, the rest `fill`."""
-    pad = [(0, 0)] * kept.ndim
-    pad[2] = (0, capacity - kept.shape[2])
-    return jnp.pad(kept, pad, constant_values=fill)
-
-
-def _blend(mask: Bool[Array, " B"], new: Array, old: Array) -> Array:
-    return jnp.where(mask.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+def _resize_slots(buffer: Array, capacity: int, fill) -> Array:
+    """[L, B, K, S, ...] -> [L, B, K, capacity, ...]: drop or add empty trailing slots."""
+    S = buffer.shape[3]
+    if capacity <= S:
+        return buffer[:, :, :, :capacity]
+    pad = [(0, 0)] * buffer.ndim
+    pad[3] = (0, capacity - S)
+    return jnp.pad(buffer, pad, constant_values=fill)
 
 
 def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
@@ -109,7 +104,9 @@ def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
     Every active sequence must have a full buffer (`lengths == cache.capacity`). Sequences
     holding more than `budget` real tokens evict down to `budget`; other active sequences
     are compacted without losing a token (pads and holes dropped), which attends exactly as
-    before; inactive (finished) sequences are left untouched.
+    before; inactive (finished) sequences are left untouched. Layers are compressed one at a
+    time in a `fori_loop` that updates the cache buffers in place (jit with the cache
+    donated when calling this directly), so scoring memory is one layer's.
 
     Args:
       eviction: the policy (static).
@@ -122,39 +119,23 @@ def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
       The compressed cache and [B] bool, which sequences actually evicted tokens.
     """
     capacity = cache.capacity if capacity is None else capacity
-    budget = eviction.budget
-    evicting = active & (real_token_counts(cache) > budget)
+    evicting = active & (real_token_counts(cache) > eviction.budget)
 
-    def per_layer(xs):
-        query_window, keys, values, positions, global_score = xs
-        rows, new_score = _select_layer(eviction, query_window, keys, positions, global_score)
-        kept_positions = _gather_slots(positions, rows)
-        # A sequence that only compacts keeps its history exactly as it was.
-        old_score = _gather_slots(global_score, rows)
-        nan_window = jnp.full((*new_score.shape[:2], eviction.window), jnp.nan, jnp.float32)
-        scored = _blend(evicting, jnp.concatenate([new_score, nan_window], axis=-1), old_score)
-        scored = jnp.where(kept_positions >= 0, scored, jnp.nan)
-        return (_place(_gather_slots(keys, rows), capacity, 0),
-                _place(_gather_slots(values, rows), capacity, 0),
-                _place(kept_positions, capacity, EMPTY_POSITION),
-                _place(scored, capacity, jnp.nan))
+    def layer_step(layer, buffers):
+        layer_buffers = [b[layer] for b in buffers]
+        compressed = _compress_layer(eviction, cache.query_window[layer], *layer_buffers,
+                                     active, evicting)
+        return tuple(jax.lax.dynamic_update_index_in_dim(b, c, layer, 0)
+                     for b, c in zip(buffers, compressed, strict=True))
 
-    keys, values, positions, global_score = jax.lax.map(
-        per_layer, (cache.query_window, cache.keys, cache.values, cache.positions,
-                    cache.global_score))
-    if capacity != cache.capacity:  # the prefill: every sequence is compressed
-        return KVCache(keys=keys, values=values, positions=positions,
-                       global_score=global_score, query_window=cache.query_window,
-                       lengths=jnp.full_like(cache.lengths, budget)), evicting
-
-    def keep_inactive(new, old):
-        return jnp.where(active.reshape(1, -1, *([1] * (new.ndim - 2))), new, old)
-
+    keys, values, positions, global_score = jax.lax.fori_loop(
+        0, cache.keys.shape[0], layer_step,
+        (cache.keys, cache.values, cache.positions, cache.global_score))
     compressed = cache.replace(
-        keys=keep_inactive(keys, cache.keys), values=keep_inactive(values, cache.values),
-        positions=keep_inactive(positions, cache.positions),
-        global_score=keep_inactive(global_score, cache.global_score),
-        lengths=jnp.where(active, budget, cache.lengths))
+        keys=_resize_slots(keys, capacity, 0), values=_resize_slots(values, capacity, 0),
+        positions=_resize_slots(positions, capacity, EMPTY_POSITION),
+        global_score=_resize_slots(global_score, capacity, jnp.nan),
+        lengths=jnp.where(active, eviction.budget, cache.lengths))
     return compressed, evicting
 
 

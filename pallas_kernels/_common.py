@@ -1,0 +1,220 @@
+"""What the three eviction ops share: implementation dispatch, input validators, constants.
+
+Every op folder (`score_update`, `redundancy`, `topk_retention`) has a `reference.py` (pure
+jnp, float32, the specification, built on `gkv_jax.eviction`), a `pallas.py` (Mosaic TPU
+kernels written with `pl.pallas_call` and BlockSpecs) and an `__init__.py` that validates the
+inputs once (with the validators below) and dispatches on `implementation`:
+
+  * "xla": the reference, on every backend.
+  * "pallas": the Pallas kernels; compiled by Mosaic on TPU, run in TPU interpret mode
+    (`pltpu.InterpretParams()`, exact but slow) on CPU. No GPU kernels exist yet, so "pallas"
+    on a GPU raises.
+  * None (auto): the kernels on TPU, the reference elsewhere (GPU and CPU).
+
+Matrix-product precision (`matmul_dtype`): "float32" (the default) feeds float32 operands to
+the matrix products at `Precision.HIGHEST`, so the kernels reproduce the float32
+specification (kept sets equal on tie-free inputs). "bfloat16" rounds the operands of the
+score matrix products (q.k and the key cosines) to bfloat16 and accumulates in float32, as
+the reference G-KV implementation does; softmaxes, sums, normalisations and the selection
+stay float32. Expect >= 99% of each head's kept set to agree with the float32 specification
+on realistic keys (tested on clustered keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+# Same constants as gkv_jax.eviction (a finite -inf for masked logits, the key-norm epsilon).
+MASKED_LOGIT = -1e30
+KEY_NORM_EPS = 1e-6
+# Lanes of a TPU vector register: the kernels lay per-slot scalars out as [rows, LANES].
+LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """A resolved implementation: `use_pallas`, and the `interpret` argument of pallas_call
+    (False = compile with Mosaic; an `InterpretParams` or True = interpret)."""
+
+    use_pallas: bool
+    interpret: Any = False
+
+
+def resolve_implementation(implementation: str | None, interpret: Any = None) -> Dispatch:
+    """Which code runs an op on the current default backend.
+
+    Args:
+      implementation: "xla", "pallas" or None (auto: Pallas on TPU, the reference elsewhere).
+      interpret: overrides the interpret mode of the Pallas path: None = automatic (compile
+        on TPU, TPU interpret mode on CPU), True = the generic Pallas interpreter (faster on
+        CPU, no TPU memory model), an `InterpretParams` = TPU interpret mode with those
+        parameters, False = compile.
+
+    Raises:
+      ValueError: unknown implementation.
+      NotImplementedError: "pallas" on a GPU (only the Mosaic TPU kernels exist yet).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    backend = jax.default_backend()
+    if implementation == "xla" or (implementation is None and backend != "tpu"):
+        return Dispatch(use_pallas=False)
+    if interpret is not None:
+        return Dispatch(use_pallas=True, interpret=interpret)
+    if backend == "tpu":
+        return Dispatch(use_pallas=True, interpret=False)
+    if backend == "cpu":
+        return Dispatch(use_pallas=True, interpret=pltpu.InterpretParams())
+    raise NotImplementedError(
+        f"implementation='pallas' has Mosaic TPU kernels only (run in TPU interpret mode on "
+        f"CPU); on backend {backend!r} use implementation='xla' or None")
+
+
+def check_matmul_dtype(matmul_dtype: str) -> None:
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
+
+
+def matmul_operand_dtype(matmul_dtype: str):
+    """The dtype the kernels cast matrix-product operands to."""
+    return jnp.float32 if matmul_dtype == "float32" else jnp.bfloat16
+
+
+def matmul_precision(matmul_dtype: str):
+    """HIGHEST for float32 operands (no bf16 passes / TF32), DEFAULT for bfloat16 ones."""
+    return jax.lax.Precision.HIGHEST if matmul_dtype == "float32" else jax.lax.Precision.DEFAULT
+
+
+def fit_block(block: int, size: int) -> int:
+    """A block of `block` rows, or the whole dimension when it is not larger (Mosaic accepts
+    a block equal to the full dimension whatever its size)."""
+    return size if size <= block else block
+
+
+def check_block(name: str, value: int, multiple: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < multiple or (
+            value % multiple):
+        raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+# --------------------------------------------------------------------------------------------
+# Input validators: one per op, called once by each op's dispatcher (so the reference and the
+# kernels accept exactly the same inputs). Shapes and dtypes only; values are not inspected.
+
+
+def _describe(x) -> str:
+    return "None" if x is None else f"{x.dtype}{list(x.shape)}"
+
+
+def _is_float(x) -> bool:
+    return x is not None and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def validate_keys_valid(keys, valid) -> tuple[int, int, int, int]:
+    """keys [B, K, S, H] floating, valid [B, S] bool; returns (B, K, S, H)."""
+    if not _is_float(keys) or keys.ndim != 4:
+        raise ValueError(f"keys must be a floating [B, K, S, H] array, got {_describe(keys)}")
+    B, K, S, H = keys.shape
+    if valid is None or valid.shape != (B, S) or valid.dtype != jnp.bool_:
+        raise ValueError(f"valid must be a bool [B, S] = [{B}, {S}] array, got "
+                         f"{_describe(valid)}")
+    return B, K, S, H
+
+
+def validate_score_update(queries, keys, valid, global_score, normalise: bool, smooth: str,
+                          alpha: float) -> None:
+    """Inputs of `score_update` (see its docstring)."""
+    B, K, S, H = validate_keys_valid(keys, valid)
+    if (not _is_float(queries) or queries.ndim != 4 or queries.shape[0] != B
+            or queries.shape[3] != H or queries.shape[1] % K):
+        raise ValueError(f"queries must be a floating [B={B}, N, W, H={H}] array with N a "
+                         f"multiple of K={K}, got {_describe(queries)}")
+    W = queries.shape[2]
+    if not 1 <= W < S:
+        raise ValueError(f"the window W={W} must be in [1, S={S})")
+    if smooth not in ("max", "mean", "sum"):
+        raise ValueError(f"smooth must be 'max', 'mean' or 'sum', got {smooth!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise ValueError(f"alpha must be a number, got {alpha!r}")
+    if global_score is None:
+        return
+    if not normalise:
+        raise ValueError("global_score needs normalise=True (the global score is an update "
+                         "of the normalised local score)")
+    if (not _is_float(global_score) or global_score.ndim != 3
+            or global_score.shape[:2] != (B, K) or global_score.shape[2] > S - W):
+        raise ValueError(f"global_score must be a floating [B={B}, K={K}, C] array with "
+                         f"C <= S - W = {S - W}, got {_describe(global_score)}")
+
+
+def validate_redundancy(keys, valid, threshold: float) -> None:
+    """Inputs of `redundancy`."""
+    validate_keys_valid(keys, valid)
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+
+
+def validate_keep_top(scores, carried, candidate_valid, count: int) -> None:
+    """Inputs of `keep_top`."""
+    if not _is_float(scores) or scores.ndim != 3:
+        raise ValueError(f"scores must be a floating [B, K, P] array, got {_describe(scores)}")
+    B, K, P = scores.shape
+    if carried is not None and (not _is_float(carried) or carried.shape != scores.shape):
+        raise ValueError(f"carried must be None or a floating [B, K, P] = [{B}, {K}, {P}] "
+                         f"array, got {_describe(carried)}")
+    if (candidate_valid is None or candidate_valid.shape != (B, P)
+            or candidate_valid.dtype != jnp.bool_):
+        raise ValueError(f"candidate_valid must be a bool [B, P] = [{B}, {P}] array, got "
+                         f"{_describe(candidate_valid)}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= P:
+        raise ValueError(f"count must be an integer in [1, P={P}], got {count!r}")
+
+
+def validate_compact(keys, values, positions, global_score, kept_index, window: int,
+                     active, new_score, replace_score) -> None:
+    """Inputs of `compact`."""
+    if not _is_float(keys) or keys.ndim != 4:
+        raise ValueError(f"keys must be a floating [B, K, S, H] array, got {_describe(keys)}")
+    B, K, S, _ = keys.shape
+    if values is None or values.shape[:3] != (B, K, S) or values.ndim != 4 or not _is_float(
+            values):
+        raise ValueError(f"values must be a floating [B={B}, K={K}, S={S}, H'] array, got "
+                         f"{_describe(values)}")
+    if positions is None or positions.shape != (B, K, S) or not jnp.issubdtype(
+            positions.dtype, jnp.integer):
+        raise ValueError(f"positions must be an integer [B, K, S] = [{B}, {K}, {S}] array, "
+                         f"got {_describe(positions)}")
+    if not _is_float(global_score) or global_score.shape != (B, K, S):
+        raise ValueError(f"global_score must be a floating [B, K, S] = [{B}, {K}, {S}] array, "
+                         f"got {_describe(global_score)}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+    if (kept_index is None or kept_index.ndim != 3 or kept_index.shape[:2] != (B, K)
+            or not jnp.issubdtype(kept_index.dtype, jnp.integer)
+            or kept_index.shape[2] + window > S):
+        raise ValueError(f"kept_index must be an integer [B={B}, K={K}, count] array with "
+                         f"count + window <= S = {S}, got {_describe(kept_index)}")
+    if active is not None and (active.shape != (B,) or active.dtype != jnp.bool_):
+        raise ValueError(f"active must be None or a bool [B={B}] array, got "
+                         f"{_describe(active)}")
+    if new_score is not None and (not _is_float(new_score)
+                                  or new_score.shape != kept_index.shape):
+        raise ValueError(f"new_score must be None or a floating array shaped like kept_index "
+                         f"{list(kept_index.shape)}, got {_describe(new_score)}")
+    if replace_score is not None and (new_score is None or replace_score.shape != (B,)
+                                      or replace_score.dtype != jnp.bool_):
+        raise ValueError(f"replace_score needs new_score and must be a bool [B={B}] array, "
+                         f"got {_describe(replace_score)}")

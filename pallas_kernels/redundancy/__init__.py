@@ -1,0 +1,60 @@
+"""Redundancy: the R-KV key-similarity score, tile by tile (gkv-algorithm.md section 2,
+step 4). `reference.py` is the float32 specification (materialises S x S), `pallas.py` the
+Mosaic TPU kernel (never does); `redundancy` validates once and dispatches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxtyping import Array, Bool, Float
+
+from gkv_jax.pallas_kernels import _common
+from gkv_jax.pallas_kernels.redundancy import pallas, reference
+from gkv_jax.pallas_kernels.redundancy.pallas import BlockSizes
+
+__all__ = ["BlockSizes", "redundancy"]
+
+
+def redundancy(
+    keys: Float[Array, "B K S H"],
+    valid: Bool[Array, "B S"],
+    threshold: float,
+    *,
+    implementation: str | None = None,
+    matmul_dtype: str = "float32",
+    block_sizes: BlockSizes | None = None,
+    interpret: Any = None,
+) -> Float[Array, "B K S"]:
+    """The redundancy R of every row (window included), 0 at invalid rows.
+
+    Keys are normalised (k / (|k| + 1e-6)); Sim[m, n] is their cosine with a zero diagonal
+    and zero invalid columns. For each valid column n the largest valid row m != n with
+    Sim[m, n] > threshold gets Sim[m, n] = 0 (the newest of near-duplicates is the least
+    redundant). s[m] = sum_n Sim[m, n] / N_valid; R = softmax of s over the valid rows.
+
+    Args:
+      keys: [B, K, S, H] post-RoPE keys; invalid rows may hold anything (NaN included).
+      valid: [B, S] bool.
+      threshold: the cosine above which two keys are near-duplicates (static).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU only).
+      matmul_dtype: "float32" (exact) or "bfloat16" cosine operands (float32 accumulation);
+        Pallas only.
+      block_sizes: the kernel's tiling.
+      interpret: the Pallas interpret mode (see `_common.resolve_implementation`).
+
+    Returns:
+      [B, K, S] float32 probabilities over the valid rows.
+
+    >>> import jax.numpy as jnp
+    >>> keys = jnp.array([[[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]])
+    >>> r = redundancy(keys, jnp.ones((1, 4), bool), 0.5, implementation="xla")[0, 0]
+    >>> bool(r[0] > r[1] > r[2])  # of three copies, the older are the more redundant
+    True
+    """
+    _common.validate_redundancy(keys, valid, threshold)
+    _common.check_matmul_dtype(matmul_dtype)
+    dispatch = _common.resolve_implementation(implementation, interpret)
+    if not dispatch.use_pallas:
+        return reference.redundancy(keys, valid, float(threshold))
+    return pallas.redundancy(keys, valid, float(threshold), block_sizes=block_sizes,
+                             matmul_dtype=matmul_dtype, interpret=dispatch.interpret)
