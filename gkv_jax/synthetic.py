@@ -1,31 +1,34 @@
 """The synthetic long chain-of-thought task of the bundled model: a register machine.
 
 A problem is a random function table `f` on the digits, four registers a, b, c, d with
-initial digits, and a number of steps n. The model writes a numbered trace of n steps;
+initial digits, and a number of steps n. The table names the entry of digit i by the letter
+`KEYS[i]` (A for 0, B for 1, ..., J for 9). The model writes a numbered trace of n steps;
 step i updates register X_i with Y_i (X_i, Y_i fixed by the step number, see `schedule`):
 
     X <- (f(X) + Y) mod 10
 
 and then answers with the final values of a, b, c, d. Prompt and trace, for example:
 
-    f 0>3,1>7,2>2,3>9,4>0,5>5,6>1,7>8,8>6,9>4
+    f A3 B7 C2 D9 E0 F5 G1 H8 I6 J4
     a4 b1 c8 d0 n34
-    00 a4:0+d0=a0
-    01 b1:7+c8=b5
+    00 a4E0+d0=a0
+    01 b1B7+c8=b5
     ...
     ans 0539
 
-Each step line shows the old value of X, f of it, the value of Y and the new value of X,
-written right after its letter ("=a0"), so "the current value of a register is the digit
-after its latest occurrence". Getting the answer right needs facts from all over the
-sequence: the table in the prompt is re-read whenever a digit recurs (every ~10 steps per
-entry), register d is written only every 12th step but read every 4th, so its value is read
-up to ~170 tokens after it was written, and the answer needs every register's last value. A
-trace is not periodic (values depend on the table and the initial state), so copying an
-earlier stretch of the trace never gives the next step.
+A step line shows the old value of X (4), the key of that digit in the table (E) and its
+entry f(4) (0), the value of Y (d0) and the new value of X written right after its letter
+("=a0"). So "the current value of a register is the digit after its latest occurrence" and
+"f(x) is the digit after the latest occurrence of x's key". Getting the answer right needs
+facts from all over the sequence: a table entry is re-read whenever its digit recurs, from
+the prompt or from the last step that used it (often hundreds of tokens back); register d is
+written only every 12th step but read every 4th, so its value is read up to ~170 tokens
+after it was written; and the answer needs every register's last value. A trace is not
+periodic (values depend on the table and the initial state), so copying an earlier stretch
+of the trace never gives the next step.
 
-Sizes: prompt 58 tokens (at most 1/8 of a sequence), trace 14 tokens per step, 30-40 steps
-(420-560 tokens), answer 9 tokens; sequences of 490-630 tokens. Graded exactly.
+Sizes: prompt 50 tokens (at most 1/9 of a sequence), trace 14 tokens per step, 30-40 steps
+(420-560 tokens), answer 9 tokens; sequences of 480-620 tokens. Graded exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import random
 
 REGISTERS = "abcd"
 # Every symbol the task uses is one token; plus the special tokens.
-CHARACTERS = "0123456789abcdfns>:+=, \n"
+KEYS = "ABCDEFGHIJ"  # the table's name for the entry of digit i
+CHARACTERS = "0123456789abcdfns+= \n" + KEYS
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 MIN_STEPS, MAX_STEPS = 30, 40
@@ -59,7 +63,7 @@ class Problem:
     @property
     def prompt(self) -> str:
         """The question: the table and the initial registers."""
-        pairs = ",".join(f"{x}>{y}" for x, y in enumerate(self.table))
+        pairs = " ".join(f"{KEYS[x]}{y}" for x, y in enumerate(self.table))
         registers = " ".join(f"{r}{v}" for r, v in zip(REGISTERS, self.initial, strict=True))
         return f"f {pairs}\n{registers} n{self.num_steps:02d}\n"
 
@@ -72,7 +76,8 @@ class Problem:
             old, other = values[target], values[operand]
             looked_up = self.table[old]
             new = (looked_up + other) % 10
-            lines.append(f"{step:02d} {target}{old}:{looked_up}+{operand}{other}={target}{new}\n")
+            lines.append(f"{step:02d} {target}{old}{KEYS[old]}{looked_up}+{operand}{other}"
+                         f"={target}{new}\n")
             values[target] = new
         answer = "".join(str(values[r]) for r in REGISTERS)
         return "".join(lines), answer
