@@ -16,8 +16,8 @@ program's memory analysis (arguments, outputs, aliased bytes, temporaries; peak 
 arguments + outputs - aliased + temporaries) and, where the backend reports it, the device's
 `peak_bytes_in_use` high-water mark (process-wide: configurations run from the smallest).
 
-Run it on a TPU (Mosaic kernels) or a GPU (there `pallas` raises: no GPU kernels yet, so run
-`--implementations xla` for the baseline). On CPU the Pallas path runs in TPU interpret mode,
+Run it on a TPU (Mosaic TPU kernels) or a Hopper GPU (Mosaic GPU kernels: `pallas` forces
+them there). On CPU the Pallas path runs in TPU interpret mode,
 which only shows that the script works: use `--tiny` there, and do not read its numbers as
 the benchmark's answer.
 

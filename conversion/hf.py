@@ -8,10 +8,11 @@ weight is filled exactly once, every shape is checked, and errors name the HF ke
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -156,18 +157,40 @@ def _safetensors_files(directory: str) -> list[str]:
     return paths
 
 
-def _iter_safetensors(paths: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) pairs, one shard open at a time, one tensor in memory at a time."""
-    from safetensors import safe_open
+class TensorSource:
+    """Lazy access to a checkpoint's tensors: names, shapes without reading, and one tensor
+    at a time as numpy (in its stored dtype)."""
 
-    for path in paths:
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                yield key, f.get_tensor(key)
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray]):
+        self.shapes = shapes
+        self.read = read
+
+    @classmethod
+    def from_mapping(cls, state: Mapping[str, Any]) -> TensorSource:
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        return cls(shapes, lambda key: _as_numpy(state[key]))
+
+    @classmethod
+    def from_safetensors(cls, paths: list[str]) -> TensorSource:
+        """Every shard memory-mapped at once; a tensor is read only when asked for."""
+        from safetensors import safe_open
+
+        handles, owner, shapes = [], {}, {}
+        for path in paths:
+            handle = safe_open(path, framework="numpy")
+            handles.append(handle)
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if key in owner:
+                    raise ConversionError(f"{key}: tensor appears twice (in {owner[key]!r} "
+                                          f"and {path!r})")
+                owner[key] = path
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+        by_path = dict(zip(paths, handles, strict=True))
+        return cls(shapes, lambda key: by_path[owner[key]].get_tensor(key))
 
 
-def _open_source(source: Any) -> tuple[ModelConfig, Iterator[tuple[str, np.ndarray]]]:
-    """The config and a stream of (HF key, array) for any accepted `source`."""
+def _open_source(source: Any) -> tuple[ModelConfig, TensorSource]:
+    """The config and the tensors of any accepted `source`."""
     if isinstance(source, str | os.PathLike):
         directory = os.fspath(source)
         if not os.path.isdir(directory):
@@ -175,24 +198,22 @@ def _open_source(source: Any) -> tuple[ModelConfig, Iterator[tuple[str, np.ndarr
                 f"source: {directory!r} is not a directory (expected a local Hugging Face "
                 "checkpoint with config.json and *.safetensors)")
         config = ModelConfig.from_hf_config(directory)
-        return config, _iter_safetensors(_safetensors_files(directory))
+        return config, TensorSource.from_safetensors(_safetensors_files(directory))
     if isinstance(source, tuple) and len(source) == 2:
         state_dict, hf_config = source
-        config = ModelConfig.from_hf_config(hf_config)
-        return config, ((k, _as_numpy(v)) for k, v in state_dict.items())
+        return ModelConfig.from_hf_config(hf_config), TensorSource.from_mapping(state_dict)
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         config = ModelConfig.from_hf_config(source.config)
-        return config, ((k, _as_numpy(v)) for k, v in source.state_dict().items())
+        return config, TensorSource.from_mapping(source.state_dict())
     raise TypeError(
         "source must be a transformers model, a local checkpoint directory or a "
         f"(state_dict, hf_config) pair, got {type(source).__name__}")
 
 
 # ---------------------------------------------------------------------------- HF -> Flax
-def _check_shape(key: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
-    if tuple(array.shape) != tuple(expected):
-        raise ConversionError(
-            f"{key}: expected shape {tuple(expected)}, got {tuple(array.shape)}")
+def _check_shape(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ConversionError(f"{key}: expected shape {tuple(expected)}, got {tuple(shape)}")
 
 
 def _rules_by_key(config: ModelConfig) -> dict[str, tuple[Rule, int | None]]:
@@ -205,60 +226,97 @@ def _rules_by_key(config: ModelConfig) -> dict[str, tuple[Rule, int | None]]:
     return table
 
 
-def _to_model_layout(rule: Rule, array: np.ndarray, config: ModelConfig, dtype) -> jax.Array:
-    """One HF tensor on the device, in the model's layout and dtype (cast once). The
-    transpose runs in XLA: fast, and the host never holds more than this tensor."""
-    return rule.to_flax(jnp.asarray(array), config).astype(dtype)
+def _check_keys(config: ModelConfig, source: TensorSource,
+                table: dict[str, tuple[Rule, int | None]]) -> None:
+    """Every tensor maps to a weight, every weight has a tensor, every shape fits."""
+    for key, shape in source.shapes.items():
+        if _DERIVED_KEY.search(key):
+            continue
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            _check_shape(key, shape, (config.vocab_size, config.hidden_size))
+            continue
+        if key not in table:
+            raise ConversionError(f"{key}: unexpected tensor (no weight of a "
+                                  f"{config.family} model maps to it)")
+        _check_shape(key, shape, table[key][0].hf_shape(config))
+    missing = [k for k in table if k not in source.shapes]
+    if missing:
+        rule, _ = table[missing[0]]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"{missing[0]}: missing tensor, expected shape "
+                              f"{rule.hf_shape(config)}{more}")
 
 
-def convert_weights(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]],
+def _as_bits(array: np.ndarray) -> np.ndarray:
+    """bfloat16 as uint16, so that numpy transposes and copies run at memory speed
+    (ml_dtypes' bfloat16 copies element by element)."""
+    return array.view(np.uint16) if array.dtype == ml_dtypes.bfloat16 else array
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data is `alignment`-byte aligned, which lets the CPU
+    backend's device_put adopt the buffer instead of copying it."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset:offset + size].view(dtype).reshape(shape)
+
+
+def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
+               dtype, stack: bool) -> jax.Array:
+    """One model weight on the device: its HF tensors written in the model layout into one
+    host buffer (stacked over layers), moved once, then cast once."""
+    host = None
+    for i, key in enumerate(keys):
+        tensor = source.read(key)
+        laid_out = rule.to_flax(_as_bits(tensor), config)
+        if host is None:
+            stored = tensor.dtype
+            shape = (len(keys), *laid_out.shape) if stack else laid_out.shape
+            host = _aligned_empty(shape, laid_out.dtype)
+        elif tensor.dtype != stored:
+            raise ConversionError(f"{key}: stored as {tensor.dtype}, other layers as {stored}")
+        if stack:
+            host[i] = laid_out
+        else:
+            host[...] = laid_out
+        del tensor, laid_out
+    device = jax.device_put(host.view(stored))
+    del host
+    return device if device.dtype == dtype else device.astype(dtype)
+
+
+def convert_weights(config: ModelConfig, source: TensorSource,
                     dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Maps a stream of HF tensors into the model's nested weight dict (jax arrays, `dtype`).
+    """The model's nested weight dict (jax arrays in `dtype`) from a checkpoint's tensors.
 
-    Tensors move to the device one at a time; per-layer pieces are stacked weight by weight
-    at the end, so the peak is the model plus one stacked weight.
+    The keys and shapes are checked first (nothing is read before); then each model weight
+    is assembled on the host from its HF tensors (transposed into the model layout, stacked
+    over layers), moved to the device once and cast once, and its host copy dropped: the
+    host never holds more than one stacked weight beyond the memory-mapped files.
 
     Raises:
       ConversionError: naming the first unexpected, duplicated, mis-shaped or missing key.
     """
     dtype = resolve_dtype(dtype)
     table = _rules_by_key(config)
+    _check_keys(config, source, table)
     out: dict[str, Any] = {}
-    pieces: dict[str, list] = {r.name: [None] * config.num_layers for r in LAYER_RULES
-                               if r.when(config)}
-    seen: set[str] = set()
-    tied_head = None
-    for key, array in tensors:
-        if _DERIVED_KEY.search(key):
-            continue
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            tied_head = array  # a tied checkpoint may still store the head; checked below
-            continue
-        if key not in table:
-            raise ConversionError(f"{key}: unexpected tensor (no weight of a "
-                                  f"{config.family} model maps to it)")
-        if key in seen:
-            raise ConversionError(f"{key}: tensor appears twice")
-        seen.add(key)
-        rule, layer = table[key]
-        _check_shape(key, array, rule.hf_shape(config))
-        value = _to_model_layout(rule, array, config, dtype)
-        if layer is None:
-            out[rule.name] = value
-        else:
-            pieces[rule.name][layer] = value
-    missing = [k for k in table if k not in seen]
-    if missing:
-        rule, _ = table[missing[0]]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConversionError(f"{missing[0]}: missing tensor, expected shape "
-                              f"{rule.hf_shape(config)}{more}")
-    if tied_head is not None:
-        _check_shape("lm_head.weight", tied_head, (config.vocab_size, config.hidden_size))
-        if not bool(jnp.array_equal(jnp.asarray(tied_head).astype(dtype), out["embedding"])):
+    for rule in GLOBAL_RULES:
+        if rule.when(config):
+            out[rule.name] = _to_device(rule, [rule.hf_suffix], source, config, dtype,
+                                        stack=False)
+    out["layers"] = {
+        rule.name: _to_device(rule, [f"model.layers.{i}.{rule.hf_suffix}"
+                                     for i in range(config.num_layers)], source, config,
+                              dtype, stack=True)
+        for rule in LAYER_RULES if rule.when(config)}
+    if config.tie_word_embeddings and "lm_head.weight" in source.shapes:
+        head = jnp.asarray(source.read("lm_head.weight")).astype(dtype)
+        if not bool(jnp.array_equal(head, out["embedding"])):
             raise ConversionError("lm_head.weight: differs from model.embed_tokens.weight "
                                   "although tie_word_embeddings=True")
-    out["layers"] = {name: jnp.stack(pieces.pop(name)) for name in list(pieces)}
+    gc.collect()  # jax may hold the transferred host buffers until the next collection
     return out
 
 

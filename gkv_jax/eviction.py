@@ -90,7 +90,8 @@ class EvictionConfig:
       recent: streaming only, number of last tokens kept (budget - sink).
       smooth: global-score update, "max" (gkv), "mean" or "sum" (h2o).
       implementation: None (auto: the Pallas kernels on TPU, the XLA reference elsewhere),
-        "xla", or "pallas" (TPU interpret mode on CPU; not available on GPU yet).
+        "xla", or "pallas" (Mosaic TPU on TPU, Mosaic GPU on Hopper GPUs, TPU interpret mode
+        on CPU).
       matmul_dtype: operand dtype of the score matrix products in the Pallas kernels:
         "float32" (default; the float32 specification exactly) or "bfloat16" (float32
         accumulation, as the reference G-KV runs; >= 99% of each head's kept set agrees with

@@ -1,7 +1,9 @@
 """Pallas kernels for the eviction step: score update, redundancy, top-k retention.
 
 One folder per op (`reference.py` = the float32 specification, `pallas.py` = the Mosaic TPU
-kernel with its `BlockSizes`, `__init__.py` = validation + dispatch on `implementation`):
+kernel with its `BlockSizes`, `pallas_gpu.py` = the Mosaic GPU kernel for Hopper, written with
+`plgpu.kernel`, with its own `BlockSizes` (exported as `GpuBlockSizes`), `__init__.py` =
+validation + dispatch on `implementation`):
 
   * `score_update.score_update`: window attention score A (group max of the probabilities,
     window mean), its normalisation and the global-score update, all KV heads at once.
@@ -12,9 +14,12 @@ kernel with its `BlockSizes`, `__init__.py` = validation + dispatch on `implemen
   * `eviction_step.select`: `gkv_jax.eviction.select` assembled from the ops (what `select`
     runs when the implementation resolves to Pallas).
 
-`implementation`: "xla" = the reference everywhere; "pallas" = the kernels (Mosaic on TPU,
-TPU interpret mode on CPU; no GPU kernels yet, so it raises on GPU); None = Pallas on TPU,
-the reference elsewhere. See `_common` for the `matmul_dtype` precision modes.
+`implementation`: "xla" = the reference everywhere; "pallas" = the kernels (Mosaic TPU on a
+TPU, Mosaic GPU on a GPU of compute capability >= 9.0, the TPU kernels in TPU interpret mode
+on CPU); None = the kernels on TPU and Hopper-or-newer GPUs, the reference elsewhere.
+`interpret="gpu"` (or an `InterpretGPUParams`) runs the GPU kernels in GPU interpret mode on
+any backend, which is how they are tested on CPU. See `_common` for the dispatch rules and the
+`matmul_dtype` precision modes.
 """
 
 from gkv_jax.pallas_kernels import eviction_step, redundancy, score_update, topk_retention
@@ -24,11 +29,13 @@ from gkv_jax.pallas_kernels._common import (
     Dispatch,
     resolve_implementation,
 )
+from gkv_jax.pallas_kernels._gpu_common import InterpretGPUParams
 
 __all__ = [
     "IMPLEMENTATIONS",
     "MATMUL_DTYPES",
     "Dispatch",
+    "InterpretGPUParams",
     "eviction_step",
     "redundancy",
     "resolve_implementation",

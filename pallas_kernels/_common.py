@@ -2,14 +2,20 @@
 
 Every op folder (`score_update`, `redundancy`, `topk_retention`) has a `reference.py` (pure
 jnp, float32, the specification, built on `gkv_jax.eviction`), a `pallas.py` (Mosaic TPU
-kernels written with `pl.pallas_call` and BlockSpecs) and an `__init__.py` that validates the
-inputs once (with the validators below) and dispatches on `implementation`:
+kernels written with `pl.pallas_call` and BlockSpecs), a `pallas_gpu.py` (Mosaic GPU kernels
+for Hopper written with `plgpu.kernel`) and an `__init__.py` that validates the inputs once
+(with the validators below) and dispatches on `implementation` (`resolve_implementation`):
 
   * "xla": the reference, on every backend.
-  * "pallas": the Pallas kernels; compiled by Mosaic on TPU, run in TPU interpret mode
-    (`pltpu.InterpretParams()`, exact but slow) on CPU. No GPU kernels exist yet, so "pallas"
-    on a GPU raises.
-  * None (auto): the kernels on TPU, the reference elsewhere (GPU and CPU).
+  * "pallas": the Pallas kernels: Mosaic TPU on a TPU, Mosaic GPU on an NVIDIA GPU of compute
+    capability >= 9.0 (Hopper; older GPUs raise), and on CPU the TPU kernels in TPU interpret
+    mode (`pltpu.InterpretParams()`, exact but slow).
+  * None (auto): the kernels on TPU and on Hopper-or-newer GPUs, the reference elsewhere.
+
+`interpret` (only read when the kernels run) picks the interpreter instead: "gpu" or an
+`InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode (any backend, the way the
+GPU kernels are tested on CPU); True or a `pltpu.InterpretParams` = the TPU kernels in the
+generic / TPU interpreter; False = compile for the backend.
 
 Matrix-product precision (`matmul_dtype`): "float32" (the default) feeds float32 operands to
 the matrix products at `Precision.HIGHEST`, so the kernels reproduce the float32
@@ -29,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from gkv_jax.pallas_kernels import _gpu_common
+
 IMPLEMENTATIONS = (None, "xla", "pallas")
 MATMUL_DTYPES = ("float32", "bfloat16")
 
@@ -41,42 +49,90 @@ LANES = 128
 
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
-    """A resolved implementation: `use_pallas`, and the `interpret` argument of pallas_call
-    (False = compile with Mosaic; an `InterpretParams` or True = interpret)."""
+    """A resolved implementation.
+
+    Attributes:
+      use_pallas: run the Pallas kernels (else the reference).
+      interpret: the `interpret` argument of the kernels (False / None = compile; an
+        `InterpretParams` or True = TPU interpreters; an `InterpretGPUParams` = GPU
+        interpret mode).
+      kernels: which kernels, "tpu" (`pallas.py`, Mosaic TPU) or "gpu" (`pallas_gpu.py`,
+        Mosaic GPU).
+    """
 
     use_pallas: bool
     interpret: Any = False
+    kernels: str = "tpu"
+
+
+# Hopper: Mosaic GPU (TMA, mbarriers) needs sm_90 or newer.
+MIN_GPU_COMPUTE_CAPABILITY = 9.0
+
+
+def gpu_compute_capability() -> float | None:
+    """Compute capability of the first GPU (e.g. 9.0 for an H100), None when unknown."""
+    try:
+        capability = jax.devices("gpu")[0].compute_capability
+        return float(capability)
+    except (RuntimeError, AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _gpu_kernels_supported() -> bool:
+    capability = gpu_compute_capability()
+    return capability is not None and capability >= MIN_GPU_COMPUTE_CAPABILITY
+
+
+# Whether `implementation=None` picks the Mosaic GPU kernels on Hopper. Off until the `gpu`
+# tests have passed on a real H100/H200 (they have only run in GPU interpret mode so far).
+AUTO_GPU_KERNELS = False
 
 
 def resolve_implementation(implementation: str | None, interpret: Any = None) -> Dispatch:
     """Which code runs an op on the current default backend.
 
     Args:
-      implementation: "xla", "pallas" or None (auto: Pallas on TPU, the reference elsewhere).
-      interpret: overrides the interpret mode of the Pallas path: None = automatic (compile
-        on TPU, TPU interpret mode on CPU), True = the generic Pallas interpreter (faster on
-        CPU, no TPU memory model), an `InterpretParams` = TPU interpret mode with those
-        parameters, False = compile.
+      implementation: "xla", "pallas" or None (auto: the kernels on TPU, the reference
+        elsewhere; the Mosaic GPU kernels run only when asked for with "pallas", until they
+        have been verified on a Hopper GPU: `pytest -m gpu tests/pallas_kernels`).
+      interpret: overrides how the kernels run (ignored when the reference runs): None =
+        automatic (compile on TPU / GPU, TPU interpret mode on CPU); "gpu" or an
+        `InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode; True = the TPU
+        kernels in the generic Pallas interpreter (faster on CPU, no TPU memory model); a
+        `pltpu.InterpretParams` = the TPU kernels in TPU interpret mode with those
+        parameters; False = compile.
 
     Raises:
-      ValueError: unknown implementation.
-      NotImplementedError: "pallas" on a GPU (only the Mosaic TPU kernels exist yet).
+      ValueError: unknown implementation or interpret string.
+      NotImplementedError: "pallas" compiled on a GPU older than Hopper (sm_90).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
     backend = jax.default_backend()
-    if implementation == "xla" or (implementation is None and backend != "tpu"):
+    if implementation == "xla":
         return Dispatch(use_pallas=False)
-    if interpret is not None:
+    if implementation is None and not (backend == "tpu" or (
+            backend == "gpu" and AUTO_GPU_KERNELS and _gpu_kernels_supported())):
+        return Dispatch(use_pallas=False)
+    if isinstance(interpret, str) and not _gpu_common.is_gpu_interpret(interpret):
+        raise ValueError(f"interpret must be None, a bool, 'gpu' or interpret parameters, "
+                         f"got {interpret!r}")
+    if _gpu_common.is_gpu_interpret(interpret):
+        return Dispatch(use_pallas=True, interpret=_gpu_common.interpret_params(interpret),
+                        kernels="gpu")
+    if interpret is not None and interpret is not False:
         return Dispatch(use_pallas=True, interpret=interpret)
-    if backend == "tpu":
-        return Dispatch(use_pallas=True, interpret=False)
-    if backend == "cpu":
+    if backend == "gpu":
+        if not _gpu_kernels_supported():
+            raise NotImplementedError(
+                f"implementation='pallas' on a GPU needs compute capability >= "
+                f"{MIN_GPU_COMPUTE_CAPABILITY} (Mosaic GPU, Hopper), got "
+                f"{gpu_compute_capability()}; use implementation='xla' or None")
+        return Dispatch(use_pallas=True, interpret=False, kernels="gpu")
+    if backend == "cpu" and interpret is None:
         return Dispatch(use_pallas=True, interpret=pltpu.InterpretParams())
-    raise NotImplementedError(
-        f"implementation='pallas' has Mosaic TPU kernels only (run in TPU interpret mode on "
-        f"CPU); on backend {backend!r} use implementation='xla' or None")
+    return Dispatch(use_pallas=True, interpret=False)
 
 
 def check_matmul_dtype(matmul_dtype: str) -> None:
@@ -104,6 +160,14 @@ def check_block(name: str, value: int, multiple: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < multiple or (
             value % multiple):
         raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+
+
+def check_block_sizes(block_sizes, expected: type) -> None:
+    """Raises TypeError unless `block_sizes` is None or an `expected` (the BlockSizes of the
+    kernels that run: the TPU and GPU kernels have their own)."""
+    if block_sizes is not None and not isinstance(block_sizes, expected):
+        raise TypeError(f"these kernels take {expected.__module__}.{expected.__qualname__} "
+                        f"block sizes, got {block_sizes!r}")
 
 
 def round_up(x: int, multiple: int) -> int:

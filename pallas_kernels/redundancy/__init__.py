@@ -1,6 +1,7 @@
 """Redundancy: the R-KV key-similarity score, tile by tile (gkv-algorithm.md section 2,
 step 4). `reference.py` is the float32 specification (materialises S x S), `pallas.py` the
-Mosaic TPU kernel (never does); `redundancy` validates once and dispatches."""
+Mosaic TPU kernel and `pallas_gpu.py` the Mosaic GPU kernel (neither does); `redundancy`
+validates once and dispatches (see `_common.resolve_implementation`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 from jaxtyping import Array, Bool, Float
 
 from gkv_jax.pallas_kernels import _common
-from gkv_jax.pallas_kernels.redundancy import pallas, reference
+from gkv_jax.pallas_kernels.redundancy import pallas, pallas_gpu, reference
 from gkv_jax.pallas_kernels.redundancy.pallas import BlockSizes
+from gkv_jax.pallas_kernels.redundancy.pallas_gpu import BlockSizes as GpuBlockSizes
 
-__all__ = ["BlockSizes", "redundancy"]
+__all__ = ["BlockSizes", "GpuBlockSizes", "redundancy"]
 
 
 def redundancy(
@@ -22,7 +24,7 @@ def redundancy(
     *,
     implementation: str | None = None,
     matmul_dtype: str = "float32",
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | GpuBlockSizes | None = None,
     interpret: Any = None,
 ) -> Float[Array, "B K S"]:
     """The redundancy R of every row (window included), 0 at invalid rows.
@@ -36,10 +38,12 @@ def redundancy(
       keys: [B, K, S, H] post-RoPE keys; invalid rows may hold anything (NaN included).
       valid: [B, S] bool.
       threshold: the cosine above which two keys are near-duplicates (static).
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU only).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
+        Hopper GPUs).
       matmul_dtype: "float32" (exact) or "bfloat16" cosine operands (float32 accumulation);
         Pallas only.
-      block_sizes: the kernel's tiling.
+      block_sizes: the kernel's tiling (`BlockSizes` for the TPU kernel, `GpuBlockSizes` for
+        the GPU one).
       interpret: the Pallas interpret mode (see `_common.resolve_implementation`).
 
     Returns:
@@ -56,5 +60,7 @@ def redundancy(
     dispatch = _common.resolve_implementation(implementation, interpret)
     if not dispatch.use_pallas:
         return reference.redundancy(keys, valid, float(threshold))
-    return pallas.redundancy(keys, valid, float(threshold), block_sizes=block_sizes,
+    kernels = pallas_gpu if dispatch.kernels == "gpu" else pallas
+    _common.check_block_sizes(block_sizes, kernels.BlockSizes)
+    return kernels.redundancy(keys, valid, float(threshold), block_sizes=block_sizes,
                              matmul_dtype=matmul_dtype, interpret=dispatch.interpret)

@@ -142,16 +142,21 @@ def similarity_summary(keys, valid, threshold: float, *, block_sizes: BlockSizes
     return row_sum[..., 0], latest[..., 0].astype(jnp.int32), value[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("threshold", "block_sizes", "matmul_dtype",
-                                             "interpret"))
-def redundancy(keys, valid, threshold: float, *, block_sizes: BlockSizes | None = None,
-               matmul_dtype: str = "float32", interpret=False):
-    """The Pallas redundancy score; same contract as `redundancy.redundancy`."""
-    B, K, S, _ = keys.shape
-    row_sum, latest, value = similarity_summary(keys, valid, threshold,
-                                                block_sizes=block_sizes,
-                                                matmul_dtype=matmul_dtype, interpret=interpret)
-    # Row n's latest similar column m loses Sim[m, n] (= Sim[n, m]) from row m's sum.
+def from_summary(row_sum, latest, value, valid):
+    """R from the similarity summary (shared by the TPU and GPU kernels).
+
+    Row n's latest similar column m loses Sim[m, n] (= Sim[n, m]) from row m's sum (a small
+    scatter-add), then s = sum / N_valid and R = softmax of s over the valid rows.
+
+    Args:
+      row_sum, latest, value: [B, K, S] as `similarity_summary` returns them (latest int32,
+        -1 when none).
+      valid: [B, S] bool.
+
+    Returns:
+      [B, K, S] float32, 0 at invalid rows.
+    """
+    B, K, S = row_sum.shape
     found = latest >= 0
     b_index = jnp.arange(B)[:, None, None]
     k_index = jnp.arange(K)[None, :, None]
@@ -162,3 +167,14 @@ def redundancy(keys, valid, threshold: float, *, block_sizes: BlockSizes | None 
     row_valid = valid[:, None, :]
     probs = jax.nn.softmax(jnp.where(row_valid, s, _common.MASKED_LOGIT), axis=-1)
     return jnp.where(row_valid, probs, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "block_sizes", "matmul_dtype",
+                                             "interpret"))
+def redundancy(keys, valid, threshold: float, *, block_sizes: BlockSizes | None = None,
+               matmul_dtype: str = "float32", interpret=False):
+    """The Pallas redundancy score; same contract as `redundancy.redundancy`."""
+    row_sum, latest, value = similarity_summary(keys, valid, threshold,
+                                                block_sizes=block_sizes,
+                                                matmul_dtype=matmul_dtype, interpret=interpret)
+    return from_summary(row_sum, latest, value, valid)

@@ -2,7 +2,8 @@
 
 gkv-algorithm.md section 2, steps 1-3, for all KV heads of a layer at once. `reference.py`
 is the float32 specification (gkv_jax.eviction's functions), `pallas.py` the Mosaic TPU
-kernel; `score_update` validates its inputs once and dispatches on `implementation`.
+kernel, `pallas_gpu.py` the Mosaic GPU kernel; `score_update` validates its inputs once and
+dispatches on `implementation` (see `_common.resolve_implementation`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 from jaxtyping import Array, Bool, Float
 
 from gkv_jax.pallas_kernels import _common
-from gkv_jax.pallas_kernels.score_update import pallas, reference
+from gkv_jax.pallas_kernels.score_update import pallas, pallas_gpu, reference
 from gkv_jax.pallas_kernels.score_update.pallas import BlockSizes
+from gkv_jax.pallas_kernels.score_update.pallas_gpu import BlockSizes as GpuBlockSizes
 
-__all__ = ["BlockSizes", "score_update"]
+__all__ = ["BlockSizes", "GpuBlockSizes", "score_update"]
 
 
 def score_update(
@@ -29,7 +31,7 @@ def score_update(
     alpha: float = 0.8,
     implementation: str | None = None,
     matmul_dtype: str = "float32",
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | GpuBlockSizes | None = None,
     interpret: Any = None,
 ) -> Float[Array, "B K S-W"]:
     """The local score A, or the global score G, of the S - W oldest rows of each KV head.
@@ -50,10 +52,12 @@ def score_update(
         no row has history. Needs `normalise`.
       normalise: False returns A itself (snapkv, rkv); True returns G.
       smooth, alpha: the global-score update ("max" | "mean" | "sum").
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU only).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
+        Hopper GPUs).
       matmul_dtype: "float32" (exact) or "bfloat16" operands of q.k (float32 accumulation);
         Pallas only (the reference is float32).
-      block_sizes: the kernel's tiling.
+      block_sizes: the kernel's tiling (`BlockSizes` for the TPU kernel, `GpuBlockSizes` for
+        the GPU one).
       interpret: the Pallas interpret mode (see `_common.resolve_implementation`).
 
     Returns:
@@ -71,6 +75,8 @@ def score_update(
     if not dispatch.use_pallas:
         return reference.score_update(queries, keys, valid, global_score, normalise=normalise,
                                       smooth=smooth, alpha=alpha)
-    return pallas.score_update(queries, keys, valid, global_score, normalise=normalise,
+    kernels = pallas_gpu if dispatch.kernels == "gpu" else pallas
+    _common.check_block_sizes(block_sizes, kernels.BlockSizes)
+    return kernels.score_update(queries, keys, valid, global_score, normalise=normalise,
                                smooth=smooth, alpha=float(alpha), matmul_dtype=matmul_dtype,
                                block_sizes=block_sizes, interpret=dispatch.interpret)

@@ -2,7 +2,9 @@
 (`keep_top`), and compact the cache rows in place (`compact`). `reference.py` is the
 specification (`gkv_jax.eviction.keep_top`, XLA gathers), `pallas.py` the Mosaic TPU kernels
 (threshold search + order-preserving compaction, no sort; one-hot row moves into aliased
-buffers). Both functions validate once and dispatch on `implementation`.
+buffers), `pallas_gpu.py` the Mosaic GPU kernels (the same threshold search, a prefix-count
+compaction; TMA row gathers into aliased buffers). Both functions validate once and dispatch
+on `implementation` (see `_common.resolve_implementation`).
 
 Ties: among equal scores the lowest slot index is kept first, in both implementations.
 Scores are ranked in the IEEE total order, as `jax.lax.top_k` does (so -0.0 ranks below 0.0).
@@ -17,10 +19,11 @@ from typing import Any
 from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.pallas_kernels import _common
-from gkv_jax.pallas_kernels.topk_retention import pallas, reference
+from gkv_jax.pallas_kernels.topk_retention import pallas, pallas_gpu, reference
 from gkv_jax.pallas_kernels.topk_retention.pallas import BlockSizes
+from gkv_jax.pallas_kernels.topk_retention.pallas_gpu import BlockSizes as GpuBlockSizes
 
-__all__ = ["BlockSizes", "compact", "keep_top"]
+__all__ = ["BlockSizes", "GpuBlockSizes", "compact", "keep_top"]
 
 
 def keep_top(
@@ -31,6 +34,7 @@ def keep_top(
     *,
     implementation: str | None = None,
     interpret: Any = None,
+    block_sizes: GpuBlockSizes | None = None,
 ) -> tuple[Int[Array, "B K count"], Float[Array, "B K count"] | None]:
     """The `count` best candidates of each (sequence, KV head), in temporal order.
 
@@ -39,8 +43,11 @@ def keep_top(
       carried: [B, K, P] float gathered at the kept candidates (the global score), or None.
       candidate_valid: [B, P] bool; invalid candidates score -inf and carry NaN.
       count: how many to keep, 1 <= count <= P (static).
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU only).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
+        Hopper GPUs).
       interpret: the Pallas interpret mode (see `_common.resolve_implementation`).
+      block_sizes: the GPU kernel's chunking (`GpuBlockSizes`; the TPU kernel takes whole
+        candidate rows).
 
     Returns:
       kept_index [B, K, count] int32, strictly increasing; `carried` at kept_index (float32)
@@ -56,6 +63,11 @@ def keep_top(
     dispatch = _common.resolve_implementation(implementation, interpret)
     if not dispatch.use_pallas:
         return reference.keep_top(scores, carried, candidate_valid, count)
+    if dispatch.kernels == "gpu":
+        return pallas_gpu.keep_top(scores, carried, candidate_valid, count,
+                                   block_sizes=block_sizes, interpret=dispatch.interpret)
+    if block_sizes is not None:
+        raise TypeError("the TPU selection kernel takes no block sizes (whole candidate rows)")
     return pallas.keep_top(scores, carried, candidate_valid, count,
                            interpret=dispatch.interpret)
 
@@ -72,7 +84,7 @@ def compact(
     new_score: Float[Array, "B K count"] | None = None,
     replace_score: Bool[Array, " B"] | None = None,
     implementation: str | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | GpuBlockSizes | None = None,
     interpret: Any = None,
 ) -> tuple[Float[Array, "B K S H"], Float[Array, "B K S Hv"], Int[Array, "B K S"],
            Float[Array, "B K S"]]:
@@ -82,14 +94,14 @@ def compact(
       * i < count takes input slot kept_index[i] (keys, values, positions, global score),
       * count <= i < budget takes input slot S - window + (i - count) (the window rows),
       * i >= budget is emptied: keys and values 0, position -1, global score NaN.
-    Inactive sequences (`active` False) come back unchanged, except that the Pallas path
+    Inactive sequences (`active` False) come back unchanged, except that the TPU kernel
     rewrites their key/value rows through the same one-hot copy (non-finite entries -> 0).
     With `new_score`, rows i < count of the global score of the active sequences selected by
     `replace_score` (default: all) are new_score[i] and their window rows are NaN (no
     history); otherwise the gathered old score is kept. Every emptied or empty slot
     (position < 0) of an active sequence gets a NaN score.
 
-    Jit with donation to compact in place (the Pallas kernel aliases keys and values to its
+    Jit with donation to compact in place (the Pallas kernels alias keys and values to their
     outputs; positions and scores are small and gathered by XLA):
 
         step = jax.jit(compact, static_argnames=("window", "implementation"),
@@ -98,8 +110,10 @@ def compact(
     Contract of `kept_index`: strictly increasing slots in [0, S - window) per (sequence, KV
     head), as `keep_top` / `gkv_jax.eviction.select` return them. The Pallas path relies on
     it (each output slot's source lies in [i, i + S - budget]); other indices give undefined
-    rows there. Bit-exactness: the Pallas path copies every finite key/value bit for bit,
-    except that -0.0 becomes 0.0; non-finite entries (NaN in empty slots) become 0.
+    rows there. Bit-exactness: the TPU kernel copies every finite key/value bit for bit,
+    except that -0.0 becomes 0.0; non-finite entries (NaN in empty slots) become 0. The GPU
+    kernel copies rows bit for bit (as the reference) with TMA, which needs rows of a
+    multiple of 128 bytes and at most 256 elements; other rows are gathered by XLA there.
 
     Args:
       keys, values: [B, K, S, H] and [B, K, S, Hv], any float dtype (kept).
@@ -111,8 +125,10 @@ def compact(
       new_score: [B, K, count] the new global score of the kept rows (`select`'s second
         output), or None to carry the old per-slot score.
       replace_score: [B] bool which active sequences take `new_score` (None = all).
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU only).
-      block_sizes: the compaction kernel's tiling.
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
+        Hopper GPUs).
+      block_sizes: the compaction kernel's tiling (`BlockSizes` for the TPU kernel,
+        `GpuBlockSizes` for the GPU one).
       interpret: the Pallas interpret mode (see `_common.resolve_implementation`).
 
     Returns:
@@ -132,5 +148,7 @@ def compact(
                   replace_score=replace_score)
     if not dispatch.use_pallas:
         return reference.compact(keys, values, positions, global_score, kept_index, **kwargs)
-    return pallas.compact(keys, values, positions, global_score, kept_index, **kwargs,
+    kernels = pallas_gpu if dispatch.kernels == "gpu" else pallas
+    _common.check_block_sizes(block_sizes, kernels.BlockSizes)
+    return kernels.compact(keys, values, positions, global_score, kept_index, **kwargs,
                           block_sizes=block_sizes, interpret=dispatch.interpret)
