@@ -141,7 +141,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
     shutil.rmtree(args.output_dir, ignore_errors=True)
     print(f"bundled model: {model.config.num_parameters():,} parameters; "
-          f"{args.num_problems} held-out problems (traces of 420-560 tokens); "
+          f"{args.num_problems} held-out problems (560-token traces); "
           f"budget {args.budget}, window {args.window}, divide_length {args.divide_length}")
     report = evaluate(model, tokenizer, "synthetic", policies=POLICIES, budgets=[args.budget],
                       window=args.window, divide_length=args.divide_length,

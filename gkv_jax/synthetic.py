@@ -27,8 +27,12 @@ after it was written; and the answer needs every register's last value. A trace 
 periodic (values depend on the table and the initial state), so copying an earlier stretch
 of the trace never gives the next step.
 
-Sizes: prompt 50 tokens (at most 1/9 of a sequence), trace 14 tokens per step, 30-40 steps
-(420-560 tokens), answer 9 tokens; sequences of 480-620 tokens. Graded exactly.
+Sizes: prompt 49 tokens with BOS (under 1/12 of a sequence), trace 14 tokens per step, 40
+steps (560 tokens), answer 9 tokens, EOS; sequences of 619 tokens. Graded exactly.
+
+The task's problems all have n = 40 steps. `sample_problem` can draw other lengths (training
+mixes shorter traces in), but the bundled model learned where traces end from the step
+numbers, not by reading `n` (see the README), so it is evaluated on 40-step problems only.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ KEYS = "ABCDEFGHIJ"  # the table's name for the entry of digit i
 CHARACTERS = "0123456789abcdfns+= \n" + KEYS
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
-MIN_STEPS, MAX_STEPS = 30, 40
+MIN_STEPS, MAX_STEPS = 40, 40  # the task's number of steps (see the module docstring)
 SLOW_REGISTER_PERIOD = 12  # d is the target only at steps 11, 23, 35, ...
 
 
@@ -108,7 +112,7 @@ def schedule(step: int) -> tuple[str, str]:
 
 def sample_problem(rng: random.Random, min_steps: int = MIN_STEPS,
                    max_steps: int = MAX_STEPS) -> Problem:
-    """A random problem; the task's problems have 30-40 steps (training may use fewer)."""
+    """A random problem; the task's problems have 40 steps (training also uses fewer)."""
     if not 1 <= min_steps <= max_steps <= 99:
         raise ValueError(f"need 1 <= min_steps <= max_steps <= 99, got {min_steps}, {max_steps}")
     return Problem(table=tuple(rng.randrange(10) for _ in range(10)),

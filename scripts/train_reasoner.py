@@ -8,7 +8,7 @@ and the run resumes from the latest one. At the end, and whenever held-out accur
 improves, the model is exported in Hugging Face format (config.json, model.safetensors,
 tokenizer files) to `--export-dir` with `gkv_jax.conversion.to_hf`.
 
-    python scripts/train_reasoner.py --steps 3000 --batch-size 32   # see README for the run
+    python scripts/train_reasoner.py --steps 2000   # the bundled model's recipe: README
 """
 
 from __future__ import annotations
@@ -65,23 +65,32 @@ def padded_length(tokenizer, steps: int) -> int:
     return -(-len(encode(tokenizer, longest)[0]) // 16) * 16
 
 
-def batches(tokenizer, batch_size: int, seed: int, held_out: set):
-    """Endless (tokens [B, T], loss mask [B, T]) batches; the mask covers completion + EOS."""
+def batches(tokenizer, batch_size: int, seed: int, held_out: set, stop_weight: float = 1.0,
+            min_steps: int = 1):
+    """Endless (tokens [B, T], loss weights [B, T]) batches. The weights cover completion +
+    EOS; the first token of every line (and EOS) gets `stop_weight`: that token decides
+    between another step and the answer, once per sequence, and without extra weight the
+    model settles for the prior of the number of steps instead of reading `n`. Problems have
+    at least `min_steps` steps (buckets below it are dropped, the others clipped)."""
     rng = random.Random(seed)
-    weights = [bucket[2] for bucket in STEP_BUCKETS]
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    buckets = [(max(low, min_steps), high, p) for low, high, p in STEP_BUCKETS if high >= min_steps]
+    weights = [bucket[2] for bucket in buckets]
     while True:
-        min_steps, max_steps, _ = rng.choices(STEP_BUCKETS, weights)[0]
+        low, max_steps, _ = rng.choices(buckets, weights)[0]
         length = padded_length(tokenizer, max_steps)
         tokens = np.full((batch_size, length), tokenizer.pad_token_id, np.int32)
         mask = np.zeros((batch_size, length), np.float32)
         row = 0
         while row < batch_size:
-            problem = synthetic.sample_problem(rng, min_steps, max_steps)
+            problem = synthetic.sample_problem(rng, low, max_steps)
             if (problem.table, problem.initial) in held_out:
                 continue
             ids, prompt_length = encode(tokenizer, problem)
             tokens[row, :len(ids)] = ids
             mask[row, prompt_length:len(ids)] = 1.0
+            after_newline = np.flatnonzero(np.asarray(ids[prompt_length - 1:-1]) == newline)
+            mask[row, prompt_length + after_newline] = stop_weight
             row += 1
         yield tokens, mask
 
@@ -92,9 +101,10 @@ def loss_fn(config: ModelConfig, params, tokens, mask):
     targets, weights = tokens[:, 1:], mask[:, 1:]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    total = jnp.maximum(weights.sum(), 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == targets) * weights
-    return (nll * weights).sum() / total, correct.sum() / total
+    counted = weights > 0
+    correct = (jnp.argmax(logits, axis=-1) == targets) & counted
+    accuracy = correct.sum() / jnp.maximum(counted.sum(), 1)
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0), accuracy
 
 
 def make_optimizer(steps: int, peak_lr: float, warmup: int):
@@ -158,6 +168,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-problems", type=int, default=50)
+    parser.add_argument("--stop-weight", type=float, default=10.0,
+                        help="loss weight of each line's first token (step or answer?)")
+    parser.add_argument("--min-train-steps", type=int, default=1,
+                        help="train only on problems with at least this many steps")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="save a checkpoint and exit after this step (to resume later)")
     parser.add_argument("--run-dir", default="runs/reasoner")
     parser.add_argument("--export-dir", default=DEFAULT_EXPORT)
     args = parser.parse_args()
@@ -179,7 +195,8 @@ def main() -> None:
     held_out_problems = synthetic.problems(EVAL_SEED, 1000)
     held_out = {(p.table, p.initial) for p in held_out_problems}
     eval_problems = held_out_problems[:args.eval_problems]
-    data = batches(tokenizer, args.batch_size, TRAIN_SEED + start, held_out)
+    data = batches(tokenizer, args.batch_size, TRAIN_SEED + start, held_out, args.stop_weight,
+                   args.min_train_steps)
     train_step = make_train_step(config, optimizer)
     print(f"{config}\nparameters: {config.num_parameters():,}", flush=True)
     best = -1.0
@@ -192,6 +209,9 @@ def main() -> None:
             print(json.dumps({"step": step, "loss": round(float(loss), 5),
                               "token_accuracy": round(float(accuracy), 5),
                               "seconds": round(elapsed, 1)}), flush=True)
+        if step == args.stop_at and step % args.eval_every:
+            manager.save(step, args=ocp.args.StandardSave(
+                {"params": params, "opt_state": opt_state}))
         if step % args.eval_every == 0 or step == args.steps:
             manager.save(step, args=ocp.args.StandardSave(
                 {"params": params, "opt_state": opt_state}))
@@ -201,6 +221,9 @@ def main() -> None:
                 best = result["exact"]
                 export(config, params, tokenizer, args.export_dir)
                 print(f"exported to {args.export_dir} (held-out exact {best:.3f})", flush=True)
+        if step == args.stop_at:
+            print(f"stopped after step {step} (--stop-at)", flush=True)
+            break
     manager.wait_until_finished()
 
 
