@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="every policy on the bundled reasoning model (the default job)")
     demo.add_argument("--num-problems", type=int, default=64)
-    demo.add_argument("--budget", type=int, default=64)
-    demo.add_argument("--window", type=int, default=8)
+    demo.add_argument("--budget", type=int, default=320)
+    demo.add_argument("--window", type=int, default=32)
     demo.add_argument("--divide-length", type=int, default=16)
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--output-dir", default="runs/demo")
