@@ -1,0 +1,77 @@
+"""Markdown tables of an evaluation's `summary.csv`: pass@1 per policy and budget, the mean
+generated tokens (a wrong trace often stops early or runs to `max_new_tokens`) and cache
+memory; for the synthetic task also, from `results.jsonl` next to it, how many trace lines
+come out right before the first wrong one (a graded view of where each policy breaks).
+
+    python benchmarks/accuracy_table.py runs/eval/reasoner/summary.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from collections import defaultdict
+
+from gkv_jax import synthetic
+
+
+def pivot(rows: list[dict], field: str, fmt: str) -> str:
+    """One row per policy, one column per budget; `full` (no budget) gets its own column."""
+    budgets = sorted({int(r["budget"]) for r in rows if r["budget"]})
+    cells: dict[str, dict[str, str]] = defaultdict(dict)
+    for r in rows:
+        cells[r["policy"]][r["budget"] or "full"] = format(float(r[field]), fmt)
+    header = ["policy", "full cache"] + [f"budget {b}" for b in budgets]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    full = cells.get("full", {}).get("full", "-")
+    for policy, by_budget in cells.items():
+        if policy == "full":
+            continue
+        row = [policy, full] + [by_budget.get(str(b), "-") for b in budgets]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def correct_lines(results_path: str) -> list[dict]:
+    """Per config (summary-like rows): mean number of trace lines right before the first
+    wrong one, over the synthetic problems of `results.jsonl`."""
+    rows = [json.loads(line) for line in open(results_path)]
+    count = 1 + max(int(r["problem"].split("-")[1]) for r in rows)
+    problems = synthetic.problems(0, count)
+    lines_right: dict[tuple, list[int]] = defaultdict(list)
+    for r in rows:
+        reference = problems[int(r["problem"].split("-")[1])].completion.split("\n")
+        written = r["text"].split("\n")
+        right = 0
+        while right < len(reference) - 2 and right < len(written) and (
+                written[right] == reference[right]):
+            right += 1
+        lines_right[(r["policy"], r["budget"])].append(right)
+    return [{"policy": policy, "budget": "" if budget is None else str(budget),
+             "lines": sum(v) / len(v)} for (policy, budget), v in lines_right.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summary", help="summary.csv written by gkv_jax.evaluate")
+    args = parser.parse_args()
+    with open(args.summary) as f:
+        rows = list(csv.DictReader(f))
+    print("pass@1 (exact answers):\n")
+    print(pivot(rows, "pass@1", ".3f"))
+    print("\nmean generated tokens:\n")
+    print(pivot(rows, "mean_generated_tokens", ".0f"))
+    print("\ncache MiB per sequence (keys, values and eviction state):\n")
+    rows_mib = [dict(r, cache_mib=float(r["cache_bytes"]) / 2**20) for r in rows]
+    print(pivot(rows_mib, "cache_mib", ".2f"))
+    results_path = os.path.join(os.path.dirname(args.summary), "results.jsonl")
+    if all(r["problem"].startswith("synthetic-") for r in map(json.loads, open(results_path))):
+        print(f"\nsynthetic: trace lines right before the first wrong one (of "
+              f"{synthetic.MAX_STEPS}):\n")
+        print(pivot(correct_lines(results_path), "lines", ".1f"))
+
+
+if __name__ == "__main__":
+    main()
