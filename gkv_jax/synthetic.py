@@ -10,7 +10,7 @@ step i updates register X_i with Y_i (X_i, Y_i fixed by the step number, see `sc
 and then answers with the final values of a, b, c, d. Prompt and trace, for example:
 
     f A3 B7 C2 D9 E0 F5 G1 H8 I6 J4
-    a4 b1 c8 d0 n34
+    a4 b1 c8 d0 n40
     00 a4E0+d0=a0
     01 b1B7+c8=b5
     ...
