@@ -274,7 +274,13 @@ def update_global_score(
         return local
     pad = local.shape[-1] - global_score.shape[-1]
     previous = jnp.pad(global_score, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.nan)
-    has_history = ~jnp.isnan(previous)
+    return blend_history(smooth, alpha, previous, local)
+
+
+def blend_history(smooth: str, alpha: float, previous: Array, local: Array) -> Array:
+    """Elementwise G from G_prev (NaN = no history) and Â, same shapes; the Pallas kernels
+    call it on their tiles. NaN is tested as `x != x`, which every Pallas backend lowers."""
+    has_history = previous == previous
     previous = jnp.where(has_history, previous, 0.0)
     if smooth == "max":
         updated = jnp.maximum(alpha * previous, local)

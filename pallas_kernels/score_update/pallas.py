@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from gkv_jax.eviction import blend_history
 from gkv_jax.pallas_kernels import _common
 
 
@@ -108,16 +109,7 @@ def _kernel(q_ref, k_ref, vrow_ref, vcol_ref, *rest, S: int, W: int, G: int, H: 
             peak = amax_ref[...]
             local = jnp.where(peak > 0, local / jnp.where(peak > 0, peak, 1.0), 0.0)
         if hist_ref is not None:
-            previous = hist_ref[...].astype(jnp.float32)
-            has_history = ~jnp.isnan(previous)
-            previous = jnp.where(has_history, previous, 0.0)
-            if smooth == "max":
-                updated = jnp.maximum(alpha * previous, local)
-            elif smooth == "mean":
-                updated = alpha * previous + (1.0 - alpha) * local
-            else:  # "sum"
-                updated = alpha * previous + local
-            local = jnp.where(has_history, updated, local)
+            local = blend_history(smooth, alpha, hist_ref[...].astype(jnp.float32), local)
         out_ref[...] = local
 
 

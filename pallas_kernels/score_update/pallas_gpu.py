@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from gkv_jax.eviction import blend_history
 from gkv_jax.pallas_kernels import _common
 from gkv_jax.pallas_kernels import _gpu_common as gc
 
@@ -160,15 +161,7 @@ def _kernel(q_ref, keys_ref, valid_ref, *rest, shape: _Shape, normalise: bool,
             local = jnp.where(peak > 0, local / jnp.where(peak > 0, peak, 1.0), 0.0)
         if hist_ref is not None:
             previous = emit.load(hist_ref, (b, k, pl.ds(t * T, T)), gc.ROW)
-            has_history = previous == previous  # not NaN
-            previous = jnp.where(has_history, previous, 0.0)
-            if smooth == "max":
-                updated = jnp.maximum(alpha * previous, local)
-            elif smooth == "mean":
-                updated = alpha * previous + (1.0 - alpha) * local
-            else:  # "sum"
-                updated = alpha * previous + local
-            local = jnp.where(has_history, updated, local)
+            local = blend_history(smooth, alpha, previous, local)
         out_ref[b, k, pl.ds(t * T, T)] = local
 
 

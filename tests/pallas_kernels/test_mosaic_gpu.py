@@ -36,7 +36,7 @@ from gkv_jax.pallas_kernels.score_update import score_update
 from gkv_jax.pallas_kernels.topk_retention import GpuBlockSizes as TopkBlocks
 from gkv_jax.pallas_kernels.topk_retention import compact, keep_top
 from gkv_jax.pallas_kernels.topk_retention import pallas_gpu as topk_gpu
-from tests.pallas_kernels import test_redundancy, test_score_update
+from tests.pallas_kernels import test_redundancy, test_score_update, test_topk_retention
 from tests.pallas_kernels.inputs import history, make_inputs
 from tests.pallas_kernels.test_select import config, tie_free_inputs
 from tests.pallas_kernels.test_topk_retention import cache, scores_with_ties
@@ -119,19 +119,9 @@ def test_redundancy_matches_reference(case):
 
 
 def check_keep_top(B, K, P, count, pads, block_p=2048, seed=0, with_carried=True):
-    rng = np.random.default_rng(seed)
-    scores = scores_with_ties(rng, B, K, P)  # ties, 0.0 and -0.0
-    carried = rng.uniform(size=(B, K, P)).astype(np.float32) if with_carried else None
-    valid = np.arange(P)[None, :] >= np.asarray(pads)[:, None]
-    want = keep_top(scores, carried, valid, count, implementation="xla")
-    got = keep_top(scores, carried, valid, count, implementation="pallas", interpret=GPU,
-                   block_sizes=TopkBlocks(block_p=block_p))
-    assert got[0].dtype == jnp.int32 and got[0].shape == (B, K, count)
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-    if with_carried:
-        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-    else:
-        assert got[1] is None
+    test_topk_retention.check_keep_top(B, K, P, count, pads, GPU, seed=seed,
+                                       with_carried=with_carried,
+                                       block_sizes=TopkBlocks(block_p=block_p))
 
 
 # (B, K, P, count, pads, block_p)

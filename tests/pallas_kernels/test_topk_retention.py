@@ -22,13 +22,15 @@ def scores_with_ties(rng, B, K, P):
     return scores
 
 
-def check_keep_top(B, K, P, count, pads, interpret, seed=0, with_carried=True):
+def check_keep_top(B, K, P, count, pads, interpret, seed=0, with_carried=True,
+                   block_sizes=None):
     rng = np.random.default_rng(seed)
     scores = scores_with_ties(rng, B, K, P)
     carried = rng.uniform(size=(B, K, P)).astype(np.float32) if with_carried else None
     valid = np.arange(P)[None, :] >= np.asarray(pads)[:, None]
     want = keep_top(scores, carried, valid, count, implementation="xla")
-    got = keep_top(scores, carried, valid, count, implementation="pallas", interpret=interpret)
+    got = keep_top(scores, carried, valid, count, implementation="pallas", interpret=interpret,
+                   block_sizes=block_sizes)
     assert got[0].dtype == jnp.int32 and got[0].shape == (B, K, count)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     if with_carried:
