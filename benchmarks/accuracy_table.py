@@ -34,10 +34,9 @@ def pivot(rows: list[dict], field: str, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def correct_lines(results_path: str) -> list[dict]:
+def correct_lines(rows: list[dict]) -> list[dict]:
     """Per config (summary-like rows): mean number of trace lines right before the first
-    wrong one, over the synthetic problems of `results.jsonl`."""
-    rows = [json.loads(line) for line in open(results_path)]
+    wrong one, over the synthetic problems of `results.jsonl`'s rows."""
     count = 1 + max(int(r["problem"].split("-")[1]) for r in rows)
     problems = synthetic.problems(0, count)
     lines_right: dict[tuple, list[int]] = defaultdict(list)
@@ -66,11 +65,12 @@ def main() -> None:
     print("\ncache MiB per sequence (keys, values and eviction state):\n")
     rows_mib = [dict(r, cache_mib=float(r["cache_bytes"]) / 2**20) for r in rows]
     print(pivot(rows_mib, "cache_mib", ".2f"))
-    results_path = os.path.join(os.path.dirname(args.summary), "results.jsonl")
-    if all(r["problem"].startswith("synthetic-") for r in map(json.loads, open(results_path))):
+    with open(os.path.join(os.path.dirname(args.summary), "results.jsonl")) as f:
+        results = [json.loads(line) for line in f]
+    if all(r["problem"].startswith("synthetic-") for r in results):
         print(f"\nsynthetic: trace lines right before the first wrong one (of "
               f"{synthetic.MAX_STEPS}):\n")
-        print(pivot(correct_lines(results_path), "lines", ".1f"))
+        print(pivot(correct_lines(results), "lines", ".1f"))
 
 
 if __name__ == "__main__":

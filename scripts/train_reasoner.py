@@ -177,6 +177,13 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/reasoner")
     parser.add_argument("--export-dir", default=DEFAULT_EXPORT)
     args = parser.parse_args()
+    if not 1 <= args.min_train_steps <= synthetic.MAX_STEPS:
+        parser.error(f"--min-train-steps must be in [1, {synthetic.MAX_STEPS}], "
+                     f"got {args.min_train_steps}")
+    if args.stop_weight <= 0:
+        parser.error(f"--stop-weight must be > 0, got {args.stop_weight}")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        parser.error(f"--stop-at must be in [1, --steps={args.steps}], got {args.stop_at}")
 
     tokenizer = synthetic.build_tokenizer()
     config = model_config(tokenizer)
