@@ -95,9 +95,47 @@ def batches(tokenizer, batch_size: int, seed: int, held_out: set, stop_weight: f
         yield tokens, mask
 
 
-def loss_fn(config: ModelConfig, params, tokens, mask):
-    """Mean next-token cross-entropy over the masked (completion) targets, and accuracy."""
-    logits = forward(config, params, tokens[:, :-1])
+def value_tokens(tokenizer, tokens: np.ndarray) -> np.ndarray:
+    """[B, T] bool: the tokens that hold a fact, a register or table digit and the name
+    before it ("a4", "E0" in "00 a4E0+d0=a0"); the rest is layout (step numbers, + = space)."""
+    names = [tokenizer.convert_tokens_to_ids(c) for c in synthetic.REGISTERS + synthetic.KEYS]
+    digits = [tokenizer.convert_tokens_to_ids(c) for c in "0123456789"]
+    digit = np.isin(tokens, digits)
+    named = np.zeros_like(digit)
+    named[:, 1:] = digit[:, 1:] & np.isin(tokens[:, :-1], names)
+    fact = named.copy()
+    fact[:, :-1] |= named[:, 1:]
+    return fact
+
+
+def eviction_masks(rng: np.random.Generator, facts: np.ndarray, prompt_lengths: np.ndarray,
+                   num_layers: int, num_kv_heads: int, evict_fraction: float) -> np.ndarray:
+    """[L, B, K, T, T] bool: random evictions, so that the model learns to answer from
+    whichever copies of the facts it still sees (a model trained only on full causal
+    attention fails even when every needed fact is kept, see the README).
+
+    A sequence is evicted with probability `evict_fraction` (else it sees everything).
+    Then, per layer and KV head, key j stays visible to queries q < end_j: end_j = inf
+    (kept for good) with probability 0.9 for a fact token and `keep` ~ U(0.1, 0.7) for a
+    layout token, else end_j = j + window + delay, window ~ U{4..40}, delay ~ U{0..120}.
+    Evictions are permanent and start after the prompt (`prompt_lengths` [B]), as during
+    generation.
+    """
+    B, T = facts.shape
+    shape = (num_layers, B, num_kv_heads, T)
+    evicted = rng.random(B) < evict_fraction
+    keep = np.where(facts, 0.9, rng.uniform(0.1, 0.7, (B, 1)))
+    kept = (rng.random(shape) < keep[None, :, None]) | ~evicted[None, :, None, None]
+    window = rng.integers(4, 41, (num_layers, B, num_kv_heads, 1))
+    end = np.arange(T) + window + rng.integers(0, 121, shape)
+    end = np.maximum(np.where(kept, T, end), prompt_lengths[None, :, None, None])
+    return np.arange(T)[:, None] < end[..., None, :]
+
+
+def loss_fn(config: ModelConfig, params, tokens, mask, kv_mask=None):
+    """Mean next-token cross-entropy over the masked (completion) targets, and accuracy.
+    `kv_mask`: optional [L, B, K, T-1, T-1] eviction masks on the inputs."""
+    logits = forward(config, params, tokens[:, :-1], kv_mask=kv_mask)
     targets, weights = tokens[:, 1:], mask[:, 1:]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
@@ -115,9 +153,9 @@ def make_optimizer(steps: int, peak_lr: float, warmup: int):
 
 def make_train_step(config: ModelConfig, optimizer):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, tokens, mask):
+    def train_step(params, opt_state, tokens, mask, kv_mask=None):
         (loss, accuracy), grads = jax.value_and_grad(
-            functools.partial(loss_fn, config), has_aux=True)(params, tokens, mask)
+            functools.partial(loss_fn, config), has_aux=True)(params, tokens, mask, kv_mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
     return train_step
@@ -172,6 +210,8 @@ def main() -> None:
                         help="loss weight of each line's first token (step or answer?)")
     parser.add_argument("--min-train-steps", type=int, default=1,
                         help="train only on problems with at least this many steps")
+    parser.add_argument("--evict-fraction", type=float, default=0.0,
+                        help="fraction of sequences trained under random evictions")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="save a checkpoint and exit after this step (to resume later)")
     parser.add_argument("--run-dir", default="runs/reasoner")
@@ -182,6 +222,8 @@ def main() -> None:
                      f"got {args.min_train_steps}")
     if args.stop_weight <= 0:
         parser.error(f"--stop-weight must be > 0, got {args.stop_weight}")
+    if not 0.0 <= args.evict_fraction <= 1.0:
+        parser.error(f"--evict-fraction must be in [0, 1], got {args.evict_fraction}")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         parser.error(f"--stop-at must be in [1, --steps={args.steps}], got {args.stop_at}")
 
@@ -205,12 +247,19 @@ def main() -> None:
     data = batches(tokenizer, args.batch_size, TRAIN_SEED + start, held_out, args.stop_weight,
                    args.min_train_steps)
     train_step = make_train_step(config, optimizer)
+    mask_rng = np.random.default_rng(TRAIN_SEED + start)
     print(f"{config}\nparameters: {config.num_parameters():,}", flush=True)
     best = -1.0
     tic = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
         tokens, mask = next(data)
-        params, opt_state, loss, accuracy = train_step(params, opt_state, tokens, mask)
+        kv_mask = None
+        if args.evict_fraction > 0:
+            prompt_lengths = np.argmax(mask > 0, axis=1)
+            kv_mask = eviction_masks(mask_rng, value_tokens(tokenizer, tokens[:, :-1]),
+                                     prompt_lengths, config.num_layers, config.num_kv_heads,
+                                     args.evict_fraction)
+        params, opt_state, loss, accuracy = train_step(params, opt_state, tokens, mask, kv_mask)
         if step % 25 == 0 or step == start + 1:
             elapsed = time.perf_counter() - tic
             print(json.dumps({"step": step, "loss": round(float(loss), 5),
