@@ -112,7 +112,7 @@ def eviction_masks(rng: np.random.Generator, facts: np.ndarray, prompt_lengths: 
                    num_layers: int, num_kv_heads: int, evict_fraction: float) -> np.ndarray:
     """[L, B, K, T, T] bool: random evictions, so that the model learns to answer from
     whichever copies of the facts it still sees (a model trained only on full causal
-    attention fails even when every needed fact is kept, see the README).
+    attention fails even when every needed fact is kept).
 
     A sequence is evicted with probability `evict_fraction` (else it sees everything).
     Then, per layer and KV head, key j stays visible to queries q < end_j: end_j = inf

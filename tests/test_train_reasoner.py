@@ -41,9 +41,8 @@ def test_value_tokens_are_the_named_digits(train_reasoner, batch):
     assert marked == "...a4E0.d0.a0."
     # the prompt's table and registers are facts, its layout ("f", spaces, "n40") is not
     prompt = "".join(tokenizer.convert_ids_to_tokens(tokens[0, 1:prompt_length].tolist()))
-    expected = re.sub(r"[^.]", ".", prompt)
-    for match in re.finditer(r"[a-dA-J][0-9]", prompt):
-        expected = expected[:match.start()] + match.group() + expected[match.end():]
+    expected = re.sub(r"[a-dA-J][0-9]|.", lambda m: m.group() if len(m.group()) == 2 else ".",
+                      prompt, flags=re.S)
     marked = "".join(c if f else "." for c, f in zip(prompt, facts[0, 1:prompt_length],
                                                      strict=True))
     assert marked == expected and marked.count(".") == 20
