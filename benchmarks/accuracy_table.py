@@ -69,7 +69,7 @@ def main() -> None:
         results = [json.loads(line) for line in f]
     if all(r["problem"].startswith("synthetic-") for r in results):
         print(f"\nsynthetic: trace lines right before the first wrong one (of "
-              f"{synthetic.MAX_STEPS}):\n")
+              f"{synthetic.NUM_STEPS}):\n")
         print(pivot(correct_lines(results), "lines", ".1f"))
 
 

@@ -7,7 +7,7 @@ specified, `gkv` whose attention is max-pooled (kernel 5) before normalisation (
 that only this script defines; the library's gkv follows the specification), and `rkv`, and
 prints exact-answer accuracy per budget.
 
-    python benchmarks/gkv_pooling_ablation.py --num-problems 40 --budgets 160 240 320
+    python benchmarks/gkv_pooling_ablation.py --num-problems 40 --budgets 128 256
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax
 import gkv_jax
 from gkv_jax import EvictionConfig, generate, generation, synthetic
 from gkv_jax import eviction as ev
+from gkv_jax.evaluation import DEFAULT_MAX_NEW_TOKENS
 from gkv_jax.loading import bundled_model_dir
 
 
@@ -40,8 +41,8 @@ class PooledGKV(ev.GKV):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-problems", type=int, default=40)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[160, 240, 320])
-    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--divide-length", type=int, default=16)
     args = parser.parse_args()
     model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
@@ -64,7 +65,8 @@ def main() -> None:
                 config = EvictionConfig(policy=policy, budget=budget, window=args.window,
                                         divide_length=args.divide_length, implementation="xla")
                 out = generate(model, prompts, tokenizer=tokenizer, eviction=config,
-                               max_new_tokens=580, prompt_buckets=[64])
+                               max_new_tokens=DEFAULT_MAX_NEW_TOKENS["synthetic"],
+                               prompt_buckets=[64])
                 correct = sum(synthetic.grade(text, p.answer)
                               for text, p in zip(out.texts, problems, strict=True))
                 print(f"  budget {budget:4d}  {name:17s} {correct / len(problems):.3f}",

@@ -4,7 +4,7 @@
     >>> [e.id for e in examples], examples[0].answer, examples[0].kind
     (['aime24-0', 'aime24-1'], '204', 'math')
 
-Names: "synthetic" (held-out register-machine problems, `gkv_jax.synthetic.problems(seed, n)`,
+Names: "synthetic" (held-out table-walk problems, `gkv_jax.synthetic.problems(seed, n)`,
 200 by default), and the math sets shipped in `gkv_jax/assets/data/math/`: "aime24" (30),
 "aime25" (30), "amc23" (40), "math500" (500). Any other path to a JSON-lines file with a
 `question` and an `answer` string per line is loaded as a math set.
@@ -33,7 +33,7 @@ class Example:
     Attributes:
       id: unique within its dataset, e.g. "aime24-0" or "synthetic-17".
       question: the problem statement (the synthetic prompt, or the math question).
-      answer: the gold answer (4 digits, or LaTeX).
+      answer: the gold answer (2 digits, or LaTeX).
       kind: "synthetic" (graded exactly) or "math" (graded with math-verify).
     """
 
@@ -90,7 +90,7 @@ def load_dataset(name_or_path: str, num_problems: int | None = None,
 
 
 def synthetic_examples(count: int, seed: int = HELD_OUT_SEED) -> list[Example]:
-    """`count` register-machine problems as examples (the first n of any count agree)."""
+    """`count` table-walk problems as examples (the first n of any count agree)."""
     return [Example(id=f"{SYNTHETIC}-{i}", question=p.prompt, answer=p.answer, kind=SYNTHETIC)
             for i, p in enumerate(synthetic.problems(seed, count))]
 

@@ -1,6 +1,6 @@
 """Answer extraction and grading: exact for the synthetic task, `math-verify` for math.
 
-    >>> grade("synthetic", "00 a4:0+d0=a0\\nans 0539\\n", "0539")
+    >>> grade("synthetic", "00 A4 56\\nans 56\\n", "56")
     True
     >>> extract("math", "so x = \\\\boxed{\\\\frac{1}{2}} ... no, \\\\boxed{3}")
     '3'
@@ -34,7 +34,7 @@ def extract(kind: str, text: str | None) -> str | None:
     """The answer a prediction gives, or None if it gives none.
 
     Args:
-      kind: "synthetic" (the 4 digits after the last `ans `) or "math" (the content of the
+      kind: "synthetic" (the 2 digits after the last `ans `) or "math" (the content of the
         last complete `\\boxed{...}`).
       text: the generated text.
     """

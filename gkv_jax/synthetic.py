@@ -1,90 +1,94 @@
-"""The synthetic long chain-of-thought task of the bundled model: a register machine.
+"""The synthetic long chain-of-thought task of the bundled model: a table walk.
 
-A problem is a random function table `f` on the digits, four registers a, b, c, d with
-initial digits, and a number of steps n. The table names the entry of digit i by the letter
-`KEYS[i]` (A for 0, B for 1, ..., J for 9). The model writes a numbered trace of n steps;
-step i updates register X_i with Y_i (X_i, Y_i fixed by the step number, see `schedule`):
+A problem is a random function table `f` on the digits, written in the prompt as ten
+entries in shuffled order, each named by a key letter (`KEYS[i]`, A for 0 ... J for 9),
+and a two-digit start state `ab`. The model writes 50 numbered lines; line i looks up the
+entry of digit i mod 5 and takes one step of the walk:
 
-    X <- (f(X) + Y) mod 10
+    line i:  "ii Kv ab"   K = KEYS[i mod 5], v = f(i mod 5),
+                          (a, b) = (b', (a' + v) mod 10) from the previous state (a', b')
 
-and then answers with the final values of a, b, c, d. Prompt and trace, for example:
+and then answers with the final state. Prompt and completion, for example:
 
-    f A3 B7 C2 D9 E0 F5 G1 H8 I6 J4
-    a4 b1 c8 d0 n40
-    00 a4E0+d0=a0
-    01 b1B7+c8=b5
+    I7 C0 E8 B6 A6 H4 J5 D4 F7 G6
+    s 93
+    00 A6 35
+    01 B6 59
+    02 C0 95
     ...
-    ans 0539
+    49 E8 93
+    ans 93
 
-A step line shows the old value of X (4), the key of that digit in the table (E) and its
-entry f(4) (0), the value of Y (d0) and the new value of X written right after its letter
-("=a0"). So "the current value of a register is the digit after its latest occurrence" and
-"f(x) is the digit after the latest occurrence of x's key". Getting the answer right needs
-facts from all over the sequence: a table entry is re-read whenever its digit recurs, from
-the prompt or from the last step that used it (often hundreds of tokens back); register d is
-written only every 12th step but read every 4th, so its value is read up to ~170 tokens
-after it was written; and the answer needs every register's last value. A trace is not
-periodic (values depend on the table and the initial state), so copying an earlier stretch
-of the trace never gives the next step.
+Five of the ten entries (A-E) are read, each re-read periodically all through the trace
+(entry K at lines K, K + 5, ...: every 45 tokens, the last time 410-450 tokens after the
+prompt); the other five are never needed. The state needs only the previous line. So the
+working set is small (five entries, 10 tokens, and the last line) and a cache of 1/8 of
+the sequence that keeps the entries as they come round again can answer, while one that
+keeps only recent tokens cannot (64 recent tokens no longer hold the prompt's table from
+line 7 on). One wrong entry changes every later state, and the answer is graded exactly.
+No (state, line number mod 5) pair repeats within a problem (the generator redraws problems
+whose walk does), so the trace is not periodic and copying an earlier stretch never gives
+the next line.
 
-Sizes: prompt 49 tokens with BOS (under 1/12 of a sequence), trace 14 tokens per step, 40
-steps (560 tokens), answer 9 tokens, EOS; sequences of 619 tokens. Graded exactly.
-
-The task's problems all have n = 40 steps. `sample_problem` can draw other lengths (training
-mixes shorter traces in), but the bundled model learned where traces end from the step
-numbers, not by reading `n` (see the README), so it is evaluated on 40-step problems only.
+Sizes: prompt 36 tokens with BOS (7% of a sequence), trace 9 tokens per line, 50 lines
+(450 tokens), answer 7 tokens, EOS; sequences of 494 tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
-REGISTERS = "abcd"
-# Every symbol the task uses is one token; plus the special tokens.
 KEYS = "ABCDEFGHIJ"  # the table's name for the entry of digit i
-CHARACTERS = "0123456789abcdfns+= \n" + KEYS
+# Every symbol the task uses is one token; plus the special tokens.
+CHARACTERS = "0123456789ans \n" + KEYS
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
-MIN_STEPS, MAX_STEPS = 40, 40  # the task's number of steps (see the module docstring)
-SLOW_REGISTER_PERIOD = 12  # d is the target only at steps 11, 23, 35, ...
+NUM_STEPS = 50  # lines of every problem's trace
+PERIOD = 5      # line i reads the entry of digit i mod PERIOD
+_ANSWER = re.compile(r"ans (\d\d)(?!\d)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One register-machine problem.
+    """One table-walk problem.
 
     Attributes:
       table: f(0..9) as a tuple of 10 digits.
-      initial: initial digits of a, b, c, d.
-      num_steps: length of the trace.
+      order: the order of the digits whose entries the prompt lists (a permutation of 0..9).
+      start: the start state, two digits (a, b).
+      num_steps: lines of the trace (`NUM_STEPS` for the task; training also uses prefixes).
+      period: line i reads the entry of digit i mod period (`PERIOD` for the task; the
+        bundled model's first training phases used 10).
     """
 
     table: tuple[int, ...]
-    initial: tuple[int, ...]
-    num_steps: int
+    order: tuple[int, ...]
+    start: tuple[int, int]
+    num_steps: int = NUM_STEPS
+    period: int = PERIOD
 
     @property
     def prompt(self) -> str:
-        """The question: the table and the initial registers."""
-        pairs = " ".join(f"{KEYS[x]}{y}" for x, y in enumerate(self.table))
-        registers = " ".join(f"{r}{v}" for r, v in zip(REGISTERS, self.initial, strict=True))
-        return f"f {pairs}\n{registers} n{self.num_steps:02d}\n"
+        """The question: the table entries in `order`, then the start state."""
+        entries = " ".join(f"{KEYS[x]}{self.table[x]}" for x in self.order)
+        return f"{entries}\ns {self.start[0]}{self.start[1]}\n"
+
+    def states(self) -> list[tuple[int, int]]:
+        """The num_steps + 1 states of the walk, the start state first."""
+        states = [self.start]
+        for i in range(self.num_steps):
+            a, b = states[-1]
+            states.append((b, (a + self.table[i % self.period]) % 10))
+        return states
 
     def solve(self) -> tuple[str, str]:
-        """The reference trace and the answer (final a, b, c, d as a 4-digit string)."""
-        values = dict(zip(REGISTERS, self.initial, strict=True))
-        lines = []
-        for step in range(self.num_steps):
-            target, operand = schedule(step)
-            old, other = values[target], values[operand]
-            looked_up = self.table[old]
-            new = (looked_up + other) % 10
-            lines.append(f"{step:02d} {target}{old}{KEYS[old]}{looked_up}+{operand}{other}"
-                         f"={target}{new}\n")
-            values[target] = new
-        answer = "".join(str(values[r]) for r in REGISTERS)
-        return "".join(lines), answer
+        """The reference trace (one line per step) and the answer (the final state)."""
+        states = self.states()
+        lines = [f"{i:02d} {KEYS[i % self.period]}{self.table[i % self.period]} {a}{b}\n"
+                 for i, (a, b) in enumerate(states[1:])]
+        return "".join(lines), "".join(map(str, states[-1]))
 
     @property
     def answer(self) -> str:
@@ -92,47 +96,47 @@ class Problem:
 
     @property
     def completion(self) -> str:
-        """What the model writes after the prompt: the trace and `ans DDDD`."""
+        """What the model writes after the prompt: the trace and `ans DD`."""
         trace, answer = self.solve()
         return f"{trace}ans {answer}\n"
 
 
-def schedule(step: int) -> tuple[str, str]:
-    """(target X, operand Y) of a step: targets cycle a, b, c with d every 12th step;
-    operands cycle d, c, b, a, skipping the target."""
-    if step % SLOW_REGISTER_PERIOD == SLOW_REGISTER_PERIOD - 1:
-        target = "d"
-    else:
-        target = "abc"[step % 3]
-    operand = "dcba"[step % 4]
-    if operand == target:
-        operand = "dcba"[(step + 1) % 4]
-    return target, operand
+def walk_repeats(table: tuple[int, ...], start: tuple[int, int], num_steps: int,
+                 period: int = PERIOD) -> bool:
+    """Whether the walk from `start` meets the same (state, step mod period) twice within
+    `num_steps` steps (from then on the trace would repeat itself)."""
+    states = Problem(table, tuple(range(10)), start, num_steps, period).states()[:-1]
+    phases = [(state, i % period) for i, state in enumerate(states)]
+    return len(set(phases)) < len(phases)
 
 
-def sample_problem(rng: random.Random, min_steps: int = MIN_STEPS,
-                   max_steps: int = MAX_STEPS) -> Problem:
-    """A random problem; the task's problems have 40 steps (training also uses fewer)."""
-    if not 1 <= min_steps <= max_steps <= 99:
-        raise ValueError(f"need 1 <= min_steps <= max_steps <= 99, got {min_steps}, {max_steps}")
-    return Problem(table=tuple(rng.randrange(10) for _ in range(10)),
-                   initial=tuple(rng.randrange(10) for _ in REGISTERS),
-                   num_steps=rng.randint(min_steps, max_steps))
+def sample_problem(rng: random.Random, num_steps: int = NUM_STEPS,
+                   period: int = PERIOD) -> Problem:
+    """A random problem whose walk does not repeat a (state, step mod period) pair within
+    `num_steps` steps."""
+    if not 1 <= num_steps <= 99:
+        raise ValueError(f"num_steps must be in [1, 99], got {num_steps}")
+    if not 1 <= period <= 10:
+        raise ValueError(f"period must be in [1, 10], got {period}")
+    while True:
+        table = tuple(rng.randrange(10) for _ in range(10))
+        start = (rng.randrange(10), rng.randrange(10))
+        if not walk_repeats(table, start, num_steps, period):
+            order = tuple(rng.sample(range(10), 10))
+            return Problem(table=table, order=order, start=start, num_steps=num_steps,
+                           period=period)
 
 
-def problems(seed: int, count: int) -> list[Problem]:
+def problems(seed: int, count: int, period: int = PERIOD) -> list[Problem]:
     """`count` problems drawn from `seed` (the same seed always gives the same problems)."""
     rng = random.Random(seed)
-    return [sample_problem(rng) for _ in range(count)]
+    return [sample_problem(rng, period=period) for _ in range(count)]
 
 
 def extract_answer(text: str) -> str | None:
-    """The 4-digit answer after the last `ans `, or None if there is none."""
-    index = text.rfind("ans ")
-    if index < 0:
-        return None
-    candidate = text[index + 4:index + 8]
-    return candidate if len(candidate) == 4 and candidate.isdigit() else None
+    """The two digits after the last `ans `, or None if there are none."""
+    matches = _ANSWER.findall(text)
+    return matches[-1] if matches else None
 
 
 def grade(text: str, answer: str) -> bool:

@@ -1,14 +1,19 @@
-"""Trains the bundled reasoning model on the register-machine task (`gkv_jax.synthetic`).
+"""Trains the bundled reasoning model on the table-walk task (`gkv_jax.synthetic`).
 
 A small Qwen2-architecture model (GQA, q/k/v bias) learns to write the step-by-step trace
-and the answer, teacher-forced, with AdamW (warm-up + cosine). Every `--eval-every` steps
-it decodes held-out problems greedily with a full cache through `gkv_jax.generate` and
-reports exact-answer accuracy and per-step accuracy. Checkpoints (Orbax) go to `--run-dir`
-and the run resumes from the latest one. At the end, and whenever held-out accuracy
-improves, the model is exported in Hugging Face format (config.json, model.safetensors,
-tokenizer files) to `--export-dir` with `gkv_jax.conversion.to_hf`.
+and the answer, teacher-forced, with AdamW (warm-up + cosine). Batches mix prefixes of the
+trace (cheaper; every line follows the same rule) with whole sequences (the only place
+where the answer follows line 49); `--evict-fraction` trains part of them under random
+permanent evictions so that the model answers from whatever part of its context an eviction
+policy leaves it (a model trained only on full attention fails even when every needed token
+is kept). Every `--eval-every` steps it decodes held-out problems greedily with a full
+cache through `gkv_jax.generate` and reports exact-answer accuracy and per-step accuracy.
+Checkpoints (Orbax) go to `--run-dir` and the run resumes from the latest one. At the end,
+and whenever held-out accuracy improves, the model is exported in Hugging Face format
+(config.json, model.safetensors, tokenizer files) to `--export-dir` with
+`gkv_jax.conversion.to_hf`.
 
-    python scripts/train_reasoner.py --steps 2000   # the bundled model's recipe: README
+    bash scripts/train_reasoner.sh   # the bundled model's recipe (README)
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from gkv_jax.models import ModelConfig, Transformer, forward
 DEFAULT_EXPORT = os.path.join(os.path.dirname(__file__), "..", "gkv_jax", "assets", "reasoner")
 EVAL_SEED = 0          # held-out problems: synthetic.problems(EVAL_SEED, n)
 TRAIN_SEED = 12345     # training problems are drawn from here and never equal a held-out one
-SEQUENCE_LENGTH = 640  # longest prompt + completion + EOS: 1 + 57 + 40 * 14 + 9 + 1 = 628
-# Training mixes shorter traces in (cheaper, and the step rule is the same): a batch draws one
-# length bucket, then problems whose number of steps fits it. Most batches are full length.
-STEP_BUCKETS = ((1, 9, 0.15), (10, 18, 0.2), (19, 27, 0.2), (28, 40, 0.45))
-# (min steps, max steps, probability); each bucket pads to its longest sequence (x16).
+SEQUENCE_LENGTH = 496  # prompt + completion + EOS: 36 + 50 * 9 + 7 + 1 = 494, rounded up
+PROMPT_BUCKET = 48     # every prompt is 36 tokens
+# A batch draws one bucket: (fewest lines, most lines, probability). A prefix of k < 50 lines
+# has no answer; the last bucket is the whole sequence with its answer and EOS. Each bucket
+# pads to its longest sequence (x16).
+LINE_BUCKETS = ((4, 16, 0.3), (17, 33, 0.3), (50, 50, 0.4))
 
 
 def model_config(tokenizer) -> ModelConfig:
@@ -52,81 +58,84 @@ def model_config(tokenizer) -> ModelConfig:
         eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
 
 
-def encode(tokenizer, problem: synthetic.Problem) -> tuple[list[int], int]:
-    """Token ids of BOS + prompt + completion + EOS, and the prompt's length (BOS included)."""
+def encode(tokenizer, problem: synthetic.Problem, lines: int | None = None
+           ) -> tuple[list[int], int]:
+    """Token ids of BOS + prompt + completion + EOS, and the prompt's length (BOS included).
+    With `lines` < problem.num_steps: BOS + prompt + the first `lines` lines of the trace."""
     prompt = [tokenizer.bos_token_id] + tokenizer(problem.prompt)["input_ids"]
+    if lines is not None and lines < problem.num_steps:
+        trace = "".join(problem.completion.splitlines(keepends=True)[:lines])
+        return prompt + tokenizer(trace)["input_ids"], len(prompt)
     completion = tokenizer(problem.completion)["input_ids"] + [tokenizer.eos_token_id]
     return prompt + completion, len(prompt)
 
 
-def padded_length(tokenizer, steps: int) -> int:
-    """Tokens of the longest sequence with `steps` steps, rounded up to a multiple of 16."""
-    longest = synthetic.Problem(table=(0,) * 10, initial=(0,) * 4, num_steps=steps)
-    return -(-len(encode(tokenizer, longest)[0]) // 16) * 16
+def problem_key(problem: synthetic.Problem) -> tuple:
+    return problem.table, problem.order, problem.start
 
 
-def batches(tokenizer, batch_size: int, seed: int, held_out: set, stop_weight: float = 1.0,
-            min_steps: int = 1):
-    """Endless (tokens [B, T], loss weights [B, T]) batches. The weights cover completion +
-    EOS; the first token of every line (and EOS) gets `stop_weight`: that token decides
-    between another step and the answer, once per sequence, and without extra weight the
-    model settles for the prior of the number of steps instead of reading `n`. Problems have
-    at least `min_steps` steps (buckets below it are dropped, the others clipped)."""
+def batches(tokenizer, batch_size: int, seed: int, held_out: set, answer_weight: float = 1.0,
+            period: int = synthetic.PERIOD):
+    """Endless (tokens [B, T], loss weights [B, T]) batches of prefixes or whole sequences
+    (`LINE_BUCKETS`); the weights cover the completion (and EOS), the answer line and EOS
+    with `answer_weight` (it comes once per whole sequence, after 50 lines)."""
     rng = random.Random(seed)
-    newline = tokenizer.convert_tokens_to_ids("\n")
-    buckets = [(max(low, min_steps), high, p) for low, high, p in STEP_BUCKETS if high >= min_steps]
-    weights = [bucket[2] for bucket in buckets]
+    weights = [bucket[2] for bucket in LINE_BUCKETS]
     while True:
-        low, max_steps, _ = rng.choices(buckets, weights)[0]
-        length = padded_length(tokenizer, max_steps)
-        tokens = np.full((batch_size, length), tokenizer.pad_token_id, np.int32)
-        mask = np.zeros((batch_size, length), np.float32)
+        low, high, _ = rng.choices(LINE_BUCKETS, weights)[0]
+        longest = 36 + high * 9 + (8 if high == synthetic.NUM_STEPS else 0)
+        tokens = np.full((batch_size, -(-longest // 16) * 16), tokenizer.pad_token_id, np.int32)
+        mask = np.zeros(tokens.shape, np.float32)
         row = 0
         while row < batch_size:
-            problem = synthetic.sample_problem(rng, low, max_steps)
-            if (problem.table, problem.initial) in held_out:
+            problem = synthetic.sample_problem(rng, period=period)
+            if problem_key(problem) in held_out:
                 continue
-            ids, prompt_length = encode(tokenizer, problem)
+            ids, prompt_length = encode(tokenizer, problem, rng.randint(low, high))
             tokens[row, :len(ids)] = ids
             mask[row, prompt_length:len(ids)] = 1.0
-            after_newline = np.flatnonzero(np.asarray(ids[prompt_length - 1:-1]) == newline)
-            mask[row, prompt_length + after_newline] = stop_weight
+            if ids[-1] == tokenizer.eos_token_id:
+                mask[row, len(ids) - len("ans DD\n") - 1:len(ids)] = answer_weight
             row += 1
         yield tokens, mask
 
 
 def value_tokens(tokenizer, tokens: np.ndarray) -> np.ndarray:
-    """[B, T] bool: the tokens that hold a fact, a register or table digit and the name
-    before it ("a4", "E0" in "00 a4E0+d0=a0"); the rest is layout (step numbers, + = space)."""
-    names = [tokenizer.convert_tokens_to_ids(c) for c in synthetic.REGISTERS + synthetic.KEYS]
+    """[B, T] bool: the tokens that hold a fact, a table entry's key letter and digit ("H8",
+    in the prompt and in every line that looked it up); the rest is layout (step numbers,
+    states, spaces), needed only by the next line."""
+    keys = [tokenizer.convert_tokens_to_ids(c) for c in synthetic.KEYS]
     digits = [tokenizer.convert_tokens_to_ids(c) for c in "0123456789"]
-    digit = np.isin(tokens, digits)
-    named = np.zeros_like(digit)
-    named[:, 1:] = digit[:, 1:] & np.isin(tokens[:, :-1], names)
-    fact = named.copy()
-    fact[:, :-1] |= named[:, 1:]
+    entry = np.zeros(tokens.shape, bool)
+    entry[:, 1:] = np.isin(tokens[:, 1:], digits) & np.isin(tokens[:, :-1], keys)
+    fact = entry.copy()
+    fact[:, :-1] |= entry[:, 1:]
     return fact
 
 
 def eviction_masks(rng: np.random.Generator, facts: np.ndarray, prompt_lengths: np.ndarray,
-                   num_layers: int, num_kv_heads: int, evict_fraction: float) -> np.ndarray:
+                   num_layers: int, num_kv_heads: int, evict_fraction: float,
+                   min_window: int = 4, fact_keep: float = 0.9) -> np.ndarray:
     """[L, B, K, T, T] bool: random evictions, so that the model learns to answer from
     whichever copies of the facts it still sees (a model trained only on full causal
     attention fails even when every needed fact is kept).
 
     A sequence is evicted with probability `evict_fraction` (else it sees everything).
     Then, per layer and KV head, key j stays visible to queries q < end_j: end_j = inf
-    (kept for good) with probability 0.9 for a fact token and `keep` ~ U(0.1, 0.7) for a
-    layout token, else end_j = j + window + delay, window ~ U{4..40}, delay ~ U{0..120}.
+    (kept for good) with probability `fact_keep` for a fact token and `keep` ~ U(0.1, 0.7) for a
+    layout token, else end_j = j + window + delay, window ~ U{min_window..40}, delay ~
+    U{0..120}: a query always sees the `min_window` tokens before it, as a generation always
+    keeps its observation window.
     Evictions are permanent and start after the prompt (`prompt_lengths` [B]), as during
     generation.
     """
     B, T = facts.shape
     shape = (num_layers, B, num_kv_heads, T)
     evicted = rng.random(B) < evict_fraction
-    keep = np.where(facts, 0.9, rng.uniform(0.1, 0.7, (B, 1)))
+    keep = np.where(facts, fact_keep, rng.uniform(0.1, 0.7, (B, 1)))
     kept = (rng.random(shape) < keep[None, :, None]) | ~evicted[None, :, None, None]
-    window = rng.integers(4, 41, (num_layers, B, num_kv_heads, 1))
+    window = rng.integers(min_window, max(min_window, 40) + 1,
+                          (num_layers, B, num_kv_heads, 1))
     end = np.arange(T) + window + rng.integers(0, 121, shape)
     end = np.maximum(np.where(kept, T, end), prompt_lengths[None, :, None, None])
     return np.arange(T)[:, None] < end[..., None, :]
@@ -163,15 +172,15 @@ def make_train_step(config: ModelConfig, optimizer):
 
 def evaluate_exact(config, params, tokenizer, problems, batch_size: int = 50) -> dict:
     """Greedy full-cache decoding of held-out problems: exact-answer accuracy, and the
-    fraction of trace lines that are right (per step index, to see where errors sit)."""
+    fraction of trace lines that are right (per line index, to see where errors sit)."""
     model = model_from_weights(config, params)
-    correct, line_hits, line_counts = 0, np.zeros(synthetic.MAX_STEPS), np.zeros(
-        synthetic.MAX_STEPS)
+    correct = 0
+    line_hits, line_counts = np.zeros(synthetic.NUM_STEPS), np.zeros(synthetic.NUM_STEPS)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        prompts = [encode(tokenizer, p)[0][:encode(tokenizer, p)[1]] for p in chunk]
-        out = generate(model, prompts, max_new_tokens=SEQUENCE_LENGTH - 60,
-                       eos_token_id=tokenizer.eos_token_id, prompt_buckets=[64])
+        prompts = [encode(tokenizer, p, 0)[0] for p in chunk]
+        out = generate(model, prompts, max_new_tokens=SEQUENCE_LENGTH - len(prompts[0]),
+                       eos_token_id=tokenizer.eos_token_id, prompt_buckets=[PROMPT_BUCKET])
         for problem, tokens in zip(chunk, out.tokens, strict=True):
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             correct += synthetic.grade(text, problem.answer)
@@ -179,8 +188,8 @@ def evaluate_exact(config, params, tokenizer, problems, batch_size: int = 50) ->
             for i, line in enumerate(problem.completion.split("\n")[:problem.num_steps]):
                 line_counts[i] += 1
                 line_hits[i] += i < len(got) and got[i] == line
-    per_step = (line_hits / np.maximum(line_counts, 1)).round(3).tolist()
-    return {"exact": correct / len(problems), "line_accuracy": per_step}
+    per_line = (line_hits / np.maximum(line_counts, 1)).round(3).tolist()
+    return {"exact": correct / len(problems), "line_accuracy": per_line}
 
 
 def export(config, params, tokenizer, directory: str) -> None:
@@ -206,24 +215,33 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-problems", type=int, default=50)
-    parser.add_argument("--stop-weight", type=float, default=10.0,
-                        help="loss weight of each line's first token (step or answer?)")
-    parser.add_argument("--min-train-steps", type=int, default=1,
-                        help="train only on problems with at least this many steps")
     parser.add_argument("--evict-fraction", type=float, default=0.0,
                         help="fraction of sequences trained under random evictions")
+    parser.add_argument("--evict-min-window", type=int, default=16,
+                        help="tokens before a query that an eviction never hides")
+    parser.add_argument("--evict-fact-keep", type=float, default=0.9,
+                        help="probability that an eviction keeps a table entry for good")
+    parser.add_argument("--answer-weight", type=float, default=1.0,
+                        help="loss weight of the answer line and EOS")
+    parser.add_argument("--period", type=int, default=synthetic.PERIOD,
+                        help="line i reads the entry of digit i mod PERIOD (the task: "
+                             f"{synthetic.PERIOD}; the bundled model's first phases: 10)")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="save a checkpoint and exit after this step (to resume later)")
     parser.add_argument("--run-dir", default="runs/reasoner")
     parser.add_argument("--export-dir", default=DEFAULT_EXPORT)
     args = parser.parse_args()
-    if not 1 <= args.min_train_steps <= synthetic.MAX_STEPS:
-        parser.error(f"--min-train-steps must be in [1, {synthetic.MAX_STEPS}], "
-                     f"got {args.min_train_steps}")
-    if args.stop_weight <= 0:
-        parser.error(f"--stop-weight must be > 0, got {args.stop_weight}")
     if not 0.0 <= args.evict_fraction <= 1.0:
         parser.error(f"--evict-fraction must be in [0, 1], got {args.evict_fraction}")
+    if not 1 <= args.evict_min_window <= SEQUENCE_LENGTH:
+        parser.error(f"--evict-min-window must be in [1, {SEQUENCE_LENGTH}], "
+                     f"got {args.evict_min_window}")
+    if not 0.0 <= args.evict_fact_keep <= 1.0:
+        parser.error(f"--evict-fact-keep must be in [0, 1], got {args.evict_fact_keep}")
+    if args.answer_weight <= 0:
+        parser.error(f"--answer-weight must be > 0, got {args.answer_weight}")
+    if not 1 <= args.period <= 10:
+        parser.error(f"--period must be in [1, 10], got {args.period}")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         parser.error(f"--stop-at must be in [1, --steps={args.steps}], got {args.stop_at}")
 
@@ -241,11 +259,11 @@ def main() -> None:
             {"params": params, "opt_state": opt_state}))
         params, opt_state = restored["params"], restored["opt_state"]
         print(f"resumed from step {start}", flush=True)
-    held_out_problems = synthetic.problems(EVAL_SEED, 1000)
-    held_out = {(p.table, p.initial) for p in held_out_problems}
+    held_out_problems = synthetic.problems(EVAL_SEED, 1000, args.period)
+    held_out = {problem_key(p) for p in held_out_problems}
     eval_problems = held_out_problems[:args.eval_problems]
-    data = batches(tokenizer, args.batch_size, TRAIN_SEED + start, held_out, args.stop_weight,
-                   args.min_train_steps)
+    data = batches(tokenizer, args.batch_size, TRAIN_SEED + start, held_out, args.answer_weight,
+                   args.period)
     train_step = make_train_step(config, optimizer)
     mask_rng = np.random.default_rng(TRAIN_SEED + start)
     print(f"{config}\nparameters: {config.num_parameters():,}", flush=True)
@@ -258,7 +276,8 @@ def main() -> None:
             prompt_lengths = np.argmax(mask > 0, axis=1)
             kv_mask = eviction_masks(mask_rng, value_tokens(tokenizer, tokens[:, :-1]),
                                      prompt_lengths, config.num_layers, config.num_kv_heads,
-                                     args.evict_fraction)
+                                     args.evict_fraction, args.evict_min_window,
+                                     args.evict_fact_keep)
         params, opt_state, loss, accuracy = train_step(params, opt_state, tokens, mask, kv_mask)
         if step % 25 == 0 or step == start + 1:
             elapsed = time.perf_counter() - tic

@@ -166,8 +166,8 @@ def _scripted_generate(tokenizer, examples):
             i = index[tokenizer.decode(prompt[1:])]
             answer = examples[i].answer
             if sample >= i % 5:
-                answer = f"{(int(answer) + 1) % 10000:04d}"
-            texts.append(f"00 a1:2+b3=a5\nans {answer}\n")
+                answer = f"{(int(answer) + 1) % 100:02d}"
+            texts.append(f"00 A4 93\nans {answer}\n")
         tokens = [list(range(len(t))) for t in texts]
         stats = {"generated_tokens": sum(map(len, tokens)), "run_seconds": 2.0,
                  "cache_bytes": 1000 * len(prompts), "full_cache_bytes": 3000 * len(prompts)}
