@@ -83,7 +83,9 @@ def batches(tokenizer, batch_size: int, seed: int, held_out: set, answer_weight:
     weights = [bucket[2] for bucket in LINE_BUCKETS]
     while True:
         low, high, _ = rng.choices(LINE_BUCKETS, weights)[0]
-        longest = 36 + high * 9 + (8 if high == synthetic.NUM_STEPS else 0)
+        # every problem of a bucket has the same length: measure it on any one
+        longest = len(encode(tokenizer, synthetic.Problem((0,) * 10, tuple(range(10)), (0, 0)),
+                             high)[0])
         tokens = np.full((batch_size, -(-longest // 16) * 16), tokenizer.pad_token_id, np.int32)
         mask = np.zeros(tokens.shape, np.float32)
         row = 0
