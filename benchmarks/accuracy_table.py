@@ -1,7 +1,8 @@
 """Markdown tables of an evaluation's `summary.csv`: pass@1 per policy and budget, the mean
 generated tokens (a wrong trace often stops early or runs to `max_new_tokens`) and cache
 memory; for the synthetic task also, from `results.jsonl` next to it, how many trace lines
-come out right before the first wrong one (a graded view of where each policy breaks).
+come out right before the first wrong one (a graded view of where each policy breaks) and
+which part of that first wrong line is wrong.
 
     python benchmarks/accuracy_table.py runs/eval/reasoner/summary.csv
 """
@@ -52,6 +53,38 @@ def correct_lines(rows: list[dict]) -> list[dict]:
              "lines": sum(v) / len(v)} for (policy, budget), v in lines_right.items()]
 
 
+FIELDS = ("line number", "key", "entry", "state")  # the parts of a line "ii K v ab"
+
+
+def first_errors(rows: list[dict]) -> list[dict]:
+    """Per config: how many problems first go wrong in each part of a trace line (the
+    first part that differs from the reference, `FIELDS`), in the answer after 50 right
+    lines ("answer"), only after a right answer ("after answer": text between the answer and
+    EOS, which grading ignores), or nowhere ("none")."""
+    count = 1 + max(int(r["problem"].split("-")[1]) for r in rows)
+    problems = synthetic.problems(0, count)
+    counts: dict[tuple, dict[str, int]] = defaultdict(
+        lambda: dict.fromkeys((*FIELDS, "answer", "after answer", "none"), 0))
+    for r in rows:
+        problem = problems[int(r["problem"].split("-")[1])]
+        reference = problem.completion.split("\n")[:synthetic.NUM_STEPS + 1]
+        written = r["text"].split("\n") + [""] * len(reference)
+        wrong = next((i for i, line in enumerate(reference) if written[i] != line), None)
+        if wrong is not None and wrong < synthetic.NUM_STEPS:
+            parts = written[wrong].split(" ") + [""] * len(FIELDS)
+            kind = next(field for field, got, want in zip(
+                FIELDS, parts, reference[wrong].split(" "), strict=False) if got != want)
+        elif synthetic.extract_answer(written[synthetic.NUM_STEPS]) != problem.answer:
+            kind = "answer"
+        elif wrong is not None or r["text"] != problem.completion:
+            kind = "after answer"
+        else:
+            kind = "none"
+        counts[(r["policy"], r["budget"])][kind] += 1
+    return [{"config": policy if budget is None else f"{policy}@{budget}", **kinds}
+            for (policy, budget), kinds in counts.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summary", help="summary.csv written by gkv_jax.evaluate")
@@ -71,6 +104,12 @@ def main() -> None:
         print(f"\nsynthetic: trace lines right before the first wrong one (of "
               f"{synthetic.NUM_STEPS}):\n")
         print(pivot(correct_lines(results), "lines", ".1f"))
+        print("\nsynthetic: where the first wrong line is wrong (problems per config):\n")
+        errors = first_errors(results)
+        header = list(errors[0])
+        print("| " + " | ".join(header) + " |\n|---" + "|---:" * (len(header) - 1) + "|")
+        for row in errors:
+            print("| " + " | ".join(str(v) for v in row.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def _add_eval_parser(commands) -> None:
     evaluation.add_argument("--samples", type=int, default=1)
     evaluation.add_argument("--pass-k", type=_comma_list(int), default=[1])
     evaluation.add_argument("--max-new-tokens", type=int, default=None,
-                            help="default: 460 for synthetic, 16384 for math (capped)")
+                            help="default: 520 for synthetic, 16384 for math (capped)")
     evaluation.add_argument("--temperature", type=float, default=0.0)
     evaluation.add_argument("--top-p", type=float, default=1.0)
     evaluation.add_argument("--top-k", type=int, default=0)
@@ -131,7 +131,7 @@ def _add_eval_parser(commands) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Accuracy, cache memory and speed of every policy on the bundled model: held-out
-    table-walk problems, one budget (half the sequence by default; a fresh run)."""
+    table-walk problems, one budget (a quarter of the sequence by default; a fresh run)."""
     import shutil
 
     import gkv_jax
@@ -141,7 +141,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
     shutil.rmtree(args.output_dir, ignore_errors=True)
     print(f"bundled model: {model.config.num_parameters():,} parameters; "
-          f"{args.num_problems} held-out problems (450-token traces); "
+          f"{args.num_problems} held-out problems (500-token traces); "
           f"budget {args.budget}, window {args.window}, divide_length {args.divide_length}")
     report = evaluate(model, tokenizer, "synthetic", policies=POLICIES, budgets=[args.budget],
                       window=args.window, divide_length=args.divide_length,
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="every policy on the bundled reasoning model (the default job)")
     demo.add_argument("--num-problems", type=int, default=64)
-    demo.add_argument("--budget", type=int, default=256)
+    demo.add_argument("--budget", type=int, default=136)
     demo.add_argument("--window", type=int, default=16)
     demo.add_argument("--divide-length", type=int, default=16)
     demo.add_argument("--batch-size", type=int, default=32)

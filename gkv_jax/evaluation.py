@@ -33,7 +33,7 @@ from gkv_jax.sampling import SamplingParams
 
 R1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 # max_new_tokens=None: this per dataset kind, capped at the model's context.
-DEFAULT_MAX_NEW_TOKENS = {"synthetic": 460, "math": 16384}
+DEFAULT_MAX_NEW_TOKENS = {"synthetic": 520, "math": 16384}
 # Policies whose observation window is scored (h2o keeps W = 1, streaming its sink/recent).
 WINDOWED_POLICIES = ("snapkv", "rkv", "gkv")
 RESULTS_FILE = "results.jsonl"
@@ -109,7 +109,7 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
       num_problems: the first n problems (None = all; synthetic: 200).
       samples: generations per problem; sample s uses seed `seed + s`.
       pass_k: the k of pass@k to report; those above `samples` are skipped (pass@1 always).
-      max_new_tokens: None = 460 for synthetic, 16384 for math, capped at the context.
+      max_new_tokens: None = 520 for synthetic, 16384 for math, capped at the context.
       temperature, top_p, top_k, seed: as in `generate`.
       batch_size: rows per `generate` call (at most the number of problems).
       chat_template: None = by dataset kind (math: the tokenizer's chat template; synthetic:

@@ -3,35 +3,37 @@
 A problem is a random function table `f` on the digits, written in the prompt as ten
 entries in shuffled order, each named by a key letter (`KEYS[i]`, A for 0 ... J for 9),
 and a two-digit start state `ab`. The model writes 50 numbered lines; line i looks up the
-entry of digit i mod 5 and takes one step of the walk:
+entry of digit i mod 3 and takes one step of the walk:
 
-    line i:  "ii Kv ab"   K = KEYS[i mod 5], v = f(i mod 5),
-                          (a, b) = (b', (a' + v) mod 10) from the previous state (a', b')
+    line i:  "ii K v ab"   K = KEYS[i mod 3], v = f(i mod 3),
+                           (a, b) = (b', (a' + v) mod 10) from the previous state (a', b')
 
 and then answers with the final state. Prompt and completion, for example:
 
-    I7 C0 E8 B6 A6 H4 J5 D4 F7 G6
-    s 93
-    00 A6 35
-    01 B6 59
-    02 C0 95
+    H5 I9 E1 A1 J3 G6 F5 C7 B5 D8
+    s 87
+    00 A 1 79
+    01 B 5 92
+    02 C 7 26
+    03 A 1 63
     ...
-    49 E8 93
-    ans 93
+    49 B 5 36
+    ans 36
 
-Five of the ten entries (A-E) are read, each re-read periodically all through the trace
-(entry K at lines K, K + 5, ...: every 45 tokens, the last time 410-450 tokens after the
-prompt); the other five are never needed. The state needs only the previous line. So the
-working set is small (five entries, 10 tokens, and the last line) and a cache of 1/8 of
-the sequence that keeps the entries as they come round again can answer, while one that
-keeps only recent tokens cannot (64 recent tokens no longer hold the prompt's table from
-line 7 on). One wrong entry changes every later state, and the answer is graded exactly.
-No (state, line number mod 5) pair repeats within a problem (the generator redraws problems
-whose walk does), so the trace is not periodic and copying an earlier stretch never gives
-the next line.
+Three of the ten entries (A-C) are read, each re-read periodically all through the trace
+(entry K at lines K, K + 3, ...: every 30 tokens, the last time 470-500 tokens after the
+prompt); the other seven are never needed. The state needs only the previous line. So the
+working set is small (three entries and the last line) and a cache of 1/8 of the sequence
+that keeps the entries as they come round again can answer, while one that keeps only
+recent tokens cannot: the prompt's table is gone from 64 recent tokens from line 6 on, and
+the bundled model reads the table from the prompt (its trace writes "K v", not the
+prompt's "Kv", and it was trained never to need the copies). One wrong entry changes
+every later state, and the answer is graded exactly. No (state, line number mod 3) pair
+repeats within a problem (the generator redraws problems whose walk does), so the trace is
+not periodic and copying an earlier stretch never gives the next line.
 
-Sizes: prompt 36 tokens with BOS (7% of a sequence), trace 9 tokens per line, 50 lines
-(450 tokens), answer 7 tokens, EOS; sequences of 494 tokens.
+Sizes: prompt 36 tokens with BOS (7% of a sequence), trace 10 tokens per line, 50 lines
+(500 tokens), answer 7 tokens, EOS; sequences of 544 tokens.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ CHARACTERS = "0123456789ans \n" + KEYS
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 NUM_STEPS = 50  # lines of every problem's trace
-PERIOD = 5      # line i reads the entry of digit i mod PERIOD
+PERIOD = 3      # line i reads the entry of digit i mod PERIOD
 _ANSWER = re.compile(r"ans (\d\d)(?!\d)")
 
 
@@ -60,7 +62,9 @@ class Problem:
       start: the start state, two digits (a, b).
       num_steps: lines of the trace (`NUM_STEPS` for the task; training also uses prefixes).
       period: line i reads the entry of digit i mod period (`PERIOD` for the task; the
-        bundled model's first training phases used 10).
+        bundled model's earlier training phases used 10 and 5).
+      compact: write a line's entry as "Kv" (the bundled model's first training phases)
+        instead of "K v" (the task).
     """
 
     table: tuple[int, ...]
@@ -68,6 +72,7 @@ class Problem:
     start: tuple[int, int]
     num_steps: int = NUM_STEPS
     period: int = PERIOD
+    compact: bool = False
 
     @property
     def prompt(self) -> str:
@@ -86,7 +91,8 @@ class Problem:
     def solve(self) -> tuple[str, str]:
         """The reference trace (one line per step) and the answer (the final state)."""
         states = self.states()
-        lines = [f"{i:02d} {KEYS[i % self.period]}{self.table[i % self.period]} {a}{b}\n"
+        gap = "" if self.compact else " "
+        lines = [f"{i:02d} {KEYS[i % self.period]}{gap}{self.table[i % self.period]} {a}{b}\n"
                  for i, (a, b) in enumerate(states[1:])]
         return "".join(lines), "".join(map(str, states[-1]))
 
@@ -111,7 +117,7 @@ def walk_repeats(table: tuple[int, ...], start: tuple[int, int], num_steps: int,
 
 
 def sample_problem(rng: random.Random, num_steps: int = NUM_STEPS,
-                   period: int = PERIOD) -> Problem:
+                   period: int = PERIOD, compact: bool = False) -> Problem:
     """A random problem whose walk does not repeat a (state, step mod period) pair within
     `num_steps` steps."""
     if not 1 <= num_steps <= 99:
@@ -124,13 +130,14 @@ def sample_problem(rng: random.Random, num_steps: int = NUM_STEPS,
         if not walk_repeats(table, start, num_steps, period):
             order = tuple(rng.sample(range(10), 10))
             return Problem(table=table, order=order, start=start, num_steps=num_steps,
-                           period=period)
+                           period=period, compact=compact)
 
 
-def problems(seed: int, count: int, period: int = PERIOD) -> list[Problem]:
+def problems(seed: int, count: int, period: int = PERIOD, compact: bool = False
+             ) -> list[Problem]:
     """`count` problems drawn from `seed` (the same seed always gives the same problems)."""
     rng = random.Random(seed)
-    return [sample_problem(rng, period=period) for _ in range(count)]
+    return [sample_problem(rng, period=period, compact=compact) for _ in range(count)]
 
 
 def extract_answer(text: str) -> str | None:

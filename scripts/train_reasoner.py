@@ -35,17 +35,19 @@ from flax import nnx
 from gkv_jax import synthetic
 from gkv_jax.conversion import model_from_weights, to_hf
 from gkv_jax.generation import generate
+from gkv_jax.loading import load
 from gkv_jax.models import ModelConfig, Transformer, forward
 
 DEFAULT_EXPORT = os.path.join(os.path.dirname(__file__), "..", "gkv_jax", "assets", "reasoner")
 EVAL_SEED = 0          # held-out problems: synthetic.problems(EVAL_SEED, n)
 TRAIN_SEED = 12345     # training problems are drawn from here and never equal a held-out one
-SEQUENCE_LENGTH = 496  # prompt + completion + EOS: 36 + 50 * 9 + 7 + 1 = 494, rounded up
+SEQUENCE_LENGTH = 544  # prompt + completion + EOS: 36 + 50 * 10 + 7 + 1
 PROMPT_BUCKET = 48     # every prompt is 36 tokens
-# A batch draws one bucket: (fewest lines, most lines, probability). A prefix of k < 50 lines
-# has no answer; the last bucket is the whole sequence with its answer and EOS. Each bucket
-# pads to its longest sequence (x16).
-LINE_BUCKETS = ((4, 16, 0.3), (17, 33, 0.3), (50, 50, 0.4))
+# A batch draws one bucket: (fewest lines, most lines). A prefix of k < 50 lines has no
+# answer; the last bucket is the whole sequence with its answer and EOS, drawn with
+# probability `whole_share` (the prefixes share the rest equally). Each bucket pads to its
+# longest sequence (x16).
+LINE_BUCKETS = ((4, 16), (17, 33), (50, 50))
 
 
 def model_config(tokenizer) -> ModelConfig:
@@ -75,22 +77,23 @@ def problem_key(problem: synthetic.Problem) -> tuple:
 
 
 def batches(tokenizer, batch_size: int, seed: int, held_out: set, answer_weight: float = 1.0,
-            period: int = synthetic.PERIOD):
+            period: int = synthetic.PERIOD, compact: bool = False, whole_share: float = 0.4):
     """Endless (tokens [B, T], loss weights [B, T]) batches of prefixes or whole sequences
     (`LINE_BUCKETS`); the weights cover the completion (and EOS), the answer line and EOS
     with `answer_weight` (it comes once per whole sequence, after 50 lines)."""
     rng = random.Random(seed)
-    weights = [bucket[2] for bucket in LINE_BUCKETS]
+    prefix_share = (1.0 - whole_share) / (len(LINE_BUCKETS) - 1)
+    weights = [prefix_share] * (len(LINE_BUCKETS) - 1) + [whole_share]
     while True:
-        low, high, _ = rng.choices(LINE_BUCKETS, weights)[0]
+        low, high = rng.choices(LINE_BUCKETS, weights)[0]
         # every problem of a bucket has the same length: measure it on any one
-        longest = len(encode(tokenizer, synthetic.Problem((0,) * 10, tuple(range(10)), (0, 0)),
-                             high)[0])
+        longest = len(encode(tokenizer, synthetic.Problem(
+            (0,) * 10, tuple(range(10)), (0, 0), compact=compact), high)[0])
         tokens = np.full((batch_size, -(-longest // 16) * 16), tokenizer.pad_token_id, np.int32)
         mask = np.zeros(tokens.shape, np.float32)
         row = 0
         while row < batch_size:
-            problem = synthetic.sample_problem(rng, period=period)
+            problem = synthetic.sample_problem(rng, period=period, compact=compact)
             if problem_key(problem) in held_out:
                 continue
             ids, prompt_length = encode(tokenizer, problem, rng.randint(low, high))
@@ -117,30 +120,45 @@ def value_tokens(tokenizer, tokens: np.ndarray) -> np.ndarray:
 
 def eviction_masks(rng: np.random.Generator, facts: np.ndarray, prompt_lengths: np.ndarray,
                    num_layers: int, num_kv_heads: int, evict_fraction: float,
-                   min_window: int = 4, fact_keep: float = 0.9) -> np.ndarray:
+                   min_window: int = 4, fact_keep: float = 0.9,
+                   layout_keep: tuple[float, float] = (0.1, 0.7), max_delay: int = 120
+                   ) -> np.ndarray:
     """[L, B, K, T, T] bool: random evictions, so that the model learns to answer from
     whichever copies of the facts it still sees (a model trained only on full causal
     attention fails even when every needed fact is kept).
 
     A sequence is evicted with probability `evict_fraction` (else it sees everything).
     Then, per layer and KV head, key j stays visible to queries q < end_j: end_j = inf
-    (kept for good) with probability `fact_keep` for a fact token and `keep` ~ U(0.1, 0.7) for a
-    layout token, else end_j = j + window + delay, window ~ U{min_window..40}, delay ~
-    U{0..120}: a query always sees the `min_window` tokens before it, as a generation always
-    keeps its observation window.
+    (kept for good) with probability `fact_keep` for a fact token and `keep` ~ U(*layout_keep)
+    (per sequence) for a layout token, else end_j = j + window + delay, window ~
+    U{min_window..40}, delay ~ U{0..max_delay}: a query always sees the `min_window` tokens
+    before it, as a generation always keeps its observation window. Small `layout_keep` and
+    `max_delay` give contexts as sparse as a cache of 1/8 of the sequence.
     Evictions are permanent and start after the prompt (`prompt_lengths` [B]), as during
     generation.
     """
     B, T = facts.shape
     shape = (num_layers, B, num_kv_heads, T)
     evicted = rng.random(B) < evict_fraction
-    keep = np.where(facts, fact_keep, rng.uniform(0.1, 0.7, (B, 1)))
+    keep = np.where(facts, fact_keep, rng.uniform(*layout_keep, (B, 1)))
     kept = (rng.random(shape) < keep[None, :, None]) | ~evicted[None, :, None, None]
     window = rng.integers(min_window, max(min_window, 40) + 1,
                           (num_layers, B, num_kv_heads, 1))
-    end = np.arange(T) + window + rng.integers(0, 121, shape)
+    end = np.arange(T) + window + rng.integers(0, max_delay + 1, shape)
     end = np.maximum(np.where(kept, T, end), prompt_lengths[None, :, None, None])
     return np.arange(T)[:, None] < end[..., None, :]
+
+
+def initial_params(config: ModelConfig, init_from: str | None, seed: int):
+    """Random weights, or those of the model saved in `init_from` (checked against `config`)."""
+    if init_from is None:
+        return Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(seed)).params()
+    model = load(init_from, dtype="float32")[0]
+    if model.config.num_parameters() != config.num_parameters():
+        raise ValueError(f"--init-from: {init_from} holds a model of "
+                         f"{model.config.num_parameters():,} parameters, this script trains "
+                         f"{config.num_parameters():,}")
+    return model.params()
 
 
 def loss_fn(config: ModelConfig, params, tokens, mask, kv_mask=None):
@@ -223,13 +241,27 @@ def main() -> None:
                         help="tokens before a query that an eviction never hides")
     parser.add_argument("--evict-fact-keep", type=float, default=0.9,
                         help="probability that an eviction keeps a table entry for good")
+    parser.add_argument("--evict-layout-keep", type=float, nargs=2, default=(0.1, 0.7),
+                        metavar=("LOW", "HIGH"),
+                        help="a sequence keeps each layout token for good with probability "
+                             "U(LOW, HIGH)")
+    parser.add_argument("--evict-max-delay", type=int, default=120,
+                        help="an evicted token stays visible up to this many tokens after "
+                             "its window")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="loss weight of the answer line and EOS")
     parser.add_argument("--period", type=int, default=synthetic.PERIOD,
                         help="line i reads the entry of digit i mod PERIOD (the task: "
                              f"{synthetic.PERIOD}; the bundled model's first phases: 10)")
+    parser.add_argument("--whole-share", type=float, default=0.4,
+                        help="share of batches of whole sequences (the rest are prefixes)")
+    parser.add_argument("--compact-lines", action="store_true",
+                        help='write entries as "Kv" instead of "K v" (the first phases)')
     parser.add_argument("--stop-at", type=int, default=None,
                         help="save a checkpoint and exit after this step (to resume later)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this Hugging Face directory's weights (e.g. "
+                             "gkv_jax/assets/reasoner) with a fresh optimizer, not at random")
     parser.add_argument("--run-dir", default="runs/reasoner")
     parser.add_argument("--export-dir", default=DEFAULT_EXPORT)
     args = parser.parse_args()
@@ -240,6 +272,15 @@ def main() -> None:
                      f"got {args.evict_min_window}")
     if not 0.0 <= args.evict_fact_keep <= 1.0:
         parser.error(f"--evict-fact-keep must be in [0, 1], got {args.evict_fact_keep}")
+    if not 0.0 <= args.whole_share <= 1.0:
+        parser.error(f"--whole-share must be in [0, 1], got {args.whole_share}")
+    low, high = args.evict_layout_keep
+    if not 0.0 <= low <= high <= 1.0:
+        parser.error(f"--evict-layout-keep must be LOW HIGH with 0 <= LOW <= HIGH <= 1, "
+                     f"got {low} {high}")
+    if not 0 <= args.evict_max_delay <= SEQUENCE_LENGTH:
+        parser.error(f"--evict-max-delay must be in [0, {SEQUENCE_LENGTH}], "
+                     f"got {args.evict_max_delay}")
     if args.answer_weight <= 0:
         parser.error(f"--answer-weight must be > 0, got {args.answer_weight}")
     if not 1 <= args.period <= 10:
@@ -250,7 +291,7 @@ def main() -> None:
     tokenizer = synthetic.build_tokenizer()
     config = model_config(tokenizer)
     optimizer = make_optimizer(args.steps, args.lr, args.warmup)
-    params = Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(args.seed)).params()
+    params = initial_params(config, args.init_from, args.seed)
     opt_state = optimizer.init(params)
     run_dir = os.path.abspath(args.run_dir)
     manager = ocp.CheckpointManager(run_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -261,11 +302,11 @@ def main() -> None:
             {"params": params, "opt_state": opt_state}))
         params, opt_state = restored["params"], restored["opt_state"]
         print(f"resumed from step {start}", flush=True)
-    held_out_problems = synthetic.problems(EVAL_SEED, 1000, args.period)
+    held_out_problems = synthetic.problems(EVAL_SEED, 1000, args.period, args.compact_lines)
     held_out = {problem_key(p) for p in held_out_problems}
     eval_problems = held_out_problems[:args.eval_problems]
     data = batches(tokenizer, args.batch_size, TRAIN_SEED + start, held_out, args.answer_weight,
-                   args.period)
+                   args.period, args.compact_lines, args.whole_share)
     train_step = make_train_step(config, optimizer)
     mask_rng = np.random.default_rng(TRAIN_SEED + start)
     print(f"{config}\nparameters: {config.num_parameters():,}", flush=True)
@@ -279,7 +320,8 @@ def main() -> None:
             kv_mask = eviction_masks(mask_rng, value_tokens(tokenizer, tokens[:, :-1]),
                                      prompt_lengths, config.num_layers, config.num_kv_heads,
                                      args.evict_fraction, args.evict_min_window,
-                                     args.evict_fact_keep)
+                                     args.evict_fact_keep, tuple(args.evict_layout_keep),
+                                     args.evict_max_delay)
         params, opt_state, loss, accuracy = train_step(params, opt_state, tokens, mask, kv_mask)
         if step % 25 == 0 or step == start + 1:
             elapsed = time.perf_counter() - tic

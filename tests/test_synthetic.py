@@ -10,7 +10,7 @@ import pytest
 from gkv_jax import synthetic
 
 PROBLEMS = synthetic.problems(11, 100)
-LINE = re.compile(r"(\d\d) ([A-J])(\d) (\d)(\d)")
+LINE = re.compile(r"(\d\d) ([A-J]) (\d) (\d)(\d)")
 
 
 def parse_table(prompt: str) -> dict[str, int]:
@@ -29,7 +29,7 @@ def test_every_line_follows_the_rule(problem):
     assert len(lines) == synthetic.NUM_STEPS + 2 and lines[-1] == ""
     for i, line in enumerate(lines[:synthetic.NUM_STEPS]):
         step, key, value, a, b = LINE.fullmatch(line).groups()
-        assert int(step) == i and key == "ABCDE"[i % 5] and int(value) == table[key]
+        assert int(step) == i and key == "ABC"[i % 3] and int(value) == table[key]
         state = (state[1], (state[0] + table[key]) % 10)
         assert (int(a), int(b)) == state
     assert lines[synthetic.NUM_STEPS] == f"ans {state[0]}{state[1]}" == f"ans {problem.answer}"
@@ -38,10 +38,10 @@ def test_every_line_follows_the_rule(problem):
 def test_walks_never_repeat_a_state_at_the_same_phase_so_traces_are_not_periodic():
     for problem in PROBLEMS:
         lines = problem.completion.split("\n")[:synthetic.NUM_STEPS]
-        phases = [(int(line[:2]) % 5, line[6:8]) for line in lines]  # (step mod 5, state)
+        phases = [(int(line[:2]) % 3, line[7:9]) for line in lines]  # (step mod 3, state)
         assert len(set(phases)) == len(phases)
-    assert synthetic.walk_repeats((0,) * 10, (0, 0), 6)  # 00 forever: repeats at step 5
-    assert not synthetic.walk_repeats((0,) * 10, (0, 0), 5)
+    assert synthetic.walk_repeats((0,) * 10, (0, 0), 4)  # 00 forever: repeats at step 3
+    assert not synthetic.walk_repeats((0,) * 10, (0, 0), 3)
     assert not synthetic.walk_repeats((0,) * 10, (0, 0), 10, period=10)
     assert sum(synthetic.walk_repeats((1,) * 10, (0, 0), n) for n in range(1, 100)) > 0
 
@@ -51,35 +51,44 @@ def test_sizes_and_prompt_share():
     for problem in PROBLEMS[:10]:
         prompt = 1 + len(tokenizer(problem.prompt)["input_ids"])  # with BOS
         completion = len(tokenizer(problem.completion)["input_ids"]) + 1  # with EOS
-        assert (prompt, completion) == (36, 458)
+        assert (prompt, completion) == (36, 508)
         assert prompt <= (prompt + completion) / 4
         trace = problem.completion[:problem.completion.rindex("ans")]
         assert 300 <= len(tokenizer(trace)["input_ids"]) <= 600
 
 
-def test_five_entries_are_re_read_periodically_and_long_after_the_prompt():
-    """Entry K of A-E is read at lines K, K + 5, ...: every 45 tokens, the last time 400+
-    tokens after the prompt; F-J never. The answer depends on every read entry."""
+def test_three_entries_are_re_read_periodically_and_long_after_the_prompt():
+    """Entry K of A-C is read at lines K, K + 3, ...: every 30 tokens, the last time 470+
+    tokens after the prompt; D-J never. The answer depends on every read entry."""
     for problem in PROBLEMS[:10]:
         lines = problem.completion.split("\n")[:synthetic.NUM_STEPS]
         reads = {key: [i for i, line in enumerate(lines) if line[3] == key]
                  for key in synthetic.KEYS}
-        assert [reads[key] for key in "ABCDE"] == [list(range(k, synthetic.NUM_STEPS, 5))
-                                                   for k in range(5)]
-        assert not any(reads[key] for key in "FGHIJ")
-        assert min(reads[key][-1] + 1 for key in "ABCDE") * 9 >= 400
+        assert [reads[key] for key in "ABC"] == [list(range(k, synthetic.NUM_STEPS, 3))
+                                                 for k in range(3)]
+        assert not any(reads[key] for key in "DEFGHIJ")
+        assert min(reads[key][-1] + 1 for key in "ABC") * 10 >= 470
     problem = PROBLEMS[0]
     for digit in range(10):  # changing a read entry changes the answer, an unread one not
         table = list(problem.table)
         table[digit] = (table[digit] + 1) % 10
         changed = synthetic.Problem(tuple(table), problem.order, problem.start)
-        assert (changed.answer != problem.answer) == (digit < 5)
+        assert (changed.answer != problem.answer) == (digit < 3)
 
 
 def test_period_and_num_steps_are_checked():
     with pytest.raises(ValueError, match=r"period must be in \[1, 10\]"):
         synthetic.sample_problem(random.Random(0), period=11)
     assert all(p.period == 10 for p in synthetic.problems(1, 3, period=10))
+
+
+def test_compact_lines_write_the_entry_as_in_the_prompt():
+    """The earlier training phases' layout: "ii Kv ab" (the task writes "ii K v ab")."""
+    spaced, compact = synthetic.problems(2, 1)[0], synthetic.problems(2, 1, compact=True)[0]
+    assert compact.answer == spaced.answer
+    assert compact.completion == re.sub(r"^(\d\d [A-J]) ", r"\1", spaced.completion,
+                                        flags=re.M)
+    assert re.match(r"00 A\d \d\d\n", compact.completion)
 
 
 def test_seeds_are_deterministic_and_differ():

@@ -40,6 +40,9 @@ def test_value_tokens_are_the_table_entries(train_reasoner, batch):
     marked = "".join(c if f else "." for c, f in zip(line, train_reasoner.value_tokens(
         tokenizer, ids)[0], strict=True))
     assert marked == "...H4...."
+    # the task's lines write "H 4": no fact, only the prompt holds the table
+    assert not train_reasoner.value_tokens(tokenizer, np.array([tokenizer("07 H 4 93\n")[
+        "input_ids"]])).any()
     # the prompt's ten entries are facts, its layout (spaces, "s", the start state) is not
     prompt = "".join(tokenizer.convert_ids_to_tokens(tokens[0, 1:prompt_length].tolist()))
     expected = re.sub(r"[A-J][0-9]|.", lambda m: m.group() if len(m.group()) == 2 else ".",
@@ -79,6 +82,12 @@ def test_batches_are_prefixes_or_whole_sequences(train_reasoner):
             assert set(weights[weights > 0]) <= {1.0, 5.0}
             lengths.add(whole or trace.count("\n"))
     assert True in lengths and len(lengths) > 3
+    # --whole-share: the share of whole-sequence batches, here all or none
+    for share, whole in ((1.0, True), (0.0, False)):
+        data = train_reasoner.batches(tokenizer, 2, seed=3, held_out=held_out, whole_share=share)
+        for _ in range(4):
+            tokens, _ = next(data)
+            assert (tokens == tokenizer.eos_token_id).any(axis=1).all() == whole
 
 
 def test_eviction_masks_are_permanent_and_spare_the_prompt(train_reasoner, batch):
@@ -131,3 +140,32 @@ def test_held_out_evaluation_decodes_whole_traces(train_reasoner):
                                            synthetic.problems(0, 4), batch_size=4)
     assert result["exact"] == 1.0
     assert result["line_accuracy"] == [1.0] * synthetic.NUM_STEPS
+
+
+def test_init_from_starts_at_the_saved_weights(train_reasoner, tmp_path):
+    """--init-from: fine-tuning starts from a saved model's weights (here the bundled one),
+    and a directory holding a model of another size is refused with the flag's name."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import gkv_jax
+    from gkv_jax.loading import bundled_model_dir
+    from gkv_jax.models import Transformer
+
+    tokenizer = synthetic.build_tokenizer()
+    config = train_reasoner.model_config(tokenizer)
+    saved = gkv_jax.load(bundled_model_dir(), dtype="float32")[0].params()
+    started = train_reasoner.initial_params(config, bundled_model_dir(), seed=0)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), saved, started))
+    fresh = train_reasoner.initial_params(config, None, seed=0)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), saved, fresh))
+
+    smaller = dataclasses.replace(config, num_layers=1)
+    train_reasoner.export(smaller, Transformer(smaller, dtype=jnp.float32,
+                                               rngs=nnx.Rngs(0)).params(), tokenizer,
+                          str(tmp_path))
+    with pytest.raises(ValueError, match="--init-from"):
+        train_reasoner.initial_params(config, str(tmp_path), seed=0)
