@@ -18,6 +18,12 @@ from collections import defaultdict
 from gkv_jax import synthetic
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def pivot(rows: list[dict], field: str, fmt: str) -> str:
     """One row per policy, one column per budget; `full` (no budget) gets its own column."""
     budgets = sorted({int(r["budget"]) for r in rows if r["budget"]})
@@ -25,62 +31,66 @@ def pivot(rows: list[dict], field: str, fmt: str) -> str:
     for r in rows:
         cells[r["policy"]][r["budget"] or "full"] = format(float(r[field]), fmt)
     header = ["policy", "full cache"] + [f"budget {b}" for b in budgets]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     full = cells.get("full", {}).get("full", "-")
-    for policy, by_budget in cells.items():
-        if policy == "full":
-            continue
-        row = [policy, full] + [by_budget.get(str(b), "-") for b in budgets]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    return markdown(header, [[policy, full] + [by_budget.get(str(b), "-") for b in budgets]
+                             for policy, by_budget in cells.items() if policy != "full"])
 
 
-def correct_lines(rows: list[dict]) -> list[dict]:
-    """Per config (summary-like rows): mean number of trace lines right before the first
-    wrong one, over the synthetic problems of `results.jsonl`'s rows."""
+def graded_rows(rows: list[dict]) -> list[tuple[dict, synthetic.Problem, list[str], int | None]]:
+    """Each synthetic row of `results.jsonl` with its problem, its written lines (padded with
+    empty ones to the reference's length) and the index of its first line that differs from
+    the reference's 50 trace lines and answer line (None if none does)."""
     count = 1 + max(int(r["problem"].split("-")[1]) for r in rows)
     problems = synthetic.problems(0, count)
-    lines_right: dict[tuple, list[int]] = defaultdict(list)
+    graded = []
     for r in rows:
-        reference = problems[int(r["problem"].split("-")[1])].completion.split("\n")
-        written = r["text"].split("\n")
-        right = 0
-        while right < len(reference) - 2 and right < len(written) and (
-                written[right] == reference[right]):
-            right += 1
+        problem = problems[int(r["problem"].split("-")[1])]
+        reference = problem.completion.split("\n")[:synthetic.NUM_STEPS + 1]
+        written = r["text"].split("\n") + [""] * len(reference)
+        wrong = next((i for i, line in enumerate(reference) if written[i] != line), None)
+        graded.append((r, problem, written, wrong))
+    return graded
+
+
+def correct_lines(graded: list[tuple]) -> list[dict]:
+    """Per config (summary-like rows): mean number of trace lines right before the first
+    wrong one, over `graded_rows`."""
+    lines_right: dict[tuple, list[int]] = defaultdict(list)
+    for r, _, _, wrong in graded:
+        right = synthetic.NUM_STEPS if wrong is None else min(wrong, synthetic.NUM_STEPS)
         lines_right[(r["policy"], r["budget"])].append(right)
     return [{"policy": policy, "budget": "" if budget is None else str(budget),
              "lines": sum(v) / len(v)} for (policy, budget), v in lines_right.items()]
 
 
 FIELDS = ("line number", "key", "entry", "state")  # the parts of a line "ii K v ab"
+KINDS = (*FIELDS, "answer", "after answer", "none")
 
 
-def first_errors(rows: list[dict]) -> list[dict]:
-    """Per config: how many problems first go wrong in each part of a trace line (the
-    first part that differs from the reference, `FIELDS`), in the answer after 50 right
-    lines ("answer"), only after a right answer ("after answer": text between the answer and
-    EOS, which grading ignores), or nowhere ("none")."""
-    count = 1 + max(int(r["problem"].split("-")[1]) for r in rows)
-    problems = synthetic.problems(0, count)
-    counts: dict[tuple, dict[str, int]] = defaultdict(
-        lambda: dict.fromkeys((*FIELDS, "answer", "after answer", "none"), 0))
-    for r in rows:
-        problem = problems[int(r["problem"].split("-")[1])]
-        reference = problem.completion.split("\n")[:synthetic.NUM_STEPS + 1]
-        written = r["text"].split("\n") + [""] * len(reference)
-        wrong = next((i for i, line in enumerate(reference) if written[i] != line), None)
-        if wrong is not None and wrong < synthetic.NUM_STEPS:
-            parts = written[wrong].split(" ") + [""] * len(FIELDS)
-            kind = next(field for field, got, want in zip(
-                FIELDS, parts, reference[wrong].split(" "), strict=False) if got != want)
-        elif synthetic.extract_answer(written[synthetic.NUM_STEPS]) != problem.answer:
-            kind = "answer"
-        elif wrong is not None or r["text"] != problem.completion:
-            kind = "after answer"
-        else:
-            kind = "none"
-        counts[(r["policy"], r["budget"])][kind] += 1
+def first_error_kind(problem: synthetic.Problem, text: str, written: list[str],
+                     wrong: int | None) -> str:
+    """Where a generation first goes wrong: the first part of its first wrong trace line
+    that differs (`FIELDS`), the answer after 50 right lines ("answer"), only after a right
+    answer ("after answer": text between the answer and EOS, which grading ignores), or
+    nowhere ("none")."""
+    if wrong is not None and wrong < synthetic.NUM_STEPS:
+        reference = problem.completion.split("\n")[wrong].split(" ")
+        parts = written[wrong].split(" ") + [""] * len(FIELDS)
+        return next(field for field, got, want in zip(FIELDS, parts, reference, strict=False)
+                    if got != want)
+    if synthetic.extract_answer(written[synthetic.NUM_STEPS]) != problem.answer:
+        return "answer"
+    if wrong is not None or text != problem.completion:
+        return "after answer"
+    return "none"
+
+
+def first_errors(graded: list[tuple]) -> list[dict]:
+    """Per config: how many problems first go wrong in each of `KINDS`."""
+    counts: dict[tuple, dict[str, int]] = defaultdict(lambda: dict.fromkeys(KINDS, 0))
+    for r, problem, written, wrong in graded:
+        counts[(r["policy"], r["budget"])][first_error_kind(problem, r["text"], written,
+                                                            wrong)] += 1
     return [{"config": policy if budget is None else f"{policy}@{budget}", **kinds}
             for (policy, budget), kinds in counts.items()]
 
@@ -103,13 +113,11 @@ def main() -> None:
     if all(r["problem"].startswith("synthetic-") for r in results):
         print(f"\nsynthetic: trace lines right before the first wrong one (of "
               f"{synthetic.NUM_STEPS}):\n")
-        print(pivot(correct_lines(results), "lines", ".1f"))
+        graded = graded_rows(results)
+        print(pivot(correct_lines(graded), "lines", ".1f"))
         print("\nsynthetic: where the first wrong line is wrong (problems per config):\n")
-        errors = first_errors(results)
-        header = list(errors[0])
-        print("| " + " | ".join(header) + " |\n|---" + "|---:" * (len(header) - 1) + "|")
-        for row in errors:
-            print("| " + " | ".join(str(v) for v in row.values()) + " |")
+        errors = first_errors(graded)
+        print(markdown(list(errors[0]), [[str(v) for v in row.values()] for row in errors]))
 
 
 if __name__ == "__main__":

@@ -150,15 +150,18 @@ def eviction_masks(rng: np.random.Generator, facts: np.ndarray, prompt_lengths: 
 
 
 def initial_params(config: ModelConfig, init_from: str | None, seed: int):
-    """Random weights, or those of the model saved in `init_from` (checked against `config`)."""
+    """Random weights, or those of the model saved in `init_from`, which must have the same
+    parameter names and shapes as `config`'s."""
+    params = Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(seed)).params()
     if init_from is None:
-        return Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(seed)).params()
-    model = load(init_from, dtype="float32")[0]
-    if model.config.num_parameters() != config.num_parameters():
-        raise ValueError(f"--init-from: {init_from} holds a model of "
-                         f"{model.config.num_parameters():,} parameters, this script trains "
-                         f"{config.num_parameters():,}")
-    return model.params()
+        return params
+    saved = load(init_from, dtype="float32")[0].params()
+    shapes = jax.tree.map(jnp.shape, params)
+    if jax.tree.map(jnp.shape, saved) != shapes:
+        raise ValueError(f"--init-from: {init_from} holds a model whose parameters differ in "
+                         f"names or shapes from this script's ({config.num_parameters():,} "
+                         f"parameters)")
+    return saved
 
 
 def loss_fn(config: ModelConfig, params, tokens, mask, kv_mask=None):
