@@ -6,10 +6,11 @@ Shape letters used in every docstring:
   D model dim, F MLP width, V vocab, L layers, W observation window.
 """
 
-from gkv_jax import conversion, datasets, decode, eviction, grading
+from gkv_jax import conversion, datasets, decode, eviction, grading, training
 from gkv_jax.cache import KVCache, init_cache
 from gkv_jax.evaluation import EvalReport, evaluate
 from gkv_jax.eviction import EvictionConfig
+from gkv_jax.eviction_record import EvictionRecord
 from gkv_jax.generation import GenerateOutput, generate
 from gkv_jax.loading import load
 from gkv_jax.models import ModelConfig, Transformer
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EvalReport",
     "EvictionConfig",
+    "EvictionRecord",
     "GenerateOutput",
     "KVCache",
     "ModelConfig",
@@ -32,4 +34,5 @@ __all__ = [
     "grading",
     "init_cache",
     "load",
+    "training",
 ]

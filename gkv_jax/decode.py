@@ -12,8 +12,8 @@ slots, its left part empty), and every compression brings active sequences back 
 So at each compression every active sequence's buffer is exactly full (S == capacity) and the
 last W slots are the last W tokens, for all sequences of the batch at once.
 
-Public, jit-able pieces: `cache_capacity`, `prefill`, `decode_step`, `evict`, `run_cycles`;
-`gkv_jax.generate` assembles them into one compiled program.
+Public, jit-able pieces: `cache_capacity`, `prefill`, `decode_step`, `compress_layer`, `evict`,
+`record_evictions`, `run_cycles`; `gkv_jax.generate` assembles them into one compiled program.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.cache import EMPTY_POSITION, KVCache, init_cache
 from gkv_jax.eviction import EvictionConfig, select
+from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits
 from gkv_jax.pallas_kernels import topk_retention
@@ -71,11 +72,34 @@ def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
     return jnp.sum(cache.positions[0, :, 0, :] >= 0, axis=-1).astype(jnp.int32)
 
 
+__all__ = ["NEVER", "DecodeState", "Outputs", "StepOutput", "cache_capacity", "compress_layer",
+           "decode_step", "evict", "generate_tokens", "prefill", "query_window_size",
+           "record_evictions", "run_cycles"]
+
+
 # ------------------------------------------------------------------------------ eviction
-def _compress_layer(eviction: EvictionConfig, query_window, keys, values, positions,
-                    global_score, active, evicting):
-    """One layer's selection (`select`) and compaction (`topk_retention.compact`), both
-    dispatched on `eviction.implementation`; buffers keep their [B, K, S, ...] shapes."""
+def compress_layer(eviction: EvictionConfig, query_window: Float[Array, "B N W H"],
+                   keys: Float[Array, "B K S H"], values: Float[Array, "B K S H"],
+                   positions: Int[Array, "B K S"], global_score: Float[Array, "B K S"],
+                   active: Bool[Array, " B"], evicting: Bool[Array, " B"]):
+    """One layer's compression: selection (`eviction.select`) then compaction
+    (`topk_retention.compact`), both dispatched on `eviction.implementation`.
+
+    The one door through which the decode loop (`evict`) and the post-training replay
+    (`gkv_jax.training.replay_evictions`) change a cache. Buffers keep their shapes; the S
+    slots must be full for every active sequence (the last W slots are the window).
+
+    Args:
+      query_window: [B, N, W, H] the last W queries (W = 0 for streaming).
+      keys, values: [B, K, S, H]; positions: [B, K, S] (-1 = empty); global_score:
+        [B, K, S] (NaN = no history).
+      active: [B] sequences to compact (others are returned unchanged).
+      evicting: [B] active sequences holding more than `budget` real tokens, whose carried
+        global score is replaced by the new one.
+
+    Returns:
+      keys, values, positions, global_score, compacted (kept rows first, then the window).
+    """
     valid = positions[:, 0, :] >= 0  # identical across KV heads until the first eviction
     kept_index, new_score = select(eviction, query_window, keys, valid,
                                    global_score[:, :, :eviction.kept_scored])
@@ -123,7 +147,7 @@ def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
 
     def layer_step(layer, buffers):
         layer_buffers = [b[layer] for b in buffers]
-        compressed = _compress_layer(eviction, cache.query_window[layer], *layer_buffers,
+        compressed = compress_layer(eviction, cache.query_window[layer], *layer_buffers,
                                      active, evicting)
         return tuple(jax.lax.dynamic_update_index_in_dim(b, c, layer, 0)
                      for b, c in zip(buffers, compressed, strict=True))
@@ -229,11 +253,15 @@ class Outputs:
       tokens: [B, M] int32 generated ids (token j at column j).
       log_probs: [B, M] float32.
       compressions: [] int32 number of compression steps at which some sequence evicted.
+      visible_until: [L, B, K, Tp + M] int32 eviction record by true position (see
+        `gkv_jax.eviction_record`), or None when not recorded (a static choice: the pytree
+        structure differs).
     """
 
     tokens: Int[Array, "B M"]
     log_probs: Float[Array, "B M"]
     compressions: Int[Array, ""]
+    visible_until: Int[Array, "L B K P"] | None = None
 
 
 def _decode_steps(config, params, state, outputs, sampling, eos_ids, num_steps: int):
@@ -275,6 +303,10 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
                                                eos_ids, period)
         if eviction.evicts:
             cache, evicted = evict(eviction, state.cache, ~served)
+            if outputs.visible_until is not None:
+                outputs = outputs.replace(visible_until=record_evictions(
+                    outputs.visible_until, state.cache.positions, cache.positions,
+                    state.next_position))
             state = state.replace(cache=cache)
             outputs = outputs.replace(
                 compressions=outputs.compressions + jnp.any(evicted).astype(jnp.int32))
@@ -300,13 +332,16 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
 
 def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_tokens: int,
                     params: dict, tokens: Array, positions: Array, sampling: SamplingParams,
-                    seed: Array, eos_ids: Array) -> tuple[Outputs, DecodeState]:
-    """The whole generation as one jit-able function (config, eviction and max_new_tokens
-    static): prefill, sample token 0, then `run_cycles`.
+                    seed: Array, eos_ids: Array, record: bool = False
+                    ) -> tuple[Outputs, DecodeState]:
+    """The whole generation as one jit-able function (config, eviction, max_new_tokens and
+    record static): prefill, sample token 0, then `run_cycles`.
 
     Args:
       tokens: [B, T] int32 left-padded prompts; positions: [B, T] true positions (-1 pads).
       seed: [] int32 sampler seed. eos_ids: [E] int32 (E may be 0).
+      record: also build `Outputs.visible_until`, the eviction record ([L, B, K, T +
+        max_new_tokens], by true position), on the device: two scatters per compression.
     """
     dtype = jax.tree.leaves(params)[0].dtype
     capacity = cache_capacity(eviction, tokens.shape[1], max_new_tokens)
@@ -315,12 +350,18 @@ def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_token
     rng, key = jax.random.split(jax.random.PRNGKey(seed))
     first, first_log_prob = sample(logits, key, sampling)
     B = tokens.shape[0]
+    next_position = jnp.max(positions, axis=1) + 1
+    visible_until = None
+    if record and eviction.evicts:
+        visible_until = init_record(config.num_layers, B, config.num_kv_heads,
+                                    tokens.shape[1] + max_new_tokens)
+        visible_until = record_evictions(visible_until, positions, cache.positions,
+                                         next_position)
     outputs = Outputs(
         tokens=jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first),
         log_probs=jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_log_prob),
-        compressions=jnp.any(evicted).astype(jnp.int32))
-    state = DecodeState(cache=cache, last_token=first,
-                        next_position=jnp.max(positions, axis=1) + 1,
+        compressions=jnp.any(evicted).astype(jnp.int32), visible_until=visible_until)
+    state = DecodeState(cache=cache, last_token=first, next_position=next_position,
                         done=jnp.isin(first, eos_ids), rng=rng, step=jnp.int32(1))
     state, outputs = run_cycles(config, eviction, params, state, outputs, sampling, eos_ids,
                                 max_new_tokens)

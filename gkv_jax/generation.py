@@ -19,6 +19,7 @@ import numpy as np
 
 from gkv_jax.decode import generate_tokens
 from gkv_jax.eviction import EvictionConfig
+from gkv_jax.eviction_record import NEVER, EvictionRecord
 from gkv_jax.sampling import SamplingParams
 
 MIN_BUCKET = 16
@@ -39,6 +40,9 @@ class GenerateOutput:
       stats: cache_bytes, full_cache_bytes, tokens_per_second, compile_seconds,
         run_seconds, compressions, forwards (model forwards run, prefill included),
         prompt_bucket, capacity, generated_tokens.
+      eviction_record: the `EvictionRecord` (which keys every query attended to, per layer
+        and KV head), None unless `return_eviction_record`.
+      prompt_ids: per prompt, the token ids that were fed (after tokenization).
     """
 
     tokens: list[list[int]]
@@ -46,6 +50,8 @@ class GenerateOutput:
     logprobs: list[list[float]] | None
     kept_positions: np.ndarray | None
     stats: dict[str, Any]
+    eviction_record: EvictionRecord | None = None
+    prompt_ids: list[list[int]] | None = None
 
 
 # One compiled executable per static signature; the number of entries is the number of
@@ -137,15 +143,15 @@ def _trim(tokens: np.ndarray, log_probs: np.ndarray, eos: np.ndarray):
     return out_tokens, out_log_probs
 
 
-def _compiled(config, eviction, max_new_tokens, args):
-    signature = (config, eviction, max_new_tokens,
+def _compiled(config, eviction, max_new_tokens, record, args):
+    signature = (config, eviction, max_new_tokens, record,
                  tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)),
                  jax.tree.structure(args))
     if signature in _COMPILED:
         return _COMPILED[signature], 0.0
     start = time.perf_counter()
-    program = jax.jit(generate_tokens, static_argnums=(0, 1, 2))
-    compiled = program.lower(config, eviction, max_new_tokens, *args).compile()
+    program = jax.jit(generate_tokens, static_argnums=(0, 1, 2), static_argnames="record")
+    compiled = program.lower(config, eviction, max_new_tokens, *args, record=record).compile()
     _COMPILED[signature] = compiled
     return compiled, time.perf_counter() - start
 
@@ -174,8 +180,8 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, eos_token_id=None, chat_template: bool = False,
              system_prompt: str | None = None, prompt_buckets: Sequence[int] | None = None,
-             return_logprobs: bool = False, return_kept_positions: bool = False
-             ) -> GenerateOutput:
+             return_logprobs: bool = False, return_kept_positions: bool = False,
+             return_eviction_record: bool = False) -> GenerateOutput:
     """Generates continuations of a batch of prompts with a fixed-size, evicted KV cache.
 
     Args:
@@ -193,6 +199,8 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
       prompt_buckets: allowed padded prompt lengths (default: powers of two >= 16); prompts
         in the same bucket reuse the compiled program.
       return_logprobs, return_kept_positions: fill those fields of the output.
+      return_eviction_record: fill `eviction_record`, built on the device inside the
+        compiled loop (a static choice: its own compiled program).
 
     Raises:
       ValueError: naming the parameter, for an empty prompt list or prompt, string prompts
@@ -222,7 +230,8 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
 
     args = (model.params(), jnp.asarray(tokens), jnp.asarray(positions), sampling,
             jnp.int32(seed), jnp.asarray(eos))
-    program, compile_s = _compiled(config, eviction, int(max_new_tokens), args)
+    record = bool(return_eviction_record)
+    program, compile_s = _compiled(config, eviction, int(max_new_tokens), record, args)
     start = time.perf_counter()
     outputs, state = jax.block_until_ready(program(*args))
     run_s = time.perf_counter() - start
@@ -233,8 +242,26 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     stats = _stats(model, state, ids, generated, state.cache.capacity, width, compile_s,
                    run_s, int(outputs.compressions))
+    eviction_record = None
+    if record:
+        eviction_record = _eviction_record(config, eviction, outputs, ids, generated,
+                                           int(max_new_tokens))
     return GenerateOutput(
         tokens=generated, texts=texts,
         logprobs=log_probs if return_logprobs else None,
         kept_positions=np.asarray(state.cache.positions) if return_kept_positions else None,
-        stats=stats)
+        stats=stats, eviction_record=eviction_record, prompt_ids=ids)
+
+
+def _eviction_record(config, eviction, outputs, ids, generated, max_new_tokens):
+    """The host `EvictionRecord`, cut to [L, B, K, P_max + max_new_tokens]."""
+    width = max(len(p) for p in ids) + max_new_tokens
+    if outputs.visible_until is None:  # "full" never evicts
+        visible_until = np.full((config.num_layers, len(ids), config.num_kv_heads, width),
+                                NEVER, np.int32)
+    else:
+        visible_until = np.asarray(outputs.visible_until)[..., :width]
+    return EvictionRecord(
+        visible_until=visible_until,
+        prompt_lengths=np.asarray([len(p) for p in ids], np.int32),
+        lengths=np.asarray([len(g) for g in generated], np.int32), eviction=eviction)

@@ -77,3 +77,13 @@ def sample(logits: Float[Array, "B V"], key: Array, params: SamplingParams
 
     tokens, log_probs = jax.lax.cond(params.temperature > 0, stochastic, greedy, None)
     return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+
+
+def sampling_log_probs(logits: Float[Array, "R V"], params: SamplingParams
+                       ) -> Float[Array, "R V"]:
+    """Log-probabilities of the distribution `sample` draws from (and reports): the plain
+    softmax for greedy (temperature 0), else `filtered_log_probs`."""
+    logits = logits.astype(jnp.float32)
+    return jax.lax.cond(params.temperature > 0,
+                        lambda x: filtered_log_probs(x, params),
+                        lambda x: jax.nn.log_softmax(x, axis=-1), logits)

@@ -17,8 +17,9 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.cache import KVCache
-from gkv_jax.models import layers
+from gkv_jax.models import layers, masked_attention
 from gkv_jax.models.config import ModelConfig
+from gkv_jax.models.masked_attention import SegmentLayout
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -190,29 +191,98 @@ def _attention_output(p: dict[str, Array], attended: Array) -> Array:
     return jnp.einsum("btnh,nhd->btd", attended, p["o_proj"])
 
 
+def _decoder_layers(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
+                    positions: Int[Array, "B T"], attend, per_layer=None):
+    """The layer scan shared by the uncached forwards.
+
+    `attend(queries [B, T, N, H], keys [B, K, T, H], values [B, K, T, H], per_layer_slice)`
+    returns the attended values [B, T, N, H] and a per-layer output, stacked over layers.
+    """
+
+    def layer(x, xs):
+        p, extra = xs
+        h = layers.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(config, p, h, positions)
+        attended, out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), extra)
+        x = x + _attention_output(p, attended)
+        return _residual_mlp(config, p, x), out
+
+    return jax.lax.scan(layer, embed(params, tokens), (params["layers"], per_layer))
+
+
 def forward_hidden(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
                    positions: Int[Array, "B T"], kv_mask: Bool[Array, "L B K T T"] | None = None
                    ) -> Float[Array, "B T D"]:
     """Full causal forward without a cache; returns the last hidden states (pre final norm).
 
     `kv_mask`, if given, further restricts which keys each query sees, per layer and KV head
-    (True = visible): the teacher-forced view of a generation under eviction.
+    (True = visible). For masks of a generation under eviction prefer `forward_visible`,
+    which takes one integer per key instead of a [T, T] mask.
     """
     key_positions = jnp.broadcast_to(positions[:, None, :],
                                      (tokens.shape[0], config.num_kv_heads, tokens.shape[1]))
     causal = layers.attention_mask(positions, key_positions)
 
-    def layer(x, xs):
-        p, layer_mask = xs
-        h = layers.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-        q, k, v = _project_qkv(config, p, h, positions)
-        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    def attend(q, keys, values, layer_mask):
         mask = causal if layer_mask is None else causal & layer_mask
-        x = x + _attention_output(p, layers.grouped_attention(q, keys, values, mask))
-        return _residual_mlp(config, p, x), None
+        return layers.grouped_attention(q, keys, values, mask), None
 
-    hidden, _ = jax.lax.scan(layer, embed(params, tokens), (params["layers"], kv_mask))
+    hidden, _ = _decoder_layers(config, params, tokens, positions, attend, kv_mask)
     return hidden
+
+
+ATTENTION_IMPLS = ("dense", "segments")
+
+
+def forward_visible(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
+                    positions: Int[Array, "B T"],
+                    visible_until: Int[Array, "L B K T"] | None = None, *,
+                    visibility_fn=None, attention_impl: str = "dense",
+                    segments: SegmentLayout | None = None
+                    ) -> tuple[Float[Array, "B T D"], Int[Array, "L B K T"]]:
+    """Full forward where each key expires: query q sees key j iff
+    `pos_j >= 0 and pos_j <= pos_q < visible_until[l, b, k, j]` (true positions).
+
+    The mask of layer l is built inside the layer scan from `visible_until[l]`; no
+    [L, B, K, T, T] array exists. Give either `visible_until` or `visibility_fn(queries
+    [B, T, N, H], keys [B, K, T, H], values [B, K, T, H]) -> [B, K, T] int32`, called per
+    layer on that layer's post-RoPE projections (under `stop_gradient`) after the layers
+    below ran under theirs: how a schedule is replayed from the pass's own queries and keys.
+
+    Args:
+      tokens: [B, T] int32; positions: [B, T] int32 true positions, -1 on pads.
+      attention_impl: "dense" ([B, K, T, T] mask per layer; the reference) or "segments"
+        (linear in T; needs `segments`, see `masked_attention.segment_attention`).
+
+    Returns:
+      hidden [B, T, D] (pre final norm) and the visible_until [L, B, K, T] used per layer.
+    """
+    if (visible_until is None) == (visibility_fn is None):
+        raise ValueError("forward_visible: give exactly one of visible_until and visibility_fn")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                         f"{attention_impl!r}")
+    if attention_impl == "segments" and segments is None:
+        raise ValueError('attention_impl="segments" needs segments=SegmentLayout(...)')
+    B, T = tokens.shape
+    if visible_until is not None:
+        expected = (config.num_layers, B, config.num_kv_heads, T)
+        if tuple(visible_until.shape) != expected:
+            raise ValueError(f"visible_until must have shape [L, B, K, T] = {list(expected)}, "
+                             f"got {list(visible_until.shape)}")
+
+    def attend(q, keys, values, until):
+        if until is None:
+            until = jax.lax.stop_gradient(visibility_fn(q, keys, values))
+        until = until.astype(jnp.int32)
+        if attention_impl == "segments":
+            out = masked_attention.segment_attention(q, keys, values, positions, until,
+                                                     segments)
+        else:
+            out = masked_attention.dense_visible_attention(q, keys, values, positions, until)
+        return out, until
+
+    return _decoder_layers(config, params, tokens, positions, attend, visible_until)
 
 
 def forward(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],

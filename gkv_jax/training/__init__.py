@@ -1,0 +1,28 @@
+"""Post-training under eviction: exact masks, teacher-forced log-probs, the replay.
+
+* `batch_from_generation(out)`: a generation (with `return_eviction_record=True`) as a
+  `TeacherForcedBatch` under the exact masks it recorded.
+* `batch_from_completions(prompt_ids, completion_ids)`: traces that were not generated.
+* `token_log_probs(model, batch)`: [B, M] log-probs of the targets under the masks (equal to
+  `generate`'s `logprobs`).
+* `replay_evictions(model, eviction, batch)`: the masks a policy gives any token sequence,
+  re-derived layer by layer with the code generation compresses with.
+"""
+
+from gkv_jax.training.batch import (
+    TeacherForcedBatch,
+    batch_from_completions,
+    batch_from_generation,
+)
+from gkv_jax.training.log_probs import token_log_probs, token_log_probs_from_params
+from gkv_jax.training.replay import replay_evictions, replay_from_params
+
+__all__ = [
+    "TeacherForcedBatch",
+    "batch_from_completions",
+    "batch_from_generation",
+    "replay_evictions",
+    "replay_from_params",
+    "token_log_probs",
+    "token_log_probs_from_params",
+]

@@ -1,0 +1,196 @@
+"""`TeacherForcedBatch`: prompts and completions in generation's layout, with eviction masks.
+
+Row b is its prompt left-padded to the width `Wp` (generation's prompt bucket), then
+completion tokens 0 .. M_b - 2 as inputs; the targets are completion tokens 0 .. M_b - 1 (the
+first one is predicted by the last prompt row). With a common width, compression event e
+starts at slot `Wp + e * divide_length` in every row, so the schedule is batch-uniform.
+
+`visible_until` is in the slot layout: `visible_until[l, b, h, s]` is the first query
+position (a true position, like the record's values) that no longer sees the key at slot s;
+slots without a token (pads, the right padding of short rows) hold 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Int
+
+from gkv_jax.eviction import EvictionConfig
+from gkv_jax.generation import GenerateOutput, bucket_length
+from gkv_jax.models.masked_attention import SegmentLayout
+
+PAD_ID = 0  # the id generation left-pads with; pads are never visible whatever their id
+
+
+@struct.dataclass
+class TeacherForcedBatch:
+    """A batch for teacher-forced log-probs, losses and the replay (a pytree; `width` and
+    `eviction` are static).
+
+    Attributes:
+      tokens: [B, T] int32 inputs, T = width + M - 1: left-padded prompts, then completions.
+      positions: [B, T] int32 true positions (prompt 0..P-1, completion token i at P + i);
+        -1 on pads and on the right padding of shorter rows.
+      targets: [B, M] int32 completion tokens (target i is predicted by slot width - 1 + i).
+      loss_mask: [B, M] bool, True for i < lengths[b].
+      lengths: [B] int32 completion lengths M_b (EOS included).
+      visible_until: [L, B, K, T] int32 eviction masks in the slot layout, or None (full
+        attention: no eviction recorded or replayed yet).
+      width: Wp, the left-padded prompt width.
+      eviction: the `EvictionConfig` the masks come from (None without masks).
+    """
+
+    tokens: Int[Array, "B T"]
+    positions: Int[Array, "B T"]
+    targets: Int[Array, "B M"]
+    loss_mask: Bool[Array, "B M"]
+    lengths: Int[Array, " B"]
+    visible_until: Int[Array, "L B K T"] | None
+    width: int = struct.field(pytree_node=False)
+    eviction: EvictionConfig | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def segment_layout(self) -> SegmentLayout | None:
+        """The segment geometry of the masks' schedule (None without an evicting policy)."""
+        if self.eviction is None or not self.eviction.evicts:
+            return None
+        return SegmentLayout(prompt_width=self.width,
+                             segment_length=self.eviction.divide_length,
+                             max_visible=self.eviction.budget)
+
+    def with_visible_until(self, visible_until: Array, eviction: EvictionConfig
+                           ) -> TeacherForcedBatch:
+        """The same batch under other masks (e.g. `replay_evictions`' result)."""
+        B, T = self.tokens.shape
+        shape = tuple(np.shape(visible_until))
+        if len(shape) != 4 or shape[1] != B or shape[3] != T:
+            raise ValueError(f"visible_until must be [L, B={B}, K, T={T}], got {list(shape)}")
+        if not isinstance(eviction, EvictionConfig):
+            raise TypeError(f"eviction must be an EvictionConfig, got {type(eviction)}")
+        return self.replace(visible_until=jnp.asarray(visible_until, jnp.int32),
+                            eviction=eviction)
+
+
+def _check_ids(name: str, ids: Sequence[Sequence[int]], min_length: int) -> list[list[int]]:
+    if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray) \
+            or len(ids) == 0:
+        raise ValueError(f"{name} must be a non-empty list of token-id lists")
+    out = []
+    for i, row in enumerate(ids):
+        if isinstance(row, str | bytes) or not isinstance(row, Sequence | np.ndarray):
+            raise ValueError(f"{name}[{i}] must be a list of token ids, got {type(row)}")
+        values = np.asarray(row)
+        if values.size and not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"{name}[{i}] must hold integer token ids, got {values.dtype}")
+        if values.size < min_length:
+            raise ValueError(f"{name}[{i}] needs at least {min_length} token(s), got "
+                             f"{values.size}")
+        if values.size and values.min() < 0:
+            raise ValueError(f"{name}[{i}] has a negative token id")
+        out.append([int(t) for t in values])
+    return out
+
+
+def _layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], width: int):
+    """Numpy tokens, positions, targets, loss mask and lengths of the layout."""
+    B = len(prompt_ids)
+    M = max(len(c) for c in completion_ids)
+    T = width + M - 1
+    tokens = np.full((B, T), PAD_ID, np.int32)
+    positions = np.full((B, T), -1, np.int32)
+    targets = np.zeros((B, M), np.int32)
+    loss_mask = np.zeros((B, M), bool)
+    for b, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        P, Mb = len(prompt), len(completion)
+        row = prompt + completion[:-1]
+        tokens[b, width - P: width - P + len(row)] = row
+        positions[b, width - P: width - P + len(row)] = np.arange(len(row))
+        targets[b, :Mb] = completion
+        loss_mask[b, :Mb] = True
+    lengths = np.asarray([len(c) for c in completion_ids], np.int32)
+    return tokens, positions, targets, loss_mask, lengths
+
+
+def batch_from_completions(prompt_ids: Sequence[Sequence[int]],
+                           completion_ids: Sequence[Sequence[int]], *,
+                           width: int | None = None,
+                           prompt_buckets: Sequence[int] | None = None) -> TeacherForcedBatch:
+    """A batch of traces that were not generated here (dataset or teacher traces), with no
+    masks yet: full attention until `replay_evictions` gives it the masks of a policy.
+
+    Args:
+      prompt_ids: per row, the prompt token ids (>= 1 each).
+      completion_ids: per row, the completion token ids (>= 1 each; EOS included if any).
+      width: the left-padded prompt width Wp (>= the longest prompt); default the bucket
+        `generate` would use (`prompt_buckets`, else powers of two >= 16), so the replay
+        follows the schedule generation would have had.
+
+    >>> batch = batch_from_completions([[5, 6, 7]], [[8, 9]])
+    >>> batch.tokens.shape, batch.targets.tolist(), int(batch.positions[0, -1])
+    ((1, 17), [[8, 9]], 3)
+    """
+    prompts = _check_ids("prompt_ids", prompt_ids, 1)
+    completions = _check_ids("completion_ids", completion_ids, 1)
+    if len(prompts) != len(completions):
+        raise ValueError(f"prompt_ids and completion_ids must have the same number of rows, "
+                         f"got {len(prompts)} and {len(completions)}")
+    longest = max(len(p) for p in prompts)
+    if width is None:
+        width = bucket_length(longest, prompt_buckets)
+    elif isinstance(width, bool) or not isinstance(width, int | np.integer) or width < longest:
+        raise ValueError(f"width must be an integer >= the longest prompt ({longest}), "
+                         f"got {width!r}")
+    tokens, positions, targets, loss_mask, lengths = _layout(prompts, completions, int(width))
+    return TeacherForcedBatch(
+        tokens=jnp.asarray(tokens), positions=jnp.asarray(positions),
+        targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
+        lengths=jnp.asarray(lengths), visible_until=None, width=int(width), eviction=None)
+
+
+def slot_visible_until(by_position: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """[L, B, K, P] by true position -> [L, B, K, T] by slot (0 where positions is -1)."""
+    index = np.maximum(positions, 0)[None, :, None, :]
+    index = np.broadcast_to(index, (*by_position.shape[:3], positions.shape[1]))
+    gathered = np.take_along_axis(by_position, index, axis=3)
+    return np.where(positions[None, :, None, :] >= 0, gathered, 0).astype(np.int32)
+
+
+def batch_from_generation(out: GenerateOutput,
+                          prompts: Sequence[Sequence[int]] | None = None) -> TeacherForcedBatch:
+    """The teacher-forced batch of a generation, under the exact masks it recorded.
+
+    Args:
+      out: `generate(..., return_eviction_record=True)`'s output.
+      prompts: the prompt token ids given to `generate` (default `out.prompt_ids`, the ids it
+        fed, which string prompts need); checked against the record.
+
+    `token_log_probs(model, batch_from_generation(out))` reproduces `out.logprobs`.
+    """
+    record = getattr(out, "eviction_record", None)
+    if record is None:
+        raise ValueError("out has no eviction record: call generate(..., "
+                         "return_eviction_record=True)")
+    if prompts is None:
+        if out.prompt_ids is None:
+            raise ValueError("prompts: out does not carry its prompt ids; pass them")
+        prompts = out.prompt_ids
+    prompts = _check_ids("prompts", prompts, 1)
+    if len(prompts) != len(out.tokens):
+        raise ValueError(f"prompts has {len(prompts)} rows, the generation {len(out.tokens)}")
+    for b, prompt in enumerate(prompts):
+        if len(prompt) != int(record.prompt_lengths[b]) or (
+                out.prompt_ids is not None and prompt != list(out.prompt_ids[b])):
+            raise ValueError(f"prompts[{b}] is not the prompt this generation fed "
+                             f"({int(record.prompt_lengths[b])} tokens)")
+    width = int(out.stats["prompt_bucket"])
+    tokens, positions, targets, loss_mask, lengths = _layout(prompts, out.tokens, width)
+    visible_until = slot_visible_until(record.visible_until, positions)
+    return TeacherForcedBatch(
+        tokens=jnp.asarray(tokens), positions=jnp.asarray(positions),
+        targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
+        lengths=jnp.asarray(lengths), visible_until=jnp.asarray(visible_until),
+        width=width, eviction=record.eviction)
