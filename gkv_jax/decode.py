@@ -73,8 +73,8 @@ def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
 
 
 __all__ = ["NEVER", "DecodeState", "Outputs", "StepOutput", "cache_capacity", "compress_layer",
-           "decode_step", "evict", "generate_tokens", "prefill", "query_window_size",
-           "record_evictions", "run_cycles"]
+           "decode_step", "evict", "generate_tokens", "init_record", "prefill",
+           "query_window_size", "record_evictions", "run_cycles"]
 
 
 # ------------------------------------------------------------------------------ eviction
