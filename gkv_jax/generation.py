@@ -39,7 +39,7 @@ class GenerateOutput:
         `return_kept_positions`).
       stats: cache_bytes, full_cache_bytes, tokens_per_second, compile_seconds,
         run_seconds, compressions, forwards (model forwards run, prefill included),
-        prompt_bucket, capacity, generated_tokens.
+        prompt_bucket, capacity, generated_tokens, eos_token_ids.
       eviction_record: the `EvictionRecord` (which keys every query attended to, per layer
         and KV head), None unless `return_eviction_record`.
       prompt_ids: per prompt, the token ids that were fed (after tokenization).
@@ -242,6 +242,7 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     stats = _stats(model, state, ids, generated, state.cache.capacity, width, compile_s,
                    run_s, int(outputs.compressions))
+    stats["eos_token_ids"] = [int(e) for e in eos]
     eviction_record = None
     if record:
         eviction_record = _eviction_record(config, eviction, outputs, ids, generated,

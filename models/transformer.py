@@ -98,6 +98,8 @@ class Transformer(nnx.Module):
 
     `model(input_ids)` is the full causal forward, float32 logits [B, T, V].
     `model(tokens, positions, cache)` is the cached forward and returns `(logits, cache)`.
+    `model(tokens, positions, visible_until=...)` is the full forward under per-key expiry
+    (`forward_visible`), float32 logits [B, T, V].
 
     Args:
       config: the architecture.
@@ -132,8 +134,18 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
                  cache: KVCache | None = None, *, attention_mask: Array | None = None,
-                 kv_mask: Array | None = None):
+                 kv_mask: Array | None = None, visible_until: Array | None = None,
+                 attention_impl: str = "dense", segments: SegmentLayout | None = None):
         params = self.params()
+        if cache is None and visible_until is not None:
+            if positions is None:
+                raise ValueError("positions are required with visible_until (true token "
+                                 "positions, -1 for pads)")
+            hidden, _ = forward_visible(self.config, params, jnp.asarray(tokens, jnp.int32),
+                                        jnp.asarray(positions, jnp.int32),
+                                        jnp.asarray(visible_until, jnp.int32),
+                                        attention_impl=attention_impl, segments=segments)
+            return lm_logits(self.config, params, hidden)
         if cache is None:
             return forward(self.config, params, tokens, positions, attention_mask=attention_mask,
                            kv_mask=kv_mask)

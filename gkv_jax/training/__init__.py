@@ -1,4 +1,5 @@
-"""Post-training under eviction: exact masks, teacher-forced log-probs, the replay.
+"""Post-training under eviction: exact masks, teacher-forced log-probs, the replay, and the
+distillation and GRPO losses, steps and loops built on them.
 
 * `batch_from_generation(out)`: a generation (with `return_eviction_record=True`) as a
   `TeacherForcedBatch` under the exact masks it recorded.
@@ -7,6 +8,8 @@
   `generate`'s `logprobs`).
 * `replay_evictions(model, eviction, batch)`: the masks a policy gives any token sequence,
   re-derived layer by layer with the code generation compresses with.
+* `distill_loss`, `group_advantages`, `grpo_loss`; `distill_step`, `grpo_step`;
+  `distill(...)`, `grpo(...)` with `DistillConfig` / `GRPOConfig`.
 """
 
 from gkv_jax.training.batch import (
@@ -15,12 +18,44 @@ from gkv_jax.training.batch import (
     batch_from_generation,
 )
 from gkv_jax.training.log_probs import token_log_probs, token_log_probs_from_params
+from gkv_jax.training.loops import (
+    DistillConfig,
+    GRPOConfig,
+    OptimizerConfig,
+    RunDirError,
+    distill,
+    distill_step,
+    grpo,
+    grpo_step,
+    make_optimizer,
+)
+from gkv_jax.training.losses import (
+    distill_loss,
+    distill_loss_from_params,
+    group_advantages,
+    grpo_loss,
+    grpo_loss_from_params,
+)
 from gkv_jax.training.replay import replay_evictions, replay_from_params
 
 __all__ = [
+    "DistillConfig",
+    "GRPOConfig",
+    "OptimizerConfig",
+    "RunDirError",
     "TeacherForcedBatch",
     "batch_from_completions",
     "batch_from_generation",
+    "distill",
+    "distill_loss",
+    "distill_loss_from_params",
+    "distill_step",
+    "group_advantages",
+    "grpo",
+    "grpo_loss",
+    "grpo_loss_from_params",
+    "grpo_step",
+    "make_optimizer",
     "replay_evictions",
     "replay_from_params",
     "token_log_probs",

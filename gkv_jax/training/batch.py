@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import GenerateOutput, bucket_length
@@ -38,9 +38,11 @@ class TeacherForcedBatch:
       targets: [B, M] int32 completion tokens (target i is predicted by slot width - 1 + i).
       loss_mask: [B, M] bool, True for i < lengths[b].
       lengths: [B] int32 completion lengths M_b (EOS included).
+      width: Wp, the left-padded prompt width.
       visible_until: [L, B, K, T] int32 eviction masks in the slot layout, or None (full
         attention: no eviction recorded or replayed yet).
-      width: Wp, the left-padded prompt width.
+      reference_log_probs: [B, M] float32 the log-probs `generate` reported for the targets
+        (0 past each row's end), or None; what the GRPO log-prob guard compares against.
       eviction: the `EvictionConfig` the masks come from (None without masks).
     """
 
@@ -49,8 +51,9 @@ class TeacherForcedBatch:
     targets: Int[Array, "B M"]
     loss_mask: Bool[Array, "B M"]
     lengths: Int[Array, " B"]
-    visible_until: Int[Array, "L B K T"] | None
     width: int = struct.field(pytree_node=False)
+    visible_until: Int[Array, "L B K T"] | None = None
+    reference_log_probs: Float[Array, "B M"] | None = None
     eviction: EvictionConfig | None = struct.field(pytree_node=False, default=None)
 
     @property
@@ -95,10 +98,17 @@ def _check_ids(name: str, ids: Sequence[Sequence[int]], min_length: int) -> list
     return out
 
 
-def _layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], width: int):
+def _layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], width: int,
+            num_targets: int | None = None):
     """Numpy tokens, positions, targets, loss mask and lengths of the layout."""
     B = len(prompt_ids)
     M = max(len(c) for c in completion_ids)
+    if num_targets is not None:
+        if isinstance(num_targets, bool) or not isinstance(num_targets, int | np.integer) \
+                or num_targets < M:
+            raise ValueError(f"num_targets must be an integer >= the longest completion "
+                             f"({M}), got {num_targets!r}")
+        M = int(num_targets)
     T = width + M - 1
     tokens = np.full((B, T), PAD_ID, np.int32)
     positions = np.full((B, T), -1, np.int32)
@@ -118,7 +128,8 @@ def _layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], width:
 def batch_from_completions(prompt_ids: Sequence[Sequence[int]],
                            completion_ids: Sequence[Sequence[int]], *,
                            width: int | None = None,
-                           prompt_buckets: Sequence[int] | None = None) -> TeacherForcedBatch:
+                           prompt_buckets: Sequence[int] | None = None,
+                           num_targets: int | None = None) -> TeacherForcedBatch:
     """A batch of traces that were not generated here (dataset or teacher traces), with no
     masks yet: full attention until `replay_evictions` gives it the masks of a policy.
 
@@ -128,6 +139,8 @@ def batch_from_completions(prompt_ids: Sequence[Sequence[int]],
       width: the left-padded prompt width Wp (>= the longest prompt); default the bucket
         `generate` would use (`prompt_buckets`, else powers of two >= 16), so the replay
         follows the schedule generation would have had.
+      num_targets: M, the target columns (>= the longest completion; default that): fixed
+        shapes across batches compile one training step.
 
     >>> batch = batch_from_completions([[5, 6, 7]], [[8, 9]])
     >>> batch.tokens.shape, batch.targets.tolist(), int(batch.positions[0, -1])
@@ -144,7 +157,8 @@ def batch_from_completions(prompt_ids: Sequence[Sequence[int]],
     elif isinstance(width, bool) or not isinstance(width, int | np.integer) or width < longest:
         raise ValueError(f"width must be an integer >= the longest prompt ({longest}), "
                          f"got {width!r}")
-    tokens, positions, targets, loss_mask, lengths = _layout(prompts, completions, int(width))
+    tokens, positions, targets, loss_mask, lengths = _layout(prompts, completions, int(width),
+                                                             num_targets)
     return TeacherForcedBatch(
         tokens=jnp.asarray(tokens), positions=jnp.asarray(positions),
         targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
@@ -159,14 +173,16 @@ def slot_visible_until(by_position: np.ndarray, positions: np.ndarray) -> np.nda
     return np.where(positions[None, :, None, :] >= 0, gathered, 0).astype(np.int32)
 
 
-def batch_from_generation(out: GenerateOutput,
-                          prompts: Sequence[Sequence[int]] | None = None) -> TeacherForcedBatch:
+def batch_from_generation(out: GenerateOutput, prompts: Sequence[Sequence[int]] | None = None,
+                          *, num_targets: int | None = None) -> TeacherForcedBatch:
     """The teacher-forced batch of a generation, under the exact masks it recorded.
 
     Args:
       out: `generate(..., return_eviction_record=True)`'s output.
       prompts: the prompt token ids given to `generate` (default `out.prompt_ids`, the ids it
         fed, which string prompts need); checked against the record.
+      num_targets: M (default the longest generation; `max_new_tokens` gives every batch of
+        one setting the same shapes).
 
     `token_log_probs(model, batch_from_generation(out))` reproduces `out.logprobs`.
     """
@@ -187,10 +203,17 @@ def batch_from_generation(out: GenerateOutput,
             raise ValueError(f"prompts[{b}] is not the prompt this generation fed "
                              f"({int(record.prompt_lengths[b])} tokens)")
     width = int(out.stats["prompt_bucket"])
-    tokens, positions, targets, loss_mask, lengths = _layout(prompts, out.tokens, width)
+    tokens, positions, targets, loss_mask, lengths = _layout(prompts, out.tokens, width,
+                                                             num_targets)
     visible_until = slot_visible_until(record.visible_until, positions)
+    reference = None
+    if out.logprobs is not None:
+        reference = np.zeros(targets.shape, np.float32)
+        for b, row in enumerate(out.logprobs):
+            reference[b, :len(row)] = row
+        reference = jnp.asarray(reference)
     return TeacherForcedBatch(
         tokens=jnp.asarray(tokens), positions=jnp.asarray(positions),
         targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
         lengths=jnp.asarray(lengths), visible_until=jnp.asarray(visible_until),
-        width=width, eviction=record.eviction)
+        reference_log_probs=reference, width=width, eviction=record.eviction)

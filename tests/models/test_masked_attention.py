@@ -36,6 +36,10 @@ def test_segments_equal_dense_logits_with_a_final_partial_segment():
     real = np.asarray(batch.positions) >= 0
     np.testing.assert_allclose(logits["segments"][real], logits["dense"][real], atol=1e-5,
                                rtol=0)
+    called = model(batch.tokens, batch.positions, visible_until=batch.visible_until,
+                   attention_impl="segments", segments=layout)
+    np.testing.assert_allclose(np.asarray(called)[real], logits["segments"][real], atol=1e-6,
+                               rtol=0)
 
 
 def test_dense_masked_forward_equals_the_boolean_mask_forward():
