@@ -52,8 +52,9 @@ def response_hidden(config: ModelConfig, params: dict, batch: TeacherForcedBatch
 
 
 def map_row_chunks(fn, rows: Array, *others: Array, chunk_rows: int) -> Array:
-    """`fn(rows_chunk [R, D], *others_chunks [R, ...]) -> [R, ...]` over chunks of
-    `chunk_rows` rows of the flattened leading axes, each chunk under `jax.checkpoint`."""
+    """`fn(rows_chunk [R, D], *others_chunks [R, ...]) -> [R, ...]` (or a tuple of such)
+    over chunks of `chunk_rows` rows of the flattened leading axes, each chunk under
+    `jax.checkpoint`."""
     lead = rows.shape[:-1]
     count = math.prod(lead)
     flat = [x.reshape(count, *x.shape[len(lead):]) for x in (rows, *others)]
@@ -63,8 +64,12 @@ def map_row_chunks(fn, rows: Array, *others: Array, chunk_rows: int) -> Array:
               for x in flat]
     stacked = [x.reshape(chunks, size, *x.shape[1:]) for x in padded]
     out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(stacked))
-    out = out.reshape(chunks * size, *out.shape[2:])[:count]
-    return out.reshape(*lead, *out.shape[1:])
+
+    def unchunk(x):
+        x = x.reshape(chunks * size, *x.shape[2:])[:count]
+        return x.reshape(*lead, *x.shape[1:])
+
+    return jax.tree.map(unchunk, out)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention_impl", "chunk_rows"))

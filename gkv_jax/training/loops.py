@@ -267,6 +267,11 @@ def _optimizer_config(cfg) -> OptimizerConfig:
 
 
 # ------------------------------------------------------------------------------ steps
+def _global_norm(tree) -> jax.Array:
+    norm = getattr(getattr(optax, "tree", None), "norm", None)
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
 def _impl(attention_impl: str | None, eviction: EvictionConfig | None) -> str:
     if attention_impl is not None:
         return attention_impl
@@ -298,7 +303,7 @@ def _distill_step(student_config: ModelConfig, teacher_config: ModelConfig,
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads)}
 
 
 distill_step = jax.jit(
@@ -330,7 +335,7 @@ def _grpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, par
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": _global_norm(grads),
                "guard": aux.get("guard", jnp.float32(jnp.nan))}
     return params, opt_state, metrics
 
@@ -519,7 +524,7 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
     identity = _run_identity("distill", config, _fingerprint(pairs), student.config)
     run = _Run(run_dir, identity)
     optimizer = make_optimizer(_optimizer_config(config), config.steps)
-    params = student.params()
+    params = jax.tree.map(jnp.copy, student.params())  # the steps donate their buffers
     opt_state = optimizer.init(params)
     start, params, opt_state = run.restore(params, opt_state)
     teacher_params = teacher.params()
@@ -629,7 +634,7 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
                              model.config)
     run = _Run(run_dir, identity)
     optimizer = make_optimizer(_optimizer_config(config), config.steps)
-    params = model.params()
+    params = jax.tree.map(jnp.copy, model.params())  # the steps donate their buffers
     opt_state = optimizer.init(params)
     start, params, opt_state = run.restore(params, opt_state)
     sampling = config.sampling
