@@ -1,7 +1,9 @@
-"""The `gkv-jax` command line: `generate`, `eval` (batch evaluation) and `smoke` (a check).
+"""The `gkv-jax` command line: `generate`, `eval` (batch evaluation), `post-train`
+(distillation, GRPO) and `smoke` (a check).
 
     gkv-jax generate --model DIR --prompt TEXT --policy gkv --budget 512 --max-new-tokens 1024
     gkv-jax eval --model DIR --dataset aime24 --policies full,gkv --budgets 512,1024
+    gkv-jax post-train distill --model DIR --policy gkv --budget 68 --steps 40 --output-dir OUT
     gkv-jax smoke
 """
 
@@ -14,6 +16,7 @@ import tempfile
 
 from gkv_jax.evaluation import R1_SYSTEM_PROMPT
 from gkv_jax.eviction import POLICIES, EvictionConfig
+from gkv_jax.post_train_cli import add_post_train_parser
 
 
 def eviction_from_args(args: argparse.Namespace) -> EvictionConfig:
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     _add_eval_parser(commands)
+    add_post_train_parser(commands, _comma_list)
 
     demo = commands.add_parser(
         "demo", help="every policy on the bundled reasoning model (the default job)")
