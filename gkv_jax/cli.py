@@ -152,7 +152,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                       output_dir=args.output_dir, progress=True)
     full = next(e for e in report.summary if e["policy"] == "full")
     print(f"full cache: {full['pass@1']:.1%} exact answers; see {report.plot_path}")
+    if args.distilled:
+        _demo_distilled(args, model, tokenizer, report)
     return 0
+
+
+DISTILLED_BUDGET = 68  # the budget the bundled distilled model was trained for
+
+
+def _demo_distilled(args: argparse.Namespace, model, tokenizer, report) -> None:
+    """The bundled model beside its copy distilled for gkv at budget 68 (same problems)."""
+    import os
+
+    import gkv_jax
+    from gkv_jax.evaluation import evaluate
+    from gkv_jax.loading import bundled_model_dir
+
+    distilled, _ = gkv_jax.load(bundled_model_dir("distilled"), dtype="float32")
+    budgets = sorted({DISTILLED_BUDGET, args.budget})
+    common = dict(window=args.window, divide_length=args.divide_length,
+                  num_problems=args.num_problems, batch_size=args.batch_size, progress=True)
+    extra = evaluate(model, tokenizer, "synthetic", policies=("gkv",),
+                     budgets=[b for b in budgets if b != args.budget],
+                     output_dir=os.path.join(args.output_dir, "bundled_extra"), **common)
+    after = evaluate(distilled, tokenizer, "synthetic", policies=("full", "gkv"),
+                     budgets=budgets, output_dir=os.path.join(args.output_dir, "distilled"),
+                     **common)
+    before = {e["name"]: e["pass@1"] for e in report.summary + extra.summary}
+    print(f"\nbundled model vs the same model distilled for gkv@{DISTILLED_BUDGET} "
+          f"(gkv-jax post-train distill; exact answers on the same {args.num_problems} "
+          f"problems):")
+    print(f"{'config':<10} {'bundled':>9} {'distilled':>10}")
+    for entry in after.summary:
+        print(f"{entry['name']:<10} {before[entry['name']]:>9.1%} {entry['pass@1']:>10.1%}")
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
@@ -215,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--divide-length", type=int, default=16)
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--no-distilled", dest="distilled", action="store_false",
+                      help="skip the side-by-side with the bundled distilled model")
     demo.set_defaults(func=_cmd_demo)
 
     smoke = commands.add_parser("smoke", help="end-to-end check on a tiny random model")

@@ -23,14 +23,26 @@ GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def bundled_model_dir() -> str:
-    """The directory of the bundled reasoning model (a Hugging Face checkpoint shipped as
-    package data, trained on `gkv_jax.synthetic` by scripts/train_reasoner.py)."""
-    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "reasoner")
+BUNDLED_VARIANTS = {"base": "reasoner", "distilled": "reasoner_distilled"}
+
+
+def bundled_model_dir(variant: str = "base") -> str:
+    """The directory of a bundled reasoning model (a Hugging Face checkpoint shipped as
+    package data).
+
+    Args:
+      variant: "base" (trained on `gkv_jax.synthetic` by scripts/train_reasoner.py) or
+        "distilled" (the base model distilled for gkv at budget 68 by
+        scripts/post_train_reasoner.sh).
+    """
+    if variant not in BUNDLED_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(BUNDLED_VARIANTS)}, got {variant!r}")
+    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                             BUNDLED_VARIANTS[variant])
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(
             f"the bundled model is missing from {directory!r}; reinstall the package or train "
-            "it with scripts/train_reasoner.py")
+            "it with scripts/train_reasoner.sh (base) or scripts/post_train_reasoner.sh")
     return directory
 
 

@@ -452,9 +452,12 @@ class _Run:
         self.manager.close()
 
 
-def _with_params(model, params: dict):
-    """A new `Transformer` of `model`'s config and dtype holding `params`."""
+def _with_params(model, params: dict, copy: bool = False):
+    """A new `Transformer` of `model`'s config and dtype holding `params` (copies of them
+    with `copy`: the next step donates, i.e. deletes, the buffers it is given)."""
     from gkv_jax.conversion.hf import model_from_weights
+    if copy:
+        params = jax.tree.map(jnp.copy, params)
     return model_from_weights(model.config, params, model.dtype)
 
 
@@ -569,7 +572,8 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
                 run.save(done, params, opt_state)
             if eval_fn is not None and config.eval_every and done % config.eval_every == 0 \
                     and done < config.steps:
-                run.log({"step": done, "eval": eval_fn(_with_params(student, params), done)})
+                run.log({"step": done,
+                         "eval": eval_fn(_with_params(student, params, copy=True), done)})
         if start < config.steps:
             run.save(config.steps, params, opt_state)
         trained = _with_params(student, params)
@@ -686,7 +690,8 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
                 run.save(done, params, opt_state)
             if eval_fn is not None and config.eval_every and done % config.eval_every == 0 \
                     and done < config.steps:
-                run.log({"step": done, "eval": eval_fn(_with_params(model, params), done)})
+                run.log({"step": done,
+                         "eval": eval_fn(_with_params(model, params, copy=True), done)})
         if start < config.steps:
             run.save(config.steps, params, opt_state)
         trained = _with_params(model, params)
