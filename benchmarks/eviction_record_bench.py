@@ -92,7 +92,7 @@ def masked_backward(layers: int, vocab: int, lengths: list[int], budget: int, re
         until = training.replay_evictions(model, eviction, batch, attention_impl="segments")
         batch = batch.with_visible_until(until, eviction)
         for impl in ("dense", "segments"):
-            def loss(p, impl=impl):
+            def loss(p, impl=impl, batch=batch):
                 return -jnp.sum(training.token_log_probs_from_params(
                     config, p, batch, attention_impl=impl))
             program = jax.jit(jax.value_and_grad(loss))

@@ -40,8 +40,8 @@ from gkv_jax.training.log_probs import DEFAULT_CHUNK_ROWS
 from gkv_jax.training.losses import (
     check_same_vocabulary,
     distill_token_kl,
-    grpo_loss_from_params,
     group_advantages,
+    grpo_loss_from_params,
     reduce_per_token,
 )
 from gkv_jax.training.replay import replay_from_params
