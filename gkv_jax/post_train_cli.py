@@ -103,6 +103,20 @@ def _summary(history, model_dir, run_dir) -> None:
           f"checkpoints: {os.path.join(run_dir, 'checkpoints')}")
 
 
+def _eval_fn(args, tokenizer, dataset):
+    """--eval-problems N: held-out accuracy (full and the trained policy) every
+    --eval-every steps and at the end, into the history and OUT/run/eval/."""
+    from gkv_jax import training
+    if not args.eval_problems:
+        return None
+    eviction = _eviction(args)
+    return training.evaluation_callback(
+        tokenizer, dataset, policies=("full", eviction.policy), budgets=(eviction.budget,),
+        window=args.window, divide_length=args.divide_length, num_problems=args.eval_problems,
+        batch_size=min(args.eval_problems, 40),
+        output_dir=os.path.join(args.output_dir, "run", "eval"))
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     import gkv_jax
     from gkv_jax import training
@@ -115,7 +129,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, reduction=args.reduction,
         budgets=tuple(args.budgets) if args.budgets else None,
         full_attention_share=args.full_attention_share, on_policy=args.on_policy,
-        checkpoint_every=args.checkpoint_every)
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
     model_dir, run_dir = _check_output_dir(args.output_dir)
     student, tokenizer = gkv_jax.load(args.model, dtype=args.dtype)
     teacher = student
@@ -132,7 +146,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                          f"pairs, got {args.dataset!r}")
     print(f"distill: {len(data)} examples, {eviction.describe()}, {args.steps} steps of "
           f"{args.batch_size}")
-    trained, history = training.distill(student, teacher, data, config, run_dir=run_dir)
+    trained, history = training.distill(student, teacher, data, config, run_dir=run_dir,
+                                        eval_fn=_eval_fn(args, tokenizer, "synthetic"))
     _export(trained, tokenizer, model_dir)
     _summary(history, model_dir, run_dir)
     return 0
@@ -151,7 +166,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         learning_rate=args.learning_rate, schedule=args.schedule,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-        clip_norm=args.clip_norm, seed=args.seed, checkpoint_every=args.checkpoint_every)
+        clip_norm=args.clip_norm, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every)
     model_dir, run_dir = _check_output_dir(args.output_dir)
     model, tokenizer = gkv_jax.load(args.model, dtype=args.dtype)
     if tokenizer is None:
@@ -167,7 +183,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     print(f"grpo: {len(prompts)} prompts, {eviction.describe()}, {args.steps} steps of "
           f"{args.prompts_per_step} x {args.group_size} rollouts")
     trained, history = training.grpo(model, prompts, answers, grade, config, run_dir=run_dir,
-                                     tokenizer=tokenizer)
+                                     tokenizer=tokenizer,
+                                     eval_fn=_eval_fn(args, tokenizer, args.dataset))
     _export(trained, tokenizer, model_dir)
     rewards = [e["reward"] for e in history if "reward" in e]
     guards = [e["guard"] for e in history if "guard" in e]
@@ -196,6 +213,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-seed", type=int, default=SYNTHETIC_TRAIN_SEED,
                         help="synthetic problems' seed (0 is the held-out set)")
     parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--eval-problems", type=int, default=0,
+                        help="held-out synthetic problems evaluated (full and the policy at "
+                             "the budget) every --eval-every steps and at the end")
+    parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--dtype", default="float32",
                         choices=["float32", "bfloat16", "float16"])
 

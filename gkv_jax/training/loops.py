@@ -477,6 +477,26 @@ def _check_run_dir(run_dir) -> str:
     return os.fspath(run_dir)
 
 
+def evaluation_callback(tokenizer, dataset: str = "synthetic", *,
+                        policies: Sequence[str] = ("full", "gkv"), budgets: Sequence[int] = (68,),
+                        output_dir: str, **evaluate_kwargs) -> Callable[[Any, int], dict]:
+    """An `eval_fn` for `distill` / `grpo` that runs `gkv_jax.evaluate` into
+    `output_dir/step_<s>` and returns {config name: pass@1}.
+
+    >>> callable(evaluation_callback(None, output_dir="/tmp/x"))
+    True
+    """
+    from gkv_jax.evaluation import evaluate
+
+    def eval_fn(model, step: int) -> dict:
+        report = evaluate(model, tokenizer, dataset, policies=policies, budgets=budgets,
+                          output_dir=os.path.join(output_dir, f"step_{step}"),
+                          progress=False, **evaluate_kwargs)
+        return {entry["name"]: entry["pass@1"] for entry in report.summary}
+
+    return eval_fn
+
+
 # ------------------------------------------------------------------------------ distill
 def _check_pairs(data) -> list[tuple[list[int], list[int]]]:
     if isinstance(data, str | bytes) or not isinstance(data, Sequence) or len(data) == 0:
@@ -712,5 +732,5 @@ def _ends_with_eos(out, tokens) -> bool:
 
 
 __all__ = ["DistillConfig", "GRPOConfig", "NEVER", "OptimizerConfig", "RunDirError",
-           "TeacherForcedBatch", "distill", "distill_step", "grpo", "grpo_step",
-           "make_optimizer"]
+           "TeacherForcedBatch", "distill", "distill_step", "evaluation_callback", "grpo",
+           "grpo_step", "make_optimizer"]
