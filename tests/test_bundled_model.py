@@ -54,4 +54,9 @@ def test_demo_command_prints_every_policy_and_writes_the_plot(tmp_path, capsys):
         if policy != "full":
             assert f"{policy}@{DEMO_BUDGET}" in printed
     assert "full cache: 100.0% exact answers" in printed
+    # Beside it, the bundled model distilled for gkv@68 (both on the same problems).
+    assert "distilled for gkv@68" in printed
+    for name in ("full", "gkv@68", f"gkv@{DEMO_BUDGET}"):
+        assert any(line.split()[:1] == [name] and line.count("%") == 2
+                   for line in printed.splitlines()), name
     assert (output_dir / "accuracy_vs_budget.png").stat().st_size > 0

@@ -132,8 +132,8 @@ def group_advantages(rewards, truncated=None) -> np.ndarray:
     Returns:
       [P, G] float32 (r - mean) / (std(ddof=1) + 1e-8); all-equal groups give 0.
 
-    >>> group_advantages([[1.0, 0.0, 0.0, 1.0]]).round(3).tolist()
-    [[0.866, -0.866, -0.866, 0.866]]
+    >>> [round(float(a), 3) for a in group_advantages([[1.0, 0.0, 0.0, 1.0]])[0]]
+    [0.866, -0.866, -0.866, 0.866]
     """
     rewards = np.asarray(rewards, np.float64)
     if rewards.ndim != 2 or rewards.shape[1] < 2:

@@ -152,6 +152,7 @@ def test_distill_lowers_the_loss_compiles_once_and_resumes_exactly(tmp_path):
                          run_dir=str(tmp_path / "b"), progress=False)
 
 
+@pytest.mark.slow
 def test_distill_options_budgets_full_rows_and_on_policy(tmp_path):
     teacher = tiny_model()
     config = distill_config(steps=2, batch_size=4, budgets=(12, 16), full_attention_share=0.25,
