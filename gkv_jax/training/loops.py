@@ -471,6 +471,32 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _end_of_step(run: _Run, config, entry: dict, params, opt_state, model, eval_fn, bar,
+                 **postfix) -> None:
+    """Logs a step; checkpoints and evaluates on their periods (the last step: `_finish`)."""
+    run.log(entry)
+    bar.update(1)
+    bar.set_postfix(**postfix)
+    done = entry["step"]
+    if done >= config.steps:
+        return
+    if config.checkpoint_every and done % config.checkpoint_every == 0:
+        run.save(done, params, opt_state)
+    if eval_fn is not None and config.eval_every and done % config.eval_every == 0:
+        run.log({"step": done, "eval": eval_fn(_with_params(model, params, copy=True), done)})
+
+
+def _finish(run: _Run, config, start: int, params, opt_state, model, eval_fn):
+    """The final checkpoint and evaluation (none when resuming a finished run); returns
+    (trained model, history)."""
+    trained = _with_params(model, params)
+    if start < config.steps:
+        run.save(config.steps, params, opt_state)
+        if eval_fn is not None:
+            run.log({"step": config.steps, "eval": eval_fn(trained, config.steps)})
+    return trained, run.history()
+
+
 def _check_run_dir(run_dir) -> str:
     if run_dir is None or not isinstance(run_dir, str | os.PathLike) or not os.fspath(run_dir):
         raise ValueError(f"run_dir must be a directory path, got {run_dir!r}")
@@ -583,23 +609,9 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
                 chunk_rows=config.chunk_rows)
             entry = {"step": step + 1, "budget": budget, **_scalars(metrics),
                      "seconds": time.perf_counter() - started}
-            run.log(entry)
-            bar.update(1)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            done = step + 1
-            if config.checkpoint_every and done % config.checkpoint_every == 0 \
-                    and done < config.steps:
-                run.save(done, params, opt_state)
-            if eval_fn is not None and config.eval_every and done % config.eval_every == 0 \
-                    and done < config.steps:
-                run.log({"step": done,
-                         "eval": eval_fn(_with_params(student, params, copy=True), done)})
-        if start < config.steps:
-            run.save(config.steps, params, opt_state)
-        trained = _with_params(student, params)
-        if eval_fn is not None and start < config.steps:
-            run.log({"step": config.steps, "eval": eval_fn(trained, config.steps)})
-        return trained, run.history()
+            _end_of_step(run, config, entry, params, opt_state, student, eval_fn, bar,
+                         loss=f"{entry['loss']:.4f}")
+        return _finish(run, config, start, params, opt_state, student, eval_fn)
     finally:
         bar.close()
         run.close()
@@ -701,23 +713,9 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
                      "truncated": int(truncated.sum()),
                      "mean_length": float(np.mean([len(t) for t in out.tokens])),
                      "seconds": time.perf_counter() - started}
-            run.log(entry)
-            bar.update(1)
-            bar.set_postfix(reward=f"{entry['reward']:.3f}", guard=f"{metrics['guard']:.1e}")
-            done = step + 1
-            if config.checkpoint_every and done % config.checkpoint_every == 0 \
-                    and done < config.steps:
-                run.save(done, params, opt_state)
-            if eval_fn is not None and config.eval_every and done % config.eval_every == 0 \
-                    and done < config.steps:
-                run.log({"step": done,
-                         "eval": eval_fn(_with_params(model, params, copy=True), done)})
-        if start < config.steps:
-            run.save(config.steps, params, opt_state)
-        trained = _with_params(model, params)
-        if eval_fn is not None and start < config.steps:
-            run.log({"step": config.steps, "eval": eval_fn(trained, config.steps)})
-        return trained, run.history()
+            _end_of_step(run, config, entry, params, opt_state, model, eval_fn, bar,
+                         reward=f"{entry['reward']:.3f}", guard=f"{metrics['guard']:.1e}")
+        return _finish(run, config, start, params, opt_state, model, eval_fn)
     finally:
         bar.close()
         run.close()
