@@ -14,3 +14,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. A long single-process run
+    otherwise accumulates hundreds of XLA:CPU executables, and the suite hit a segfault
+    inside XLA's compiler near its end that no module shows when run alone."""
+    yield
+    from gkv_jax import generation
+
+    generation._COMPILED.clear()
+    jax.clear_caches()
