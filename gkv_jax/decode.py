@@ -69,7 +69,12 @@ def cache_capacity(eviction: EvictionConfig, prompt_length: int, max_new_tokens:
 
 def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
     """[B] number of real (non-empty) slots; every layer and KV head holds the same count."""
-    return jnp.sum(cache.positions[0, :, 0, :] >= 0, axis=-1).astype(jnp.int32)
+    return layer_real_token_counts(cache.positions[0])
+
+
+def layer_real_token_counts(positions: Int[Array, "B K S"]) -> Int[Array, " B"]:
+    """[B] real slots of one layer's positions (the same for every KV head)."""
+    return jnp.sum(positions[:, 0, :] >= 0, axis=-1).astype(jnp.int32)
 
 
 __all__ = ["NEVER", "DecodeState", "Outputs", "StepOutput", "cache_capacity", "compress_layer",
@@ -111,13 +116,14 @@ def compress_layer(eviction: EvictionConfig, query_window: Float[Array, "B N W H
         implementation=eviction.implementation)
 
 
-def _resize_slots(buffer: Array, capacity: int, fill) -> Array:
-    """[L, B, K, S, ...] -> [L, B, K, capacity, ...]: drop or add empty trailing slots."""
-    S = buffer.shape[3]
+def resize_slots(buffer: Array, capacity: int, fill, axis: int = 3) -> Array:
+    """Drops or adds empty trailing slots along the slot axis (3 of [L, B, K, S, ...]; 2 for
+    one layer's [B, K, S, ...]) so that it holds `capacity`."""
+    S = buffer.shape[axis]
     if capacity <= S:
-        return buffer[:, :, :, :capacity]
+        return jax.lax.slice_in_dim(buffer, 0, capacity, axis=axis)
     pad = [(0, 0)] * buffer.ndim
-    pad[3] = (0, capacity - S)
+    pad[axis] = (0, capacity - S)
     return jnp.pad(buffer, pad, constant_values=fill)
 
 
@@ -156,9 +162,9 @@ def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
         0, cache.keys.shape[0], layer_step,
         (cache.keys, cache.values, cache.positions, cache.global_score))
     compressed = cache.replace(
-        keys=_resize_slots(keys, capacity, 0), values=_resize_slots(values, capacity, 0),
-        positions=_resize_slots(positions, capacity, EMPTY_POSITION),
-        global_score=_resize_slots(global_score, capacity, jnp.nan),
+        keys=resize_slots(keys, capacity, 0), values=resize_slots(values, capacity, 0),
+        positions=resize_slots(positions, capacity, EMPTY_POSITION),
+        global_score=resize_slots(global_score, capacity, jnp.nan),
         lengths=jnp.where(active, eviction.budget, cache.lengths))
     return compressed, evicting
 

@@ -115,15 +115,13 @@ def segment_attention(
     pad = count * D - rows
     # Pad to whole segments: pad rows have position -1 (see nothing, seen by nothing).
     q_gen = jnp.pad(queries[:, Wp:], ((0, 0), (0, pad), (0, 0), (0, 0)))
-    k_gen = jnp.pad(keys[:, :, Wp:], ((0, 0), (0, 0), (0, pad), (0, 0)))
-    v_gen = jnp.pad(values[:, :, Wp:], ((0, 0), (0, 0), (0, pad), (0, 0)))
     pos_gen = jnp.pad(positions[:, Wp:], ((0, 0), (0, pad)), constant_values=-1)
-    until_gen = jnp.pad(visible_until[:, :, Wp:], ((0, 0), (0, 0), (0, pad)))
     key_positions = jnp.broadcast_to(positions[:, None, :], (B, K, T))
     all_keys = jnp.pad(keys, ((0, 0), (0, 0), (0, pad), (0, 0)))
     all_values = jnp.pad(values, ((0, 0), (0, 0), (0, pad), (0, 0)))
     all_positions = jnp.pad(key_positions, ((0, 0), (0, 0), (0, pad)), constant_values=-1)
     all_until = jnp.pad(visible_until, ((0, 0), (0, 0), (0, pad)))
+    k_gen, v_gen, until_gen = (x[:, :, Wp:] for x in (all_keys, all_values, all_until))
 
     def alive_at(slots, start_positions):
         """Of `slots` [B, K, P], those whose key is real and alive at the segment start."""

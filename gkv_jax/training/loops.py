@@ -15,6 +15,7 @@ Distillation masks are replayed every step with the student's current parameters
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,6 @@ import optax
 import orbax.checkpoint as ocp
 
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.eviction_record import NEVER
 from gkv_jax.generation import bucket_length, generate
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.sampling import SamplingParams
@@ -370,7 +370,6 @@ def _run_identity(kind: str, config, data_fingerprint: str, model_config: ModelC
 
 
 def _fingerprint(*arrays) -> str:
-    import hashlib
     digest = hashlib.sha256()
     for item in arrays:
         digest.update(json.dumps(item, default=str).encode())
@@ -723,12 +722,8 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
 
 def _ends_with_eos(out, tokens) -> bool:
     """Whether a rollout stopped at an EOS (else it was cut at the length limit)."""
-    eos = out.stats.get("eos_token_ids")
-    if eos is None:
-        return False
-    return bool(tokens) and tokens[-1] in eos
+    return bool(tokens) and tokens[-1] in out.stats["eos_token_ids"]
 
 
-__all__ = ["DistillConfig", "GRPOConfig", "NEVER", "OptimizerConfig", "RunDirError",
-           "TeacherForcedBatch", "distill", "distill_step", "evaluation_callback", "grpo",
-           "grpo_step", "make_optimizer"]
+__all__ = ["DistillConfig", "GRPOConfig", "OptimizerConfig", "RunDirError", "distill",
+           "distill_step", "evaluation_callback", "grpo", "grpo_step", "make_optimizer"]

@@ -20,27 +20,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from gkv_jax.decode import compress_layer, query_window_size
+from gkv_jax.decode import (
+    compress_layer,
+    layer_real_token_counts,
+    query_window_size,
+    resize_slots,
+)
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.eviction_record import init_record, record_evictions
+from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_visible
 from gkv_jax.training.batch import TeacherForcedBatch
-
-
-def _real_counts(positions: Int[Array, "B K S"]) -> Int[Array, " B"]:
-    return jnp.sum(positions[:, 0, :] >= 0, axis=-1)
-
-
-def _resize(buffer: Array, capacity: int, fill) -> Array:
-    """[B, K, S, ...] -> [B, K, capacity, ...], dropping or adding empty trailing slots
-    (as `decode.evict` resizes after the prefill compression)."""
-    S = buffer.shape[2]
-    if capacity <= S:
-        return buffer[:, :, :capacity]
-    pad = [(0, 0)] * buffer.ndim
-    pad[2] = (0, capacity - S)
-    return jnp.pad(buffer, pad, constant_values=fill)
 
 
 def replay_layer(eviction: EvictionConfig, width: int, positions: Int[Array, "B T"],
@@ -74,18 +64,18 @@ def replay_layer(eviction: EvictionConfig, width: int, positions: Int[Array, "B 
     no_history = jnp.full((B, K, width), jnp.nan, jnp.float32)
     prompt = (keys[:, :, :width], values[:, :, :width], key_positions[:, :, :width])
     if width <= budget:
-        lead = budget - width
-        cache = tuple(_resize(jnp.pad(x, [(0, 0), (0, 0), (lead, 0)] + [(0, 0)] * (x.ndim - 3),
-                                      constant_values=fill), capacity, fill)
+        # The prompts right-aligned in the first `budget` slots, as `prefill` writes them.
+        slots = [(0, 0), (0, 0), (budget - width, capacity - budget)]
+        cache = tuple(jnp.pad(x, slots + [(0, 0)] * (x.ndim - 3), constant_values=fill)
                       for x, fill in zip(prompt, (0, 0, -1), strict=True))
         cache = (*cache, jnp.full((B, K, capacity), jnp.nan, jnp.float32))
     else:
         everyone = jnp.ones((B,), bool)
-        evicting = _real_counts(prompt[2]) > budget
+        evicting = layer_real_token_counts(prompt[2]) > budget
         compressed = compress_layer(eviction, ring(width), *prompt, no_history, everyone,
                                     evicting)
         record = record_evictions(record, prompt[2][None], compressed[2][None], next_position)
-        cache = tuple(_resize(x, capacity, fill)
+        cache = tuple(resize_slots(x, capacity, fill, axis=2)
                       for x, fill in zip(compressed, (0, 0, -1, jnp.nan), strict=True))
 
     def event(carry, e):
@@ -99,7 +89,7 @@ def replay_layer(eviction: EvictionConfig, width: int, positions: Int[Array, "B 
         cache_positions = jax.lax.dynamic_update_slice_in_dim(cache_positions, new[2], budget,
                                                               axis=2)
         active: Bool[Array, " B"] = e * D <= lengths - 1
-        evicting = active & (_real_counts(cache_positions) > budget)
+        evicting = active & (layer_real_token_counts(cache_positions) > budget)
         compressed = compress_layer(eviction, ring(start + D), cache_keys, cache_values,
                                     cache_positions, global_score, active, evicting)
         record = record_evictions(record, cache_positions[None], compressed[2][None],
@@ -157,7 +147,6 @@ def replay_evictions(model, eviction: EvictionConfig, batch: TeacherForcedBatch,
                          f"{attention_impl!r}")
     config = model.config
     if not eviction.evicts:
-        from gkv_jax.eviction_record import NEVER
         B, T = batch.tokens.shape
         full = jnp.full((config.num_layers, B, config.num_kv_heads, T), NEVER, jnp.int32)
         return jnp.where(batch.positions[None, :, None, :] >= 0, full, 0)
