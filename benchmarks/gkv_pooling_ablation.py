@@ -1,5 +1,5 @@
 """G-KV with and without max-pooling on the bundled model's task: G-KV scores without
-max-pooling (gkv-algorithm.md, section 2 step 5), SnapKV and R-KV max-pool the attention
+max-pooling (docs/algorithm.md, section 5), SnapKV and R-KV max-pool the attention
 over 5 neighbouring positions. (On the previous bundled model, which read the table from the
 trace's copies, pooling alone took gkv from 10% to 90% at half the sequence.)
 
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
     problems = synthetic.problems(0, args.num_problems)
-    prompts = [[tokenizer.bos_token_id] + tokenizer(p.prompt)["input_ids"] for p in problems]
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]  # BOS + the prompt
     variants = {"gkv": ("gkv", ev.GKV()), "gkv + max-pool 5": ("gkv", PooledGKV(5)),
                 "rkv": ("rkv", None)}
     print(f"{args.num_problems} held-out problems, window {args.window}, "

@@ -41,10 +41,17 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Transformer:
-    """Restores a model written by `save_checkpoint`, in the dtype it was saved in."""
+    """Restores a model written by `save_checkpoint`, in the dtype it was saved in.
+
+    Raises:
+      FileNotFoundError: no directory at `path`.
+      ValueError: `path` is not such a checkpoint (a Hugging Face one says so, and how to
+        load it).
+    """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: no checkpoint directory at {path!r}")
+    _check_is_orbax_checkpoint(path)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         metadata = checkpointer.restore(
             path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
@@ -58,3 +65,16 @@ def load_checkpoint(path: str | os.PathLike) -> Transformer:
             path, ocp.args.Composite(weights=ocp.args.StandardRestore(target)))["weights"]
     nnx.replace_by_pure_dict(state, weights)
     return nnx.merge(graphdef, state)
+
+
+def _check_is_orbax_checkpoint(path: str) -> None:
+    """Raises ValueError unless `path` has the items `save_checkpoint` writes (Orbax would
+    say only that an item "was not found in the checkpoint")."""
+    if all(os.path.isdir(os.path.join(path, item)) for item in ("metadata", "weights")):
+        return
+    if os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"path: {path!r} is a Hugging Face checkpoint (config.json and "
+                         "safetensors), not an Orbax one; load it with gkv_jax.load(path) "
+                         "or gkv_jax.conversion.from_hf(path)")
+    raise ValueError(f"path: {path!r} is not a checkpoint written by save_checkpoint (it "
+                     "has no 'metadata' and 'weights' items)")

@@ -114,6 +114,9 @@ GLOBAL_RULES: tuple[Rule, ...] = (
 )
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+INDEX_FILE = "model.safetensors.index.json"
+# The weight files `to_hf` writes: one file, or numbered shards named in the index.
+_WEIGHT_FILE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 # Derived buffers that some older checkpoints store; recomputed from the config, so skipped.
 _DERIVED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -140,11 +143,26 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _read_json(path: str) -> Any:
+    """A JSON file's content; ValueError naming the file and the position of a syntax error
+    (a file cut short by an interrupted copy or download is the usual cause)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column "
+                         f"{err.colno}); is the file truncated?") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def _safetensors_files(directory: str) -> list[str]:
-    index = os.path.join(directory, "model.safetensors.index.json")
+    index = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        content = _read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
@@ -161,9 +179,24 @@ class TensorSource:
     """Lazy access to a checkpoint's tensors: names, shapes without reading, and one tensor
     at a time as numpy (in its stored dtype)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray],
+                 origin: Mapping[str, str] | None = None):
         self.shapes = shapes
         self.read = read
+        self.origin = dict(origin or {})  # tensor name -> the file it is stored in
+
+    def where(self, key: str) -> str:
+        """The tensor's name, and its file when it has one (for error messages)."""
+        return f"{key} in {self.origin[key]}" if key in self.origin else key
+
+    def read_float(self, key: str) -> np.ndarray:
+        """A tensor that must hold floating-point weights (an integer one is quantized or
+        corrupt: cast to float it would load, then generate garbage)."""
+        tensor = self.read(key)
+        if not jnp.issubdtype(tensor.dtype, jnp.floating):
+            raise ConversionError(f"{self.where(key)}: stored as {tensor.dtype}; weights must be "
+                                  "floating point (float32, bfloat16 or float16)")
+        return tensor
 
     @classmethod
     def from_mapping(cls, state: Mapping[str, Any]) -> TensorSource:
@@ -177,7 +210,11 @@ class TensorSource:
 
         handles, owner, shapes = [], {}, {}
         for path in paths:
-            handle = safe_open(path, framework="numpy")
+            try:
+                handle = safe_open(path, framework="numpy")
+            except Exception as err:  # safetensors' SafetensorError, not a ValueError
+                raise ConversionError(f"{path}: not a readable safetensors file, truncated or "
+                                      f"corrupt ({err})") from None
             handles.append(handle)
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 if key in owner:
@@ -186,7 +223,38 @@ class TensorSource:
                 owner[key] = path
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
         by_path = dict(zip(paths, handles, strict=True))
-        return cls(shapes, lambda key: by_path[owner[key]].get_tensor(key))
+
+        def read(key: str) -> np.ndarray:
+            try:
+                return by_path[owner[key]].get_tensor(key)
+            except Exception as err:
+                raise ConversionError(f"{key} in {owner[key]}: cannot be read, the file is "
+                                      f"truncated or corrupt ({err})") from None
+        return cls(shapes, read, origin=owner)
+
+
+def _read_config_json(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"source: no config.json in {directory!r}")
+    content = _read_json(path)
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return _model_config(content, path)
+
+
+def _model_config(hf_config: Any, where: str) -> ModelConfig:
+    """`ModelConfig.from_hf_config`, its errors prefixed with where the config came from."""
+    try:
+        return ModelConfig.from_hf_config(hf_config)
+    except KeyError as err:
+        raise ValueError(f"{where}: missing required field {err.args[0]!r}") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    except TypeError as err:
+        if not isinstance(hf_config, dict):
+            raise
+        raise ValueError(f"{where}: a field has the wrong type ({err})") from err
 
 
 def _open_source(source: Any) -> tuple[ModelConfig, TensorSource]:
@@ -197,13 +265,13 @@ def _open_source(source: Any) -> tuple[ModelConfig, TensorSource]:
             raise FileNotFoundError(
                 f"source: {directory!r} is not a directory (expected a local Hugging Face "
                 "checkpoint with config.json and *.safetensors)")
-        config = ModelConfig.from_hf_config(directory)
+        config = _read_config_json(directory)
         return config, TensorSource.from_safetensors(_safetensors_files(directory))
     if isinstance(source, tuple) and len(source) == 2:
         state_dict, hf_config = source
-        return ModelConfig.from_hf_config(hf_config), TensorSource.from_mapping(state_dict)
+        return _model_config(hf_config, "hf_config"), TensorSource.from_mapping(state_dict)
     if hasattr(source, "state_dict") and hasattr(source, "config"):
-        config = ModelConfig.from_hf_config(source.config)
+        config = _model_config(source.config, "source.config")
         return config, TensorSource.from_mapping(source.state_dict())
     raise TypeError(
         "source must be a transformers model, a local checkpoint directory or a "
@@ -268,14 +336,15 @@ def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelC
     host buffer (stacked over layers), moved once, then cast once."""
     host = None
     for i, key in enumerate(keys):
-        tensor = source.read(key)
+        tensor = source.read_float(key)
         laid_out = rule.to_flax(_as_bits(tensor), config)
         if host is None:
             stored = tensor.dtype
             shape = (len(keys), *laid_out.shape) if stack else laid_out.shape
             host = _aligned_empty(shape, laid_out.dtype)
         elif tensor.dtype != stored:
-            raise ConversionError(f"{key}: stored as {tensor.dtype}, other layers as {stored}")
+            raise ConversionError(f"{source.where(key)}: stored as {tensor.dtype}, other "
+                                  f"layers as {stored}")
         if stack:
             host[i] = laid_out
         else:
@@ -312,7 +381,7 @@ def convert_weights(config: ModelConfig, source: TensorSource,
                               dtype, stack=True)
         for rule in LAYER_RULES if rule.when(config)}
     if config.tie_word_embeddings and "lm_head.weight" in source.shapes:
-        head = jnp.asarray(source.read("lm_head.weight")).astype(dtype)
+        head = jnp.asarray(source.read_float("lm_head.weight")).astype(dtype)
         if not bool(jnp.array_equal(head, out["embedding"])):
             raise ConversionError("lm_head.weight: differs from model.embed_tokens.weight "
                                   "although tie_word_embeddings=True")
@@ -340,9 +409,11 @@ def from_hf(source: Any, dtype: Any = jnp.float32) -> Transformer:
       dtype: parameter dtype, a jnp dtype or its name ("float32", "bfloat16", "float16").
 
     Raises:
-      ConversionError: a tensor is missing, unexpected or mis-shaped (the message names it).
-      ValueError: the config uses a feature this library does not implement, or bad dtype.
-      FileNotFoundError: the directory or a shard does not exist.
+      ConversionError: a tensor is missing, unexpected, mis-shaped or stored as integers,
+        or a safetensors file is truncated or corrupt (the message names tensor and file).
+      ValueError: the config uses a feature this library does not implement, lacks a
+        required field or is not valid JSON (naming config.json), or bad dtype.
+      FileNotFoundError: the directory, its config.json or a shard does not exist.
     """
     dtype = resolve_dtype(dtype)
     config, tensors = _open_source(source)
@@ -366,6 +437,18 @@ def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     return out
 
 
+def remove_weight_files(directory: str) -> list[str]:
+    """Deletes the weight files `to_hf` writes (`model.safetensors`, its shards
+    `model-XXXXX-of-YYYYY.safetensors` and `model.safetensors.index.json`) from `directory`,
+    and nothing else. Returns the deleted names."""
+    names = sorted(n for n in os.listdir(directory)
+                   if (n == INDEX_FILE or _WEIGHT_FILE.match(n))
+                   and os.path.isfile(os.path.join(directory, n)))
+    for name in names:
+        os.remove(os.path.join(directory, name))
+    return names
+
+
 def _shard(state: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -383,13 +466,17 @@ def to_hf(model: Transformer, out_dir: str | os.PathLike,
     """Writes `config.json` and safetensors that `transformers` loads with the same logits.
 
     Checkpoints above `max_shard_bytes` are split into shards with a
-    `model.safetensors.index.json`, as Hugging Face does. Returns the directory.
+    `model.safetensors.index.json`, as Hugging Face does. Weight files of an earlier export
+    into `out_dir` (`model.safetensors`, `model-*-of-*.safetensors` and the index) are
+    deleted first, so that a loader cannot pick up stale shards; other files are kept.
+    Returns the directory.
     """
     from safetensors.numpy import save_file
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     state = hf_state_dict(model)
+    remove_weight_files(out_dir)
     hf_config = model.config.to_hf_dict()
     hf_config["torch_dtype"] = jnp.dtype(model.dtype).name
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -406,6 +493,6 @@ def to_hf(model: Transformer, out_dir: str | os.PathLike,
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
              "weight_map": weight_map}
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
     return out_dir

@@ -63,7 +63,8 @@ def load_dataset(name_or_path: str, num_problems: int | None = None,
 
     Raises:
       ValueError: an unknown name (listing the valid ones), num_problems < 1 or above the
-        file's size, or a malformed line (naming the file and its 1-based line number).
+        file's size, or a malformed or non-UTF-8 line (naming the file and its 1-based line
+        number).
       FileNotFoundError: a `.jsonl` path that does not exist.
     """
     if num_problems is not None and (isinstance(num_problems, bool)
@@ -98,11 +99,13 @@ def synthetic_examples(count: int, seed: int = HELD_OUT_SEED) -> list[Example]:
 def read_jsonl(path: str, prefix: str) -> list[Example]:
     """Math examples from a JSON-lines file; blank lines are skipped.
 
-    Ids are `{prefix}-{index}` (0-based, in file order).
+    Ids are `{prefix}-{index}` (0-based, in file order). The file must be UTF-8 (a
+    leading byte-order mark is allowed); other bytes raise ValueError naming the line.
     """
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, line_number)
             if not line.strip():
                 continue
             question, answer = _parse_line(line, path, line_number)
@@ -111,6 +114,25 @@ def read_jsonl(path: str, prefix: str) -> list[Example]:
     if not examples:
         raise ValueError(f"{path}: no problems in the file")
     return examples
+
+
+# Byte-order marks of the encodings a text editor may have saved the file in instead.
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+               (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _decode_line(raw: bytes, path: str, line_number: int) -> str:
+    if line_number == 1:
+        for bom, encoding in _OTHER_BOMS:
+            if raw.startswith(bom):
+                raise ValueError(f"{path}, line 1: the file is {encoding}, not UTF-8; "
+                                 "save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}, line {line_number}: not valid UTF-8 (byte "
+                         f"0x{raw[err.start]:02x} at column {err.start + 1}); save the file "
+                         "as UTF-8") from None
 
 
 def _parse_line(line: str, path: str, line_number: int) -> tuple[str, str]:

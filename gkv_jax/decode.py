@@ -1,6 +1,6 @@
 """The functional decode loop: prefill, decode steps, and eviction, all jit-able.
 
-Timing follows gkv-algorithm.md section 1. Forward 0 (the prefill) produces generated token 0;
+Timing follows docs/algorithm.md section 2. Forward 0 (the prefill) produces generated token 0;
 decode forward k feeds token k-1 and produces token k. After forward 0 and after every decode
 forward k with k % divide_length == 0, every active sequence's cache is compressed (evicting
 where it holds more than `budget` real tokens). The current token always attends over the
@@ -129,7 +129,7 @@ def resize_slots(buffer: Array, capacity: int, fill, axis: int = 3) -> Array:
 
 def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
           capacity: int | None = None) -> tuple[KVCache, Bool[Array, " B"]]:
-    """One compression of every layer (gkv-algorithm.md section 2, or the policy's variant).
+    """One compression of every layer (docs/algorithm.md sections 3-5, per policy).
 
     Every active sequence must have a full buffer (`lengths == cache.capacity`). Sequences
     holding more than `budget` real tokens evict down to `budget`; other active sequences

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
+import numbers
 import os
+import textwrap
 from collections.abc import Container, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from gkv_jax import grading
@@ -89,12 +94,13 @@ class EvalReport:
 def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *,
              policies: Sequence[str] | str = ("full", "gkv"), budgets: Sequence[int] = (128,),
              window: int | None = None, divide_length: int | None = None,
-             num_problems: int | None = None, samples: int = 1, pass_k: Sequence[int] = (1,),
+             num_problems: int | None = None, samples: int = 1,
+             pass_k: Sequence[int] | int = (1,),
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, batch_size: int = 16,
              chat_template: bool | None = None, system_prompt: str | None = None,
              prompt_buckets: Sequence[int] | None = None, output_dir: str = "runs/eval",
-             progress: bool = True) -> EvalReport:
+             progress: bool = True, model_name: str | None = None) -> EvalReport:
     """Generates answers to a dataset under each eviction config, grades and summarizes them.
 
     Args:
@@ -103,12 +109,14 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         "amc23", "math500"), a path to a `.jsonl` file of `question`/`answer`, or a list of
         `Example`s.
       policies: eviction policies ("full" runs once, whatever the budgets), or a
-        comma-separated string. budgets: kept tokens per layer and KV head.
+        comma-separated string. budgets: kept tokens per layer and KV head (ints, numpy
+        integers included).
       window: the observation window of snapkv, rkv and gkv (None = their default).
       divide_length: decode steps between compressions, for every policy (None = default).
       num_problems: the first n problems (None = all; synthetic: 200).
       samples: generations per problem; sample s uses seed `seed + s`.
-      pass_k: the k of pass@k to report; those above `samples` are skipped (pass@1 always).
+      pass_k: the k of pass@k to report (a sequence, or one int); those above `samples` are
+        skipped (pass@1 always).
       max_new_tokens: None = 520 for synthetic, 16384 for math, capped at the context.
       temperature, top_p, top_k, seed: as in `generate`.
       batch_size: rows per `generate` call (at most the number of problems).
@@ -118,8 +126,12 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         Without a chat template it is prepended to the question, a blank line between.
       prompt_buckets: padded prompt lengths, as in `generate`.
       output_dir: where results.jsonl, summary.csv, accuracy_vs_budget.png and
-        settings.json go; rows already in results.jsonl are not generated again.
+        settings.json go; rows already in results.jsonl are not generated again, provided
+        settings.json shows they were made with these settings, these weights (a checksum
+        of every parameter) and these problems (a hash of each problem's id, question,
+        answer and prompt tokens); otherwise ValueError, before any generation.
       progress: show a progress bar over batches and print the table and paths at the end.
+      model_name: the model's name in the plot's title (None = its family and size).
 
     Raises:
       ValueError: naming the parameter, before any generation: an unknown policy or
@@ -130,6 +142,7 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
     configs = eviction_configs(policies, budgets, window, divide_length)
     _check_positive("samples", samples)
     _check_positive("batch_size", batch_size)
+    pass_k = (pass_k,) if isinstance(pass_k, numbers.Integral) else tuple(pass_k)
     for k in pass_k:
         _check_positive("pass_k", k)
     SamplingParams.create(temperature, top_p, top_k)
@@ -146,7 +159,9 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         "dataset": label, "max_new_tokens": max_new_tokens, "temperature": float(temperature),
         "top_p": float(top_p), "top_k": int(top_k), "seed": int(seed),
         "chat_template": chat_template, "system_prompt": system_prompt,
-        "model": f"{getattr(model, 'config', None)!r} {getattr(model, 'dtype', None)}"})
+        "model": f"{getattr(model, 'config', None)!r} {getattr(model, 'dtype', None)}",
+        "weights": weights_fingerprint(model),
+        "problems": problem_fingerprints(examples, prompts)})
     pending = [b for b in batches if any(_key(b, examples[i]) not in done for i in b.indices)]
 
     with tqdm(total=len(pending), desc=f"eval {label}", unit="batch",
@@ -163,7 +178,9 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
             bar.update(1)
 
     rows = [done[key] for key in report_keys(configs, examples, samples)]
-    report = _write_report(rows, configs, samples, pass_k, output_dir, label)
+    title = plot_title(model_name or _model_description(model), label, len(examples),
+                       max(map(len, prompts)) + max_new_tokens)
+    report = _write_report(rows, configs, samples, pass_k, output_dir, title)
     if progress:
         print(report.table())
         print(f"results: {report.results_path}\nsummary: {report.summary_path}\n"
@@ -181,7 +198,10 @@ def eviction_configs(policies: Sequence[str] | str, budgets: Sequence[int] | int
     """One `EvictionConfig` per (policy, budget); "full" once. Raises ValueError early."""
     if isinstance(policies, str):
         policies = [p.strip() for p in policies.split(",") if p.strip()]
-    budgets = [budgets] if isinstance(budgets, int) else list(budgets)
+    budgets = [budgets] if isinstance(budgets, numbers.Integral) else list(budgets)
+    # numpy integers (a sweep built with np.arange) as plain ints, for json and describe().
+    budgets = [int(b) if isinstance(b, numbers.Integral) and not isinstance(b, bool) else b
+               for b in budgets]
     policies = list(dict.fromkeys(policies))
     if not policies:
         raise ValueError(f"policies: give at least one of {POLICIES}")
@@ -334,13 +354,14 @@ def read_results(path: str) -> list[dict[str, Any]]:
         with open(path, "r+b") as f:
             f.truncate(len(complete))
     rows = []
-    for line_number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(complete.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {line_number}: not a results row ({err.msg})"
+            rows.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = getattr(err, "msg", None) or f"not UTF-8: {err.reason}"
+            raise ValueError(f"{path}, line {line_number}: not a results row ({reason})"
                              ) from None
     return rows
 
@@ -356,22 +377,113 @@ def append_results(path: str, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def check_settings(output_dir: str, settings: dict[str, Any], has_results: bool) -> None:
-    """Checks that a resumed run uses the settings of the rows already there (dataset,
-    max_new_tokens, sampling, prompt formatting, model config and dtype); without results
-    yet, (re)writes `settings.json`."""
+    """Checks that a resumed run is the run whose rows are already in `output_dir`.
+
+    Compared with `settings.json`: every setting (dataset, max_new_tokens, sampling, prompt
+    formatting, model config and dtype, weights fingerprint), and `settings["problems"]`
+    (id -> fingerprint) on the problems both runs share, so an edited, reordered or
+    extended dataset file cannot pass its old rows off as answers to the new problems. A
+    settings.json written before fingerprints existed is refused too: its rows cannot be
+    checked. Without results yet, (re)writes `settings.json`; on a resume, adds the
+    fingerprints of problems it did not have (a larger num_problems).
+
+    Raises:
+      ValueError: what differs, and how to start fresh (another output_dir, or delete it).
+    """
     path = os.path.join(output_dir, SETTINGS_FILE)
     settings = json.loads(json.dumps(settings))
     if not has_results or not os.path.exists(path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
+        _write_json(path, settings)
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    differing = [f"{key}: {saved.get(key)!r} there, {value!r} now"
-                 for key, value in settings.items() if saved.get(key) != value]
+    saved = _read_settings(path)
+    differing = [f"{key}: {saved[key]!r} there, {value!r} now"
+                 + (" (another checkpoint, or changed weights)" if key == "weights" else "")
+                 for key, value in settings.items()
+                 if key != "problems" and key in saved and saved[key] != value]
+    missing = [key for key in ("weights", "problems") if key in settings and key not in saved]
+    if missing:
+        differing.append(f"{SETTINGS_FILE} has no {' or '.join(missing)} fingerprint "
+                         "(written by an older gkv-jax), so its rows cannot be checked")
+    saved_problems = saved.get("problems") or {}
+    problems = settings.get("problems") or {}
+    changed = [pid for pid, h in problems.items() if pid in saved_problems
+               and saved_problems[pid] != h]
+    if changed:
+        differing.append(
+            f"{len(changed)} problem(s) differ from the ones answered there, first "
+            f"{changed[0]!r} (an edited, reordered or replaced dataset file, or another "
+            "tokenizer or prompt format)")
     if differing:
-        raise ValueError(f"output_dir: {output_dir} holds results of a run with other "
-                         f"settings ({'; '.join(differing)}); use another output_dir")
+        raise ValueError(
+            f"output_dir: {output_dir} holds results of another run "
+            f"({'; '.join(differing)}); to start fresh, use another output_dir "
+            f"(--output-dir) or delete {output_dir} yourself")
+    if any(pid not in saved_problems for pid in problems):
+        _write_json(path, {**saved, "problems": {**saved_problems, **problems}})
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's parameters: each weight's name, shape, dtype and two
+    checksums of its bits (a plain and a position-weighted sum, modulo 2**32).
+
+    Integer sums of the bits are exact and order-free, so the fingerprint is the same on
+    every backend and sharding; they are computed where the weights live, and only two
+    numbers per weight come back to the host.
+    """
+    params = model.params()
+    checksums = jax.device_get(_bit_checksums(params))
+    parts = [f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {jnp.dtype(leaf.dtype).name} "
+             f"{' '.join(str(int(c)) for c in sums)}"
+             for (path, leaf), sums in zip(jax.tree_util.tree_leaves_with_path(params),
+                                           jax.tree.leaves(checksums, is_leaf=_is_pair),
+                                           strict=True)]
+    return _hash("\n".join(sorted(parts)))
+
+
+def problem_fingerprints(examples: Sequence[Example],
+                         prompts: Sequence[Sequence[int]]) -> dict[str, str]:
+    """id -> short hash of the problem's kind, question, answer and prompt token ids."""
+    return {e.id: _hash(json.dumps([e.kind, e.question, e.answer, [int(t) for t in p]]))
+            for e, p in zip(examples, prompts, strict=True)}
+
+
+_POSITION_MODULUS = 65521  # position weights 1..65521: a moved value changes the sum
+
+
+@jax.jit
+def _bit_checksums(params):
+    def checksums(x):
+        width = min(jnp.dtype(x.dtype).itemsize, 4)
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}"))
+        bits = bits.reshape(-1).astype(jnp.uint32)
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) % _POSITION_MODULUS + 1
+        return bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)
+    return jax.tree.map(checksums, params)
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _read_settings(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a settings file ({err}); delete the output "
+                         "directory or use another output_dir") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a settings file (expected a JSON object)")
+    return saved
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,44 +565,108 @@ def _format_cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def plot_accuracy(summary: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """pass@1 against budget, one line per evicting policy, `full` a dashed horizontal line."""
+def plot_title(model_name: str, dataset: str, problems: int, sequence_length: int) -> str:
+    """The plot's title: which model, on what, how long the sequences may grow."""
+    return (f"{model_name} on {dataset}: {problems} problems, "
+            f"sequences up to {sequence_length} tokens")
+
+
+# One marker per policy, so that lines lying on each other (all at 0) stay distinguishable.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def accuracy_figure(summary: Sequence[dict[str, Any]], title: str = ""):
+    """The matplotlib `Figure` of `plot_accuracy`.
+
+    One budget: grouped bars, one per config (full included), each labelled with its
+    pass@1. Several: pass@1 against budget (log2 axis), one line per evicting policy with
+    its own marker and a small sideways offset, `full` a dashed horizontal line, and the
+    legend below the axes, where it covers no data.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6, 4), dpi=120)
+    figure = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    for policy in dict.fromkeys(e["policy"] for e in summary):
-        points = sorted((e["budget"], e["pass@1"]) for e in summary if e["policy"] == policy)
-        if policy == "full":
-            axes.axhline(points[0][1], linestyle="--", color="black", label="full")
-        else:
-            axes.plot([b for b, _ in points], [a for _, a in points], marker="o", label=policy)
-    budgets = {e["budget"] for e in summary if e["budget"] is not None}
-    if len(budgets) > 1:
-        axes.set_xscale("log", base=2)
-        axes.minorticks_off()
-    if budgets:
-        axes.set_xticks(sorted(budgets), labels=[str(b) for b in sorted(budgets)])
-    axes.set_xlabel("budget (kept tokens per layer and KV head)")
+    budgets = sorted({e["budget"] for e in summary if e["budget"] is not None})
+    if len(budgets) <= 1:
+        _draw_bars(axes, summary, budgets)
+    else:
+        _draw_lines(axes, summary, budgets)
     axes.set_ylabel("pass@1")
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
+    axes.set_ylim(0 if len(budgets) <= 1 else -0.04, 1.08)  # markers at 0 fully shown
+    axes.set_title(textwrap.fill(title, 70), fontsize=10)
+    axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
 
 
-def _write_report(rows, configs, samples, pass_k, output_dir, label) -> EvalReport:
+def _draw_bars(axes, summary, budgets) -> None:
+    colors = _policy_colors(summary)
+    values = [e["pass@1"] for e in summary]
+    bars = axes.bar(range(len(summary)), [0 if math.isnan(v) else v for v in values],
+                    color=[colors[e["policy"]] for e in summary], width=0.6)
+    axes.bar_label(bars, labels=["-" if math.isnan(v) else f"{v:.1%}" for v in values],
+                   padding=2, fontsize=9)
+    axes.set_xticks(range(len(summary)), labels=[e["name"] for e in summary])
+    where = f" at budget {budgets[0]} (kept tokens per layer and KV head)" if budgets else ""
+    axes.set_xlabel(f"config{where}")
+
+
+def _draw_lines(axes, summary, budgets) -> None:
+    colors = _policy_colors(summary)
+    policies = [p for p in dict.fromkeys(e["policy"] for e in summary) if p != "full"]
+    for i, policy in enumerate(policies):
+        points = sorted((e["budget"], e["pass@1"]) for e in summary if e["policy"] == policy)
+        shift = 2 ** (0.04 * (i - (len(policies) - 1) / 2))  # a sideways nudge, in octaves
+        axes.plot([b * shift for b, _ in points], [a for _, a in points], label=policy,
+                  marker=_MARKERS[i % len(_MARKERS)], color=colors[policy], alpha=0.85)
+    full = [e["pass@1"] for e in summary if e["policy"] == "full"]
+    if full:
+        axes.axhline(full[0], linestyle="--", color=colors["full"], label="full")
+    axes.set_xscale("log", base=2)
+    axes.minorticks_off()
+    axes.set_xticks(budgets, labels=[str(b) for b in budgets])
+    axes.set_xlabel("budget (kept tokens per layer and KV head)")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(policies) + 1, 6),
+                frameon=False)
+
+
+def _policy_colors(summary) -> dict[str, str]:
+    colors = {"full": "black"}
+    for i, policy in enumerate(p for p in dict.fromkeys(e["policy"] for e in summary)
+                               if p != "full"):
+        colors[policy] = f"C{i % 10}"
+    return colors
+
+
+def plot_accuracy(summary: Sequence[dict[str, Any]], path: str, title: str = ""):
+    """Saves `accuracy_figure(summary, title)` to `path` (png) and returns the figure."""
+    figure = accuracy_figure(summary, title)
+    figure.savefig(path, bbox_inches="tight")
+    return figure
+
+
+def _model_description(model) -> str:
+    """The title's model when no model_name is given: its family and size."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_parameters"):
+        return "model"
+    count = config.num_parameters()
+    size = next(f"{count / scale:.3g}{unit}" for scale, unit in
+                ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, "")) if count >= scale or scale == 1)
+    return f"{config.family} model ({size} parameters)"
+
+
+def _write_report(rows, configs, samples, pass_k, output_dir, title) -> EvalReport:
     summary = summarize(rows, configs, samples, pass_k)
     report = EvalReport(rows=rows, summary=summary,
                         results_path=os.path.join(output_dir, RESULTS_FILE),
                         summary_path=os.path.join(output_dir, SUMMARY_FILE),
                         plot_path=os.path.join(output_dir, PLOT_FILE))
     write_summary_csv(summary, report.summary_path)
-    plot_accuracy(summary, report.plot_path, title=label)
+    plot_accuracy(summary, report.plot_path, title=title)
     return report
 
 

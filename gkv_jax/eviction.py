@@ -1,6 +1,6 @@
 """KV-cache eviction: `EvictionConfig`, the score of every policy, and the pure `select` step.
 
-At a compression step (docs/gkv-algorithm.md, sections 2-3) each (sequence, KV head) of a
+At a compression step (docs/algorithm.md, sections 3-5) each (sequence, KV head) of a
 layer scores the S - W oldest rows of its cache, keeps the best `budget - W` of them in their
 original order and always keeps the last W rows (the observation window). A policy only
 defines its score (as NVIDIA kvpress's ScorerPress does); masking of invalid rows, the top-k,
@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Protocol
 
 import jax
@@ -50,7 +51,7 @@ MASKED_LOGIT = -1e30
 KEY_NORM_EPS = 1e-6
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Defaults of the knobs each policy uses (gkv-algorithm.md, section 3). A knob absent from a
+# Defaults of the knobs each policy uses (docs/algorithm.md, section 5). A knob absent from a
 # policy's table is not used by it and must stay None. budget, divide_length and
 # implementation are common to every policy; streaming derives window, sink and recent in
 # `EvictionConfig._resolve_streaming`.
@@ -89,7 +90,8 @@ class EvictionConfig:
       sink: streaming only, number of first valid tokens kept (4).
       recent: streaming only, number of last tokens kept (budget - sink).
       smooth: global-score update, "max" (gkv), "mean" or "sum" (h2o).
-      implementation: None (auto: the Pallas kernels on TPU, the XLA reference elsewhere),
+      implementation: None (auto: the Pallas kernels on a backend of
+        `pallas_kernels._common.VERIFIED_BACKENDS`, none yet; the XLA reference elsewhere),
         "xla", or "pallas" (Mosaic TPU on TPU, Mosaic GPU on Hopper GPUs, TPU interpret mode
         on CPU).
       matmul_dtype: operand dtype of the score matrix products in the Pallas kernels:
@@ -132,7 +134,18 @@ class EvictionConfig:
 
     def _resolve_streaming(self):
         """sink + recent = budget; the recent tail is the window. Only `budget` is required."""
-        _check_int("budget", self.budget, 2)
+        budget = _check_int("budget", self.budget, 2)
+        # Check what the caller passed against the budget before deriving the rest, so the
+        # message names the caller's parameter (not a derived recent = budget - sink < 1).
+        for name in ("sink", "recent", "window"):
+            given = getattr(self, name)
+            if given is not None:
+                given = _check_int(name, given, 1)
+                if given >= budget:
+                    other = "recent" if name == "sink" else "sink"
+                    raise ValueError(f"{name} must be < budget (={budget}) so that {other} = "
+                                     f"budget - {name} >= 1, got {name}={given}")
+                object.__setattr__(self, name, given)
         sink, recent = self.sink, self.recent
         if recent is None:
             recent = self.window
@@ -154,7 +167,11 @@ class EvictionConfig:
             object.__setattr__(self, name, value)
 
     def _validate(self):
-        _check_int("divide_length", self.divide_length, 1)
+        # Integral values (numpy ints included) are stored as Python ints: the config is a
+        # static jit argument, hashed and printed.
+        for name in ("budget", "window", "divide_length", "pool_kernel", "sink", "recent"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _check_int(name, getattr(self, name), 1))
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
                              f"got {self.implementation!r}")
@@ -162,21 +179,15 @@ class EvictionConfig:
             raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, "
                              f"got {self.matmul_dtype!r}")
         if self.policy == "full":
-            if self.budget is not None:
-                _check_int("budget", self.budget, 1)
             return
-        _check_int("window", self.window, 1)
-        _check_int("budget", self.budget, 1)
         if self.budget <= self.window:
             raise ValueError(f"budget must be > window (={self.window}), got {self.budget}")
         for name in ("alpha", "mix_lambda"):
             _check_real(self, name, 0.0, 1.0)
         _check_real(self, "similarity_threshold", -1.0, 1.0)
-        if self.pool_kernel is not None:
-            _check_int("pool_kernel", self.pool_kernel, 1)
-            if self.pool_kernel % 2 == 0:
-                raise ValueError(f"pool_kernel must be odd (same-length pooling), "
-                                 f"got {self.pool_kernel}")
+        if self.pool_kernel is not None and self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd (same-length pooling), "
+                             f"got {self.pool_kernel}")
         if self.smooth is not None and self.smooth not in SMOOTH_MODES:
             raise ValueError(f"smooth must be one of {SMOOTH_MODES}, got {self.smooth!r}")
 
@@ -208,9 +219,11 @@ class EvictionConfig:
         return f"{self.policy}({fields})"
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def _check_int(name: str, value: Any, low: int) -> int:
+    """`value` as a Python int if it is an integer (numpy ints included, bool not) >= low."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def _check_real(cfg: EvictionConfig, name: str, low: float, high: float) -> None:
@@ -218,7 +231,7 @@ def _check_real(cfg: EvictionConfig, name: str, low: float, high: float) -> None
     value = getattr(cfg, name)
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
     object.__setattr__(cfg, name, float(value))
 
@@ -489,8 +502,9 @@ def select(
     [[[2, 3]]]
     """
     validate_inputs(cfg, queries, keys, valid, global_score)
-    # Dispatch: "pallas" (or None on TPU) runs the kernels of gkv_jax.pallas_kernels (TPU
-    # interpret mode on CPU); "xla" (or None elsewhere) runs this reference. Imported here
+    # Dispatch: "pallas" (or None on a verified backend) runs the kernels of
+    # gkv_jax.pallas_kernels (TPU interpret mode on CPU); "xla" (or None elsewhere) runs this
+    # reference (see _common.resolve_implementation). Imported here
     # because gkv_jax.pallas_kernels builds on this module.
     from gkv_jax.pallas_kernels import _common, eviction_step
     if _common.resolve_implementation(cfg.implementation).use_pallas:

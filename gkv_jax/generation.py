@@ -2,13 +2,15 @@
 
 The host side only tokenizes, pads to a prompt-length bucket, and trims the results; the
 whole generation (prefill, decode cycles, evictions, sampling) is one XLA program compiled
-once per (model config, eviction config, batch size, bucket, max_new_tokens). Sampling
-parameters and the seed are traced, so changing them never recompiles.
+once per (model config, eviction config, batch size, bucket, max_new_tokens, number of EOS
+ids). Sampling parameters, the seed and the EOS id values are traced, so changing them never
+recompiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +25,7 @@ from gkv_jax.eviction_record import NEVER, EvictionRecord
 from gkv_jax.sampling import SamplingParams
 
 MIN_BUCKET = 16
+SEED_LIMIT = 2**32  # seeds are uint32 PRNG seeds
 
 
 @dataclasses.dataclass
@@ -37,9 +40,11 @@ class GenerateOutput:
       kept_positions: [L, B, K, C] int32 true positions held in the cache after the forward
         that produced each sequence's last token; -1 marks an empty slot (None unless
         `return_kept_positions`).
-      stats: cache_bytes, full_cache_bytes, tokens_per_second, compile_seconds,
+      stats: cache_bytes, full_cache_bytes, tokens_per_second (generated tokens per second
+        of the forwards that served some sequence, see `_stats`), compile_seconds,
         run_seconds, compressions, forwards (model forwards run, prefill included),
-        prompt_bucket, capacity, generated_tokens, eos_token_ids.
+        idle_steps (forwards run after every sequence had finished: the rest of the last
+        `divide_length` cycle), prompt_bucket, capacity, generated_tokens, eos_token_ids.
       eviction_record: the `EvictionRecord` (which keys every query attended to, per layer
         and KV head), None unless `return_eviction_record`.
       prompt_ids: per prompt, the token ids that were fed (after tokenization).
@@ -76,18 +81,51 @@ def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
     return fitting[0]
 
 
-def _tokenize(prompts, tokenizer, chat_template: bool, system_prompt: str | None):
+def _is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_seed(seed) -> np.int32:
+    """The seed as the int32 the compiled program takes: seeds in [2**31, 2**32) wrap to
+    negative int32 values with the same 32 bits, which `jax.random.PRNGKey` reads as the
+    same uint32 seed (seeds below 2**31 give the keys they always gave)."""
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return np.uint32(seed).view(np.int32)
+
+
+def _token_ids(i: int, prompt) -> list[int]:
+    """prompts[i] as a list of Python ints (numpy integer arrays accepted)."""
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"prompts[{i}] must hold integer token ids (a 1-D integer "
+                             f"array), got a {prompt.ndim}-D {prompt.dtype} array")
+        return prompt.tolist()
+    for t in prompt:
+        if not _is_int(t):
+            raise ValueError(f"prompts[{i}] must hold integer token ids (ints or numpy "
+                             f"integers), got {t!r} ({type(t).__name__})")
+    return [int(t) for t in prompt]
+
+
+def _tokenize(prompts, tokenizer, chat_template: bool, system_prompt: str | None,
+              add_special_tokens: bool | None = None):
     if not isinstance(prompts, list | tuple) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
     if all(isinstance(p, str) for p in prompts):
         if tokenizer is None:
             raise ValueError("prompts are strings: pass tokenizer= to tokenize them "
                              "(or pass lists of token ids)")
-        ids = [_encode(tokenizer, p, chat_template, system_prompt) for p in prompts]
+        ids = [_encode(tokenizer, p, chat_template, system_prompt, add_special_tokens)
+               for p in prompts]
     elif all(isinstance(p, list | tuple | np.ndarray) for p in prompts):
         if chat_template:
             raise ValueError("chat_template=True needs string prompts")
-        ids = [[int(t) for t in p] for p in prompts]
+        if add_special_tokens is not None:
+            raise ValueError("add_special_tokens applies to string prompts; token-id "
+                             "prompts are fed as given (leave it None)")
+        ids = [_token_ids(i, p) for i, p in enumerate(prompts)]
     else:
         raise ValueError("prompts must be all strings or all lists of token ids")
     for i, p in enumerate(ids):
@@ -96,13 +134,27 @@ def _tokenize(prompts, tokenizer, chat_template: bool, system_prompt: str | None
     return ids
 
 
-def _encode(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None):
+def _encode(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None,
+            add_special_tokens: bool | None = None):
+    """Token ids of one string prompt.
+
+    add_special_tokens: None follows the tokenizer's own convention: `tokenizer(text)` adds
+    what its post-processor adds (e.g. BOS); with a chat template the template writes the
+    special tokens and nothing is added. True / False force the post-processor's tokens on
+    or off (with a chat template: on top of the rendered template).
+    """
     if not chat_template:
         if system_prompt is not None:
             prompt = system_prompt + prompt
-        return list(tokenizer(prompt)["input_ids"])
+        if add_special_tokens is None:
+            return list(tokenizer(prompt)["input_ids"])
+        return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
     messages.append({"role": "user", "content": prompt})
+    if add_special_tokens:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
@@ -115,12 +167,34 @@ def _eos_ids(eos_token_id, tokenizer, config) -> np.ndarray:
             eos_token_id = tokenizer.eos_token_id
         else:
             eos_token_id = list(config.eos_token_ids)
-    ids = [eos_token_id] if isinstance(eos_token_id, int | np.integer) else list(eos_token_id)
+    if isinstance(eos_token_id, str) or _is_int(eos_token_id):
+        eos_token_id = [eos_token_id]
+    if isinstance(eos_token_id, np.ndarray):
+        eos_token_id = eos_token_id.tolist()
+    if not isinstance(eos_token_id, list | tuple):
+        raise ValueError(f"eos_token_id must be a token id, a token string, a list of them or "
+                         f"None, got {eos_token_id!r}")
+    ids = [_eos_id(e, tokenizer) for e in eos_token_id]
     for i in ids:
-        if not 0 <= int(i) < config.vocab_size:
+        if not 0 <= i < config.vocab_size:
             raise ValueError(f"eos_token_id {i} is outside the vocabulary [0, "
                              f"{config.vocab_size})")
     return np.asarray(ids, np.int32)
+
+
+def _eos_id(token, tokenizer) -> int:
+    """One EOS entry as an id: an integer, or a token string looked up in the vocabulary."""
+    if _is_int(token):
+        return int(token)
+    if not isinstance(token, str):
+        raise ValueError(f"eos_token_id entries must be integers or token strings, got "
+                         f"{token!r} ({type(token).__name__})")
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    if token not in vocab:
+        where = "the tokenizer's vocabulary" if tokenizer is not None else "(no tokenizer=)"
+        raise ValueError(f"eos_token_id {token!r} is not a token of {where}; pass its id "
+                         "or a token string of the vocabulary")
+    return int(vocab[token])
 
 
 def _left_pad(ids: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,19 +231,32 @@ def _compiled(config, eviction, max_new_tokens, record, args):
 
 
 def _stats(model, state, ids, generated, capacity, width, compile_s, run_s, compressions):
+    """The run's statistics.
+
+    Forward i (the prefill is forward 0) produces token i of every unfinished sequence, so
+    the longest answer took `max(len(g))` forwards and the rest of the last cycle ran idle
+    (`idle_steps`). The program is one device call and cannot time its steps separately:
+    `tokens_per_second` divides the generated tokens by run_seconds scaled by the share of
+    active forwards, which assumes every forward costs the same (the prefill of a long
+    prompt costs more, so short answers to long prompts read a little low).
+    """
     config = model.config
     itemsize = jnp.dtype(model.dtype).itemsize
     final_length = max(len(p) + len(g) for p, g in zip(ids, generated, strict=True))
     per_slot = config.num_layers * len(ids) * config.num_kv_heads * 2 * config.head_dim * itemsize
     total = sum(len(g) for g in generated)
+    forwards = int(state.step)
+    active = min(forwards, max(len(g) for g in generated))
+    active_s = run_s * active / forwards if forwards else run_s
     return {
         "cache_bytes": state.cache.num_bytes(),
         "full_cache_bytes": per_slot * final_length,
-        "tokens_per_second": total / run_s if run_s > 0 else float("inf"),
+        "tokens_per_second": total / active_s if active_s > 0 else float("inf"),
         "compile_seconds": compile_s,
         "run_seconds": run_s,
         "compressions": compressions,
-        "forwards": int(state.step),
+        "forwards": forwards,
+        "idle_steps": forwards - active,
         "prompt_bucket": width,
         "capacity": capacity,
         "generated_tokens": total,
@@ -181,7 +268,8 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
              top_k: int = 0, seed: int = 0, eos_token_id=None, chat_template: bool = False,
              system_prompt: str | None = None, prompt_buckets: Sequence[int] | None = None,
              return_logprobs: bool = False, return_kept_positions: bool = False,
-             return_eviction_record: bool = False) -> GenerateOutput:
+             return_eviction_record: bool = False,
+             add_special_tokens: bool | None = None) -> GenerateOutput:
     """Generates continuations of a batch of prompts with a fixed-size, evicted KV cache.
 
     Args:
@@ -192,10 +280,15 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
       max_new_tokens: generated tokens per prompt (>= 1), EOS included.
       temperature: 0 for greedy, else sampling temperature.
       top_p: nucleus mass in (0, 1]. top_k: keep the k most likely tokens (0 = all).
-      seed: sampler seed; the same seed gives the same output.
-      eos_token_id: int, list of ints, or None for the tokenizer's / the model config's EOS.
+      seed: sampler seed, an integer in [0, 2**32); the same seed gives the same output.
+      eos_token_id: int, token string (looked up in the tokenizer's vocabulary), a list of
+        them, or None for the tokenizer's / the model config's EOS.
       chat_template: format each string prompt with the tokenizer's chat template (one user
         turn, generation prompt added), with `system_prompt` as the system turn if given.
+      add_special_tokens: for string prompts, None follows the tokenizer's convention
+        (`tokenizer(text)` adds what its post-processor adds, e.g. BOS; with a chat
+        template only the template's tokens); True / False force the post-processor's
+        special tokens on / off. Must be None for token-id prompts (fed as given).
       prompt_buckets: allowed padded prompt lengths (default: powers of two >= 16); prompts
         in the same bucket reuse the compiled program.
       return_logprobs, return_kept_positions: fill those fields of the output.
@@ -204,17 +297,23 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
 
     Raises:
       ValueError: naming the parameter, for an empty prompt list or prompt, string prompts
-        without a tokenizer, max_new_tokens < 1, sampling values out of range, or a prompt
-        plus max_new_tokens beyond the model's context.
+        without a tokenizer, non-integer token ids, max_new_tokens < 1, a seed outside
+        [0, 2**32), sampling values out of range, an unknown EOS, or a prompt plus
+        max_new_tokens beyond the model's context.
     """
     config = model.config
     eviction = EvictionConfig(policy="full") if eviction is None else eviction
     if not isinstance(eviction, EvictionConfig):
         raise TypeError(f"eviction must be an EvictionConfig or None, got {type(eviction)}")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     sampling = SamplingParams.create(temperature, top_p, top_k)
-    ids = _tokenize(prompts, tokenizer, chat_template, system_prompt)
+    seed = _check_seed(seed)
+    if add_special_tokens is not None and not isinstance(add_special_tokens, bool):
+        raise ValueError(f"add_special_tokens must be True, False or None (the tokenizer's "
+                         f"convention), got {add_special_tokens!r}")
+    ids = _tokenize(prompts, tokenizer, chat_template, system_prompt, add_special_tokens)
     longest = max(len(p) for p in ids)
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(
@@ -229,7 +328,7 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
     eos = _eos_ids(eos_token_id, tokenizer, config)
 
     args = (model.params(), jnp.asarray(tokens), jnp.asarray(positions), sampling,
-            jnp.int32(seed), jnp.asarray(eos))
+            jnp.asarray(seed, jnp.int32), jnp.asarray(eos))
     record = bool(return_eviction_record)
     program, compile_s = _compiled(config, eviction, int(max_new_tokens), record, args)
     start = time.perf_counter()

@@ -7,12 +7,13 @@ library may touch the network, and only because the caller asked for it.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import re
+import struct
 from typing import Any
-
-import jax.numpy as jnp
 
 from gkv_jax.conversion import from_hf
 from gkv_jax.models.transformer import Transformer
@@ -24,6 +25,32 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 BUNDLED_VARIANTS = {"base": "reasoner", "distilled": "reasoner_distilled"}
+# Stored dtypes that `dtype=None` keeps (float64 checkpoints load as float32), by config.json
+# name and by safetensors header code.
+CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                     "float64": "float32"}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
+TORCH_NOTICE = "PyTorch was not found"
+
+
+class _DropTorchNotice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found. Models won't be available..."
+    advice: this library only uses its tokenizers, so the notice misleads users who never
+    asked for torch. Every other transformers record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TORCH_NOTICE)
+
+
+def _silence_torch_notice() -> None:
+    """Installs the filter on transformers' root logger (before transformers is imported:
+    the notice is logged once, at import)."""
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _DropTorchNotice) for f in logger.filters):
+        logger.addFilter(_DropTorchNotice())
+
+
+_silence_torch_notice()
 
 
 def bundled_model_dir(variant: str = "base") -> str:
@@ -88,17 +115,66 @@ def _declared_tokenizer_class(directory: str) -> str | None:
         return json.load(f).get("tokenizer_class")
 
 
-def load(source: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple[Transformer, Any]:
+def checkpoint_dtype(directory: str) -> str:
+    """The parameter dtype a checkpoint declares: config.json's `torch_dtype` (or `dtype`),
+    else the floating dtype most of its safetensors tensors are stored in; "float32" if
+    neither says (float64 checkpoints load as float32)."""
+    config_path = os.path.join(directory, "config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (ValueError, UnicodeDecodeError):
+            config = None  # from_hf reports the broken file, naming it
+        if isinstance(config, dict):
+            for key in ("torch_dtype", "dtype"):
+                if isinstance(config.get(key), str) and config[key] in CHECKPOINT_DTYPES:
+                    return CHECKPOINT_DTYPES[config[key]]
+    counts = collections.Counter()
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            for code, size in _safetensors_header_dtypes(os.path.join(directory, name)):
+                if code in SAFETENSORS_DTYPES:
+                    counts[SAFETENSORS_DTYPES[code]] += size
+    return counts.most_common(1)[0][0] if counts else "float32"
+
+
+def _safetensors_header_dtypes(path: str) -> list[tuple[str, int]]:
+    """(dtype code, element count) of each tensor in a safetensors header; [] when the file
+    cannot be read as one (from_hf reports it)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, 100 * 2**20)))
+    except (OSError, ValueError, struct.error):
+        return []
+    entries = [v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    sizes = []
+    for entry in entries:
+        count = 1
+        for dim in entry.get("shape", []):
+            count *= int(dim)
+        sizes.append((str(entry.get("dtype")), count))
+    return sizes
+
+
+def load(source: str | os.PathLike, dtype: Any = None) -> tuple[Transformer, Any]:
     """Loads `(model, tokenizer)` from a Hugging Face checkpoint.
 
     Args:
       source: a local directory with `config.json`, `*.safetensors` and tokenizer files, or a
         hub id such as "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" (downloaded with
         `huggingface_hub` only in that case).
-      dtype: parameter dtype (jnp dtype or "float32" / "bfloat16" / "float16").
+      dtype: parameter dtype (jnp dtype or "float32" / "bfloat16" / "float16"); None keeps
+        the checkpoint's own dtype (`checkpoint_dtype`).
 
     Returns:
       The NNX `Transformer` and the tokenizer (None if the directory has no tokenizer files).
+
+    Raises:
+      ValueError: an unsupported dtype, or weights stored as integers (from the conversion).
     """
     directory = resolve_source(source)
+    if dtype is None:
+        dtype = checkpoint_dtype(directory)
     return from_hf(directory, dtype=dtype), load_tokenizer(directory)

@@ -16,6 +16,15 @@ import argparse
 import json
 import os
 
+from gkv_jax.cli import (
+    CommandError,
+    HelpFormatter,
+    comma_list,
+    load_checkpoint,
+    positive_int,
+    require_tokenizer,
+    seed_value,
+)
 from gkv_jax.eviction import POLICIES, EvictionConfig
 
 SYNTHETIC_TRAIN_SEED = 1  # training problems; seed 0 is the held-out set
@@ -37,8 +46,11 @@ def synthetic_pairs(tokenizer, count: int, seed: int = SYNTHETIC_TRAIN_SEED
         for problem in synthetic.problems(seed + 7919 * draw, 2 * count):
             if (problem.table, problem.order, problem.start) in held_out:
                 continue
-            prompt = [tokenizer.bos_token_id] + tokenizer(problem.prompt)["input_ids"]
-            completion = tokenizer(problem.completion)["input_ids"] + [tokenizer.eos_token_id]
+            # explicit BOS / EOS around the bare characters, whatever the tokenizer adds
+            bare = {k: tokenizer(getattr(problem, k), add_special_tokens=False)["input_ids"]
+                    for k in ("prompt", "completion")}
+            prompt = [tokenizer.bos_token_id] + bare["prompt"]
+            completion = bare["completion"] + [tokenizer.eos_token_id]
             pairs.append((prompt, completion))
             if len(pairs) == count:
                 break
@@ -50,25 +62,37 @@ def _jsonl_pairs(path: str, tokenizer, count: int | None):
     """(prompt, completion) pairs of a JSON-lines file: `prompt_ids` / `completion_ids`
     lists, or `prompt` / `completion` texts (tokenized with the model's tokenizer)."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--dataset: {path} line {number} is not JSON ({err})") from None
-            if "prompt_ids" in row and "completion_ids" in row:
-                pairs.append((row["prompt_ids"], row["completion_ids"]))
-            elif "prompt" in row and "completion" in row:
-                pairs.append((tokenizer(row["prompt"])["input_ids"],
-                              tokenizer(row["completion"])["input_ids"]))
-            else:
-                raise ValueError(f"--dataset: {path} line {number} needs prompt/completion "
-                                 f"(texts) or prompt_ids/completion_ids")
-            if count is not None and len(pairs) == count:
-                break
+    for number, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--dataset: {path} line {number} is not JSON ({err})") from None
+        if isinstance(row, dict) and "prompt_ids" in row and "completion_ids" in row:
+            pairs.append((row["prompt_ids"], row["completion_ids"]))
+        elif isinstance(row, dict) and "prompt" in row and "completion" in row:
+            # the prompt gets the tokenizer's special tokens (BOS), the continuation none
+            pairs.append((tokenizer(row["prompt"])["input_ids"],
+                          tokenizer(row["completion"], add_special_tokens=False)["input_ids"]))
+        else:
+            raise ValueError(f"--dataset: {path} line {number} needs a JSON object with "
+                             f"prompt/completion (texts) or prompt_ids/completion_ids")
+        if count is not None and len(pairs) == count:
+            break
     return pairs
+
+
+def _numbered_lines(path: str):
+    """(1-based number, text) of each line of a UTF-8 file; bad bytes named by file and line
+    (decoded line by line: a text stream decodes ahead, in chunks)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CommandError(f"--dataset: {path} line {number} is not UTF-8 text "
+                                   f"({err})") from None
 
 
 def _eviction(args) -> EvictionConfig:
@@ -118,7 +142,6 @@ def _eval_fn(args, tokenizer, dataset):
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    import gkv_jax
     from gkv_jax import training
 
     eviction = _eviction(args)
@@ -131,19 +154,18 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         full_attention_share=args.full_attention_share, on_policy=args.on_policy,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
     model_dir, run_dir = _check_output_dir(args.output_dir)
-    student, tokenizer = gkv_jax.load(args.model, dtype=args.dtype)
+    if args.dataset != "synthetic" and not os.path.isfile(args.dataset):
+        raise CommandError(f"--dataset must be 'synthetic' or a .jsonl file of "
+                           f"prompt/completion pairs, got {args.dataset!r}")
+    student, tokenizer = load_checkpoint(args.model, args.dtype)
     teacher = student
     if args.teacher is not None:
-        teacher, _ = gkv_jax.load(args.teacher, dtype=args.dtype)
+        teacher, _ = load_checkpoint(args.teacher, args.dtype, flag="--teacher")
     if args.dataset == "synthetic":
-        if tokenizer is None:
-            raise ValueError(f"--model: {args.model} has no tokenizer files")
+        require_tokenizer(tokenizer, args, "cannot encode synthetic problems")
         data = synthetic_pairs(tokenizer, args.num_examples, args.data_seed)
-    elif os.path.isfile(args.dataset):
-        data = _jsonl_pairs(args.dataset, tokenizer, args.num_examples)
     else:
-        raise ValueError(f"--dataset must be 'synthetic' or a .jsonl file of prompt/completion "
-                         f"pairs, got {args.dataset!r}")
+        data = _jsonl_pairs(args.dataset, tokenizer, args.num_examples)
     print(f"distill: {len(data)} examples, {eviction.describe()}, {args.steps} steps of "
           f"{args.batch_size}")
     trained, history = training.distill(student, teacher, data, config, run_dir=run_dir,
@@ -154,7 +176,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_grpo(args: argparse.Namespace) -> int:
-    import gkv_jax
     from gkv_jax import grading, training
     from gkv_jax.datasets import load_dataset
     from gkv_jax.evaluation import format_prompt
@@ -169,11 +190,10 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every)
     model_dir, run_dir = _check_output_dir(args.output_dir)
-    model, tokenizer = gkv_jax.load(args.model, dtype=args.dtype)
-    if tokenizer is None:
-        raise ValueError(f"--model: {args.model} has no tokenizer files")
     seed = args.data_seed if args.dataset == "synthetic" else 0
     examples = load_dataset(args.dataset, args.num_problems, seed=seed)
+    model, tokenizer = load_checkpoint(args.model, args.dtype)
+    require_tokenizer(tokenizer, args, "cannot encode the dataset's questions")
     prompts = [format_prompt(e, tokenizer) for e in examples]
     answers = [(e.kind, e.answer) for e in examples]
 
@@ -196,63 +216,89 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local HF directory or hub id")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint to train: a local Hugging Face directory or a hub id")
     parser.add_argument("--output-dir", required=True,
                         help="writes OUT/model (HF checkpoint) and OUT/run (history, "
                              "checkpoints; the same command resumes)")
-    parser.add_argument("--policy", default="gkv", choices=[p for p in POLICIES if p != "full"])
-    parser.add_argument("--budget", type=int, required=True)
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--divide-length", type=int, default=None)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--learning-rate", type=float, default=1e-6)
-    parser.add_argument("--warmup-ratio", type=float, default=0.05)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default="gkv", choices=[p for p in POLICIES if p != "full"],
+                        help="eviction policy trained for")
+    parser.add_argument("--budget", type=int, required=True,
+                        help="kept tokens per layer and KV head")
+    parser.add_argument("--window", type=int, default=None,
+                        help="observation window of snapkv, rkv and gkv (default: the "
+                             "policy's)")
+    parser.add_argument("--divide-length", type=int, default=None,
+                        help="new tokens between compressions (default: the policy's)")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    parser.add_argument("--learning-rate", type=float, default=1e-6, help="peak learning rate")
+    parser.add_argument("--warmup-ratio", type=float, default=0.05,
+                        help="share of the steps spent warming the learning rate up")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    parser.add_argument("--clip-norm", type=float, default=1.0,
+                        help="global gradient-norm clipping")
+    parser.add_argument("--seed", type=seed_value, default=0,
+                        help="training seed (batches, sampling)")
     parser.add_argument("--data-seed", type=int, default=SYNTHETIC_TRAIN_SEED,
                         help="synthetic problems' seed (0 is the held-out set)")
-    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=10,
+                        help="steps between Orbax checkpoints (what a rerun resumes from)")
     parser.add_argument("--eval-problems", type=int, default=0,
                         help="held-out synthetic problems evaluated (full and the policy at "
-                             "the budget) every --eval-every steps and at the end")
-    parser.add_argument("--eval-every", type=int, default=0)
-    parser.add_argument("--dtype", default="float32",
-                        choices=["float32", "bfloat16", "float16"])
+                             "the budget) every --eval-every steps and at the end; 0: none")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="steps between evaluations; 0: only at the end")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="parameter dtype trained in")
 
 
-def add_post_train_parser(commands, comma_list) -> None:
-    post = commands.add_parser("post-train",
-                               help="distillation or GRPO under a compressed cache's masks")
-    kinds = post.add_subparsers(dest="method", required=True)
-    distill = kinds.add_parser("distill", help="distil a full-attention teacher into a "
-                               "student trained under eviction (masks replayed every step)")
+def add_post_train_parser(commands) -> None:
+    about = "distillation or GRPO under a compressed cache's masks"
+    post = commands.add_parser("post-train", help=about, description=about,
+                               formatter_class=HelpFormatter)
+    kinds = post.add_subparsers(dest="method", required=True, metavar="METHOD",
+                                title="methods")
+    about = ("distil a full-attention teacher into a student trained under eviction (masks "
+             "replayed every step)")
+    distill = kinds.add_parser("distill", help=about, description=about,
+                               formatter_class=HelpFormatter)
     _common(distill)
-    distill.add_argument("--teacher", default=None, help="default: --model itself")
+    distill.add_argument("--teacher", default=None,
+                         help="teacher checkpoint (default: --model itself)")
     distill.add_argument("--dataset", default="synthetic",
                          help="synthetic (training problems) or a .jsonl of prompt/completion")
-    distill.add_argument("--num-examples", type=int, default=512)
-    distill.add_argument("--batch-size", type=int, default=8)
-    distill.add_argument("--temperature", type=float, default=0.6)
-    distill.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    distill.add_argument("--reduction", default="sum", choices=["sum", "token_mean"])
+    distill.add_argument("--num-examples", type=positive_int, default=512,
+                         help="training examples drawn from --dataset")
+    distill.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    distill.add_argument("--temperature", type=float, default=0.6,
+                         help="temperature of the teacher's distribution")
+    distill.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                         help="learning-rate schedule after the warm-up")
+    distill.add_argument("--reduction", default="sum", choices=["sum", "token_mean"],
+                         help="how each sequence's token losses are combined")
     distill.add_argument("--budgets", type=comma_list(int), default=None,
-                         help="sample each batch's budget from these")
-    distill.add_argument("--full-attention-share", type=float, default=0.0)
+                         help="sample each batch's budget from these (default: --budget)")
+    distill.add_argument("--full-attention-share", type=float, default=0.0,
+                         help="share of batches trained with the full cache")
     distill.add_argument("--on-policy", action="store_true",
                          help="the student generates the completions, the teacher scores them")
     distill.set_defaults(func=_cmd_distill)
 
-    grpo = kinds.add_parser("grpo", help="GRPO on rollouts generated with the compressed cache")
+    about = "GRPO on rollouts generated with the compressed cache"
+    grpo = kinds.add_parser("grpo", help=about, description=about,
+                            formatter_class=HelpFormatter)
     _common(grpo)
     grpo.add_argument("--dataset", default="synthetic",
                       help="synthetic, aime24, aime25, amc23, math500 or a .jsonl")
-    grpo.add_argument("--num-problems", type=int, default=256)
-    grpo.add_argument("--prompts-per-step", type=int, default=4)
-    grpo.add_argument("--group-size", type=int, default=8)
-    grpo.add_argument("--max-new-tokens", type=int, default=520)
-    grpo.add_argument("--temperature", type=float, default=0.8)
-    grpo.add_argument("--top-p", type=float, default=0.95)
-    grpo.add_argument("--top-k", type=int, default=0)
-    grpo.add_argument("--schedule", default="constant", choices=["cosine", "constant"])
+    grpo.add_argument("--num-problems", type=positive_int, default=256,
+                      help="training problems drawn from --dataset")
+    grpo.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step")
+    grpo.add_argument("--group-size", type=int, default=8, help="rollouts per prompt")
+    grpo.add_argument("--max-new-tokens", type=int, default=520,
+                      help="generated tokens per rollout")
+    grpo.add_argument("--temperature", type=float, default=0.8, help="rollout temperature")
+    grpo.add_argument("--top-p", type=float, default=0.95, help="rollout nucleus mass")
+    grpo.add_argument("--top-k", type=int, default=0, help="rollout top-k; 0 keeps every token")
+    grpo.add_argument("--schedule", default="constant", choices=["cosine", "constant"],
+                      help="learning-rate schedule after the warm-up")
     grpo.set_defaults(func=_cmd_grpo)

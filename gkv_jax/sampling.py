@@ -6,6 +6,9 @@ decoding (temperature == 0) skips the vocabulary sort through `lax.cond`.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -29,14 +32,23 @@ class SamplingParams:
     @classmethod
     def create(cls, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
         """Validated sampling parameters (ValueError naming the bad parameter)."""
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if int(top_k) != top_k or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+        if not _is_real(temperature) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {temperature!r}")
+        if not _is_real(top_p) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
+                or not 0 <= top_k < 2**31):
+            raise ValueError(f"top_k must be an integer in [0, 2**31) (0 = off), got {top_k!r}")
         return cls(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
                    top_k=jnp.int32(top_k))
+
+
+def _is_real(value) -> bool:
+    """A real number (numpy and 0-d JAX scalars included); not a bool or a string."""
+    if isinstance(value, bool | str | bytes):
+        return False
+    return isinstance(value, numbers.Real) or getattr(value, "shape", None) == ()
 
 
 def filtered_log_probs(logits: Float[Array, "B V"], params: SamplingParams) -> Array:

@@ -152,8 +152,13 @@ def grade(text: str, answer: str) -> bool:
 
 
 def build_tokenizer():
-    """A character-level `transformers` fast tokenizer for the task (one token per symbol)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level `transformers` fast tokenizer for the task (one token per symbol).
+
+    Like most LLM tokenizers, `tokenizer(text)` starts with BOS, the token every training
+    sequence of the bundled model starts with; `tokenizer(text, add_special_tokens=False)`
+    gives the bare characters (for continuations).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -162,6 +167,8 @@ def build_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, vocab[BOS])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS,
                                    eos_token=EOS, unk_token=PAD)
     fast.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")

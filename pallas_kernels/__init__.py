@@ -16,7 +16,8 @@ validation + dispatch on `implementation`):
 
 `implementation`: "xla" = the reference everywhere; "pallas" = the kernels (Mosaic TPU on a
 TPU, Mosaic GPU on a GPU of compute capability >= 9.0, the TPU kernels in TPU interpret mode
-on CPU); None = the kernels on TPU and Hopper-or-newer GPUs, the reference elsewhere.
+on CPU); None = the kernels on a backend of `_common.VERIFIED_BACKENDS` (those on which
+they have passed `benchmarks/device_check.sh`; none yet), the reference elsewhere.
 `interpret="gpu"` (or an `InterpretGPUParams`) runs the GPU kernels in GPU interpret mode on
 any backend, which is how they are tested on CPU. See `_common` for the dispatch rules and the
 `matmul_dtype` precision modes.

@@ -10,7 +10,9 @@ for Hopper written with `plgpu.kernel`) and an `__init__.py` that validates the 
   * "pallas": the Pallas kernels: Mosaic TPU on a TPU, Mosaic GPU on an NVIDIA GPU of compute
     capability >= 9.0 (Hopper; older GPUs raise), and on CPU the TPU kernels in TPU interpret
     mode (`pltpu.InterpretParams()`, exact but slow).
-  * None (auto): the kernels on TPU and on Hopper-or-newer GPUs, the reference elsewhere.
+  * None (auto): the kernels on a backend listed in `VERIFIED_BACKENDS` (the backends on
+    which they have passed the `gpu` / `tpu` tests on hardware; none yet), the reference
+    elsewhere. On a verified "gpu" backend, a GPU older than Hopper gets the reference.
 
 `interpret` (only read when the kernels run) picks the interpreter instead: "gpu" or an
 `InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode (any backend, the way the
@@ -83,18 +85,26 @@ def _gpu_kernels_supported() -> bool:
     return capability is not None and capability >= MIN_GPU_COMPUTE_CAPABILITY
 
 
-# Whether `implementation=None` picks the Mosaic GPU kernels on Hopper. Off until the `gpu`
-# tests have passed on a real H100/H200 (they have only run in GPU interpret mode so far).
-AUTO_GPU_KERNELS = False
+# The backends ("tpu", "gpu") on which the kernels have passed the accelerator tests on real
+# hardware (`benchmarks/device_check.sh`); `implementation=None` runs them only there. Empty:
+# so far they have only run in interpret mode on CPU. Add a backend once its device check passes.
+VERIFIED_BACKENDS: frozenset[str] = frozenset()
+
+
+def auto_uses_kernels(backend: str) -> bool:
+    """Whether `implementation=None` runs the Pallas kernels on `backend`: only on a verified
+    backend (and, on GPUs, one the Mosaic GPU kernels support)."""
+    if backend not in VERIFIED_BACKENDS:
+        return False
+    return backend != "gpu" or _gpu_kernels_supported()
 
 
 def resolve_implementation(implementation: str | None, interpret: Any = None) -> Dispatch:
     """Which code runs an op on the current default backend.
 
     Args:
-      implementation: "xla", "pallas" or None (auto: the kernels on TPU, the reference
-        elsewhere; the Mosaic GPU kernels run only when asked for with "pallas", until they
-        have been verified on a Hopper GPU: `pytest -m gpu tests/pallas_kernels`).
+      implementation: "xla", "pallas" or None (auto: the kernels on a backend of
+        `VERIFIED_BACKENDS`, see `auto_uses_kernels`; the reference elsewhere).
       interpret: overrides how the kernels run (ignored when the reference runs): None =
         automatic (compile on TPU / GPU, TPU interpret mode on CPU); "gpu" or an
         `InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode; True = the TPU
@@ -112,8 +122,7 @@ def resolve_implementation(implementation: str | None, interpret: Any = None) ->
     backend = jax.default_backend()
     if implementation == "xla":
         return Dispatch(use_pallas=False)
-    if implementation is None and not (backend == "tpu" or (
-            backend == "gpu" and AUTO_GPU_KERNELS and _gpu_kernels_supported())):
+    if implementation is None and not auto_uses_kernels(backend):
         return Dispatch(use_pallas=False)
     if isinstance(interpret, str) and not _gpu_common.is_gpu_interpret(interpret):
         raise ValueError(f"interpret must be None, a bool, 'gpu' or interpret parameters, "

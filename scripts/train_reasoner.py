@@ -64,11 +64,14 @@ def encode(tokenizer, problem: synthetic.Problem, lines: int | None = None
            ) -> tuple[list[int], int]:
     """Token ids of BOS + prompt + completion + EOS, and the prompt's length (BOS included).
     With `lines` < problem.num_steps: BOS + prompt + the first `lines` lines of the trace."""
-    prompt = [tokenizer.bos_token_id] + tokenizer(problem.prompt)["input_ids"]
+    def bare(text: str) -> list[int]:  # the characters only (the tokenizer would add BOS)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = [tokenizer.bos_token_id] + bare(problem.prompt)
     if lines is not None and lines < problem.num_steps:
         trace = "".join(problem.completion.splitlines(keepends=True)[:lines])
-        return prompt + tokenizer(trace)["input_ids"], len(prompt)
-    completion = tokenizer(problem.completion)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt + bare(trace), len(prompt)
+    completion = bare(problem.completion) + [tokenizer.eos_token_id]
     return prompt + completion, len(prompt)
 
 

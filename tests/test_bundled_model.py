@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 import gkv_jax
 from gkv_jax import synthetic
 from gkv_jax.evaluation import evaluate
+from gkv_jax.generation import generate
 from gkv_jax.loading import bundled_model_dir
 
 DEMO_BUDGET = 136  # gkv-jax demo's default
@@ -21,7 +24,9 @@ def test_bundled_checkpoint_is_small_and_complete():
     assert model.config.family == "qwen2" and model.config.group_size > 1
     assert len(tokenizer) == model.config.vocab_size
     problem = synthetic.problems(0, 1)[0]
-    assert tokenizer.decode(tokenizer(problem.prompt)["input_ids"]) == problem.prompt
+    ids = tokenizer(problem.prompt)["input_ids"]  # BOS, as in training, then the characters
+    assert ids[0] == tokenizer.bos_token_id == model.config.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == problem.prompt
 
 
 def test_full_cache_solves_held_out_problems_and_eviction_policies_differ(tmp_path):
@@ -60,3 +65,43 @@ def test_demo_command_prints_every_policy_and_writes_the_plot(tmp_path, capsys):
         assert any(line.split()[:1] == [name] and line.count("%") == 2
                    for line in printed.splitlines()), name
     assert (output_dir / "accuracy_vs_budget.png").stat().st_size > 0
+
+
+def _held_out_example():
+    from gkv_jax.datasets import load_dataset
+
+    return load_dataset("synthetic", 1)[0]
+
+
+def test_string_prompts_get_the_bos_the_model_was_trained_with():
+    """A string prompt through `generate` is tokenized as evaluation formats it (BOS + the
+    characters, as in training); add_special_tokens=False drops the BOS; the chat template
+    writes its own BOS and nothing is added on top."""
+    from gkv_jax.evaluation import format_prompt
+    from gkv_jax.generation import _tokenize
+    from gkv_jax.loading import load_tokenizer
+
+    example = _held_out_example()
+    for variant in ("base", "distilled"):
+        tokenizer = load_tokenizer(bundled_model_dir(variant))
+        (ids,) = _tokenize([example.question], tokenizer, False, None)
+        assert ids == format_prompt(example, tokenizer)
+        assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+        (bare,) = _tokenize([example.question], tokenizer, False, None,
+                            add_special_tokens=False)
+        assert bare == ids[1:]
+        (templated,) = _tokenize([example.question], tokenizer, True, None)
+        assert templated == ids
+    assert synthetic.build_tokenizer()(example.question)["input_ids"] == ids
+
+
+@pytest.mark.slow
+def test_generate_with_a_string_prompt_answers_like_evaluation():
+    model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
+    example = _held_out_example()
+    out = generate(model, [example.question], tokenizer=tokenizer, max_new_tokens=520)
+    assert out.prompt_ids[0][0] == tokenizer.bos_token_id
+    assert synthetic.grade(out.texts[0], example.answer)
+    # the answer's EOS came at forward 507: the rest of that 128-step cycle ran idle
+    assert out.stats["generated_tokens"] == 508 == out.stats["forwards"] - out.stats[
+        "idle_steps"] and out.stats["idle_steps"] > 0

@@ -83,3 +83,22 @@ def test_missing_file_and_bad_counts(tmp_path):
         load_dataset("aime24", num_problems=31)
     with pytest.raises(ValueError, match="num_problems"):
         load_dataset("synthetic", num_problems=0)
+
+
+@pytest.mark.parametrize("content, line, message", [
+    (b"\xff\xfe{\x00", 1, "UTF-16, not UTF-8"),
+    (b'{"question": "q", "answer": "1"}\n{"question": "caf\xe9", "answer": "1"}\n', 2,
+     r"not valid UTF-8 \(byte 0xe9 at column 18\)"),
+])
+def test_non_utf8_file_names_file_and_line(tmp_path, content, line, message):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_dataset(str(path))
+    assert f"{path}, line {line}" in str(err.value)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "q", "answer": "1"}).encode())
+    assert [e.question for e in load_dataset(str(path))] == ["q"]

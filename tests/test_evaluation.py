@@ -4,11 +4,14 @@ resume after an interruption, pass@k, batching, errors, and `gkv-jax eval`."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import os
+import types
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -264,15 +267,18 @@ def test_prompts_match_the_training_format():
     _, tokenizer = tiny()
     problem = synthetic.problems(0, 1)[0]
     example = load_dataset("synthetic", 1)[0]
-    training = [tokenizer.bos_token_id] + tokenizer(problem.prompt)["input_ids"]
+    # The bundled tokenizer adds the BOS the model was trained with, as format_prompt does.
+    training = tokenizer(problem.prompt)["input_ids"]
+    assert training[0] == tokenizer.bos_token_id
     assert format_prompt(example, tokenizer) == training
     math = Example(id="m-0", question="1+1=", answer="2", kind="math")
     bos = [tokenizer.bos_token_id]
     assert format_prompt(math, tokenizer, chat_template=False, system_prompt="") == (
-        bos + tokenizer("1+1=")["input_ids"])
+        bos + tokenizer("1+1=", add_special_tokens=False)["input_ids"])
     # Math defaults: the chat template (here BOS + the turns' contents) and the R1 prompt.
     assert format_prompt(math, tokenizer) == (
-        bos + tokenizer(evaluation.R1_SYSTEM_PROMPT + "1+1=")["input_ids"])
+        bos + tokenizer(evaluation.R1_SYSTEM_PROMPT + "1+1=",
+                        add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +321,126 @@ def test_cli_eval_bad_input_exits_2(checkpoint, tmp_path, capsys):
         main(["eval", "--model", str(checkpoint), "--budgets", "64,lots"])
     assert exit_.value.code == 2
     assert "--budgets" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ resume safety, plot
+
+
+def _params_model(params):
+    """Just what `weights_fingerprint` reads of a model."""
+    return types.SimpleNamespace(params=lambda: params)
+
+
+def test_weights_fingerprint_sees_any_changed_or_moved_value():
+    model, _ = tiny()
+    params = model.params()
+    base = evaluation.weights_fingerprint(model)
+    assert base == evaluation.weights_fingerprint(_params_model(params))
+    q = params["layers"]["q_proj"]
+    changed = dict(params, layers=dict(params["layers"], q_proj=q.at[1, 5, 2, 3].add(1e-6)))
+    swapped = dict(params, layers=dict(params["layers"], q_proj=q.at[0, 0, 0, :2].set(
+        q[0, 0, 0, 1::-1])))
+    as_bf16 = dict(params, final_norm=params["final_norm"].astype(jnp.bfloat16))
+    prints = {evaluation.weights_fingerprint(_params_model(p))
+              for p in (changed, swapped, as_bf16)}
+    assert len(prints | {base}) == 4
+
+
+def _settings(weights="w1", problems=None):
+    return {"dataset": "mine.jsonl", "temperature": 0.0, "weights": weights,
+            "problems": problems if problems is not None else {"p-0": "a", "p-1": "b"}}
+
+
+def test_resume_with_other_weights_is_refused_saying_how_to_start_fresh(tmp_path):
+    evaluation.check_settings(str(tmp_path), _settings(), has_results=False)
+    evaluation.check_settings(str(tmp_path), _settings(), has_results=True)
+    with pytest.raises(ValueError) as err:
+        evaluation.check_settings(str(tmp_path), _settings(weights="w2"), has_results=True)
+    message = str(err.value)
+    assert "weights: 'w1' there, 'w2' now (another checkpoint" in message
+    assert "use another output_dir (--output-dir) or delete" in message
+
+
+def test_resume_with_edited_problems_is_refused_and_new_ones_are_recorded(tmp_path):
+    evaluation.check_settings(str(tmp_path), _settings(), has_results=False)
+    # A line inserted at the top of the file: every id now names another problem.
+    with pytest.raises(ValueError, match="2 problem.s. differ .* first 'p-0'"):
+        evaluation.check_settings(str(tmp_path), _settings(
+            problems={"p-0": "new", "p-1": "a", "p-2": "b"}), has_results=True)
+    # More problems of the same file (a larger num_problems): accepted and recorded.
+    grown = {"p-0": "a", "p-1": "b", "p-2": "c"}
+    evaluation.check_settings(str(tmp_path), _settings(problems=grown), has_results=True)
+    saved = json.loads((tmp_path / evaluation.SETTINGS_FILE).read_text())
+    assert saved["problems"] == grown
+    evaluation.check_settings(str(tmp_path), _settings(problems={"p-1": "b"}),
+                              has_results=True)
+
+
+def test_settings_without_fingerprints_are_refused(tmp_path):
+    old = {k: v for k, v in _settings().items() if k not in ("weights", "problems")}
+    (tmp_path / evaluation.SETTINGS_FILE).write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="no weights or problems fingerprint"):
+        evaluation.check_settings(str(tmp_path), _settings(), has_results=True)
+
+
+def test_evaluate_refuses_stale_rows_of_other_weights_or_problems(tmp_path, monkeypatch):
+    model, tokenizer = tiny()
+    examples = load_dataset("synthetic", 3)
+    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    common = dict(policies="full", seed=100, output_dir=str(tmp_path), progress=False)
+
+    def numbered(problems):  # ids by position, as for the lines of a .jsonl file
+        return [dataclasses.replace(e, id=f"line-{i}") for i, e in enumerate(problems)]
+
+    evaluate(model, tokenizer, numbered(examples[1:]), **common)
+    other = Transformer(model.config, dtype=jnp.float32, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="weights: .* there"):
+        evaluate(other, tokenizer, numbered(examples[1:]), **common)
+    with pytest.raises(ValueError, match="2 problem.s. differ .* first 'line-0'"):
+        evaluate(model, tokenizer, numbered(examples), **common)  # a line inserted on top
+
+
+def test_numpy_budgets_int_pass_k_and_plot_title(tmp_path, monkeypatch):
+    model, tokenizer = tiny()
+    examples = load_dataset("synthetic", 2)
+    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    titles = []
+    monkeypatch.setattr(evaluation, "plot_accuracy",
+                        lambda summary, path, title: titles.append(title))
+    report = evaluate(model, tokenizer, examples, policies="full,gkv",
+                      budgets=np.array([32]), pass_k=1, seed=100, max_new_tokens=16,
+                      output_dir=str(tmp_path), progress=False, model_name="tiny-qwen2")
+    assert [s["name"] for s in report.summary] == ["full", "gkv@32"]
+    assert type(report.summary[1]["budget"]) is int and "pass@1" in report.summary[1]
+    longest = max(len(format_prompt(e, tokenizer)) for e in examples)
+    assert titles == [f"tiny-qwen2 on custom: 2 problems, sequences up to {longest + 16} "
+                      "tokens"]
+
+
+def _summary(*entries):
+    return [{"name": n, "policy": n.split("@")[0], "budget": b, "pass@1": a}
+            for n, b, a in entries]
+
+
+def test_single_budget_plot_draws_labelled_bars():
+    summary = _summary(("full", None, 1.0), ("gkv@136", 136, 0.922), ("h2o@136", 136, 0.0),
+                       ("snapkv@136", 136, 0.0))
+    axes = evaluation.accuracy_figure(summary, "bundled on synthetic").axes[0]
+    heights = [bar.get_height() for bar in axes.patches]
+    assert heights == [1.0, 0.922, 0.0, 0.0]
+    assert [t.get_text() for t in axes.texts] == ["100.0%", "92.2%", "0.0%", "0.0%"]
+    assert [t.get_text() for t in axes.get_xticklabels()] == [e["name"] for e in summary]
+    assert not axes.lines and axes.get_title() == "bundled on synthetic"
+
+
+def test_multi_budget_plot_keeps_legend_off_the_data_and_lines_apart():
+    summary = _summary(("full", None, 1.0), ("gkv@64", 64, 0.0), ("gkv@128", 128, 0.5),
+                       ("h2o@64", 64, 0.0), ("h2o@128", 128, 0.0))
+    figure = evaluation.accuracy_figure(summary)
+    axes = figure.axes[0]
+    renderer = figure.canvas.get_renderer()
+    legend = axes.get_legend().get_window_extent(renderer)
+    assert legend.y1 < axes.get_window_extent(renderer).y0  # below the axes
+    gkv, h2o = (line for line in axes.lines if line.get_label() in ("gkv", "h2o"))
+    assert gkv.get_marker() != h2o.get_marker()
+    assert list(gkv.get_xdata()) != list(h2o.get_xdata())  # nudged apart at equal budgets

@@ -1,4 +1,4 @@
-"""`gkv_jax.eviction` against an independent plain-numpy restatement of gkv-algorithm.md."""
+"""`gkv_jax.eviction` against an independent plain-numpy restatement of docs/algorithm.md."""
 
 from __future__ import annotations
 

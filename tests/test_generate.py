@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from gkv_jax import conversion
+from gkv_jax import conversion, generation
 from gkv_jax.decode import generate_tokens
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import bucket_length, compiled_programs, generate
@@ -58,6 +58,7 @@ def test_budget_above_sequence_length_gives_exactly_the_full_cache_tokens():
                        max_new_tokens=max_new_tokens, eos_token_id=[],
                        return_kept_positions=True)
         assert out.tokens == reference, policy
+        assert out.stats["idle_steps"] == 0  # no EOS: every forward served a sequence
         # Every fed token is still in the cache, none twice.
         for b, prompt in enumerate(PROMPTS):
             fed = len(prompt) + max_new_tokens - 1
@@ -139,6 +140,12 @@ def test_sampling_is_seeded_and_filters_reduce_to_greedy():
     b = generate(model, PROMPTS, temperature=1.0, seed=1, **kwargs)
     c = generate(model, PROMPTS, temperature=1.0, seed=2, **kwargs)
     assert a.tokens == b.tokens and a.tokens != c.tokens and a.tokens != greedy.tokens
+    # numpy integers (seed, max_new_tokens, token ids) are integers; seeds fill [0, 2**32)
+    as_numpy = dict(kwargs, max_new_tokens=np.int64(30))
+    assert generate(model, [np.asarray(p) for p in PROMPTS], temperature=1.0,
+                    seed=np.uint64(1), **as_numpy).tokens == a.tokens
+    top = generate(model, PROMPTS, temperature=1.0, seed=2**32 - 1, **kwargs)
+    assert top.tokens != a.tokens and top.stats["compile_seconds"] == 0.0
     assert generate(model, PROMPTS, temperature=1.0, top_k=1, seed=5, **kwargs).tokens == \
         greedy.tokens
     assert generate(model, PROMPTS, temperature=1.0, top_p=1e-6, seed=5, **kwargs).tokens == \
@@ -184,6 +191,11 @@ def test_stops_early_when_every_sequence_is_done():
     assert out.tokens[0] == free.tokens[0][:stop + 1]
     assert out.stats["generated_tokens"] == stop + 1
     assert out.stats["forwards"] == 1 + 8  # the first cycle runs, then the loop stops
+    # forward i produces token i: the forwards after the answer's last token ran idle
+    assert out.stats["idle_steps"] == 9 - (stop + 1) > 0
+    assert out.stats["forwards"] - out.stats["idle_steps"] == len(out.tokens[0])
+    active_seconds = out.stats["run_seconds"] * (stop + 1) / 9
+    assert out.stats["tokens_per_second"] == pytest.approx((stop + 1) / active_seconds)
 
 
 def _word_tokenizer():
@@ -211,6 +223,16 @@ def test_string_prompts_with_chat_template_and_texts():
     assert out.texts == [tokenizer.decode(out.tokens[0], skip_special_tokens=True)]
 
 
+def test_eos_token_strings_are_looked_up_in_the_vocabulary():
+    _, model = tiny()
+    tokenizer = _word_tokenizer()
+    eos = generation._eos_ids(["</s>", np.int64(3)], tokenizer, model.config)
+    assert eos.tolist() == [SPEC.vocab - 1, 3]
+    with pytest.raises(ValueError, match="eos_token_id 'stop' is not a token of the "
+                                         "tokenizer's vocabulary"):
+        generation._eos_ids("stop", tokenizer, model.config)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(prompts=[]), "prompts"),
@@ -222,6 +244,26 @@ def test_string_prompts_with_chat_template_and_texts():
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
     (dict(prompts=[[1, 500]]), "prompts"),
+    # each row: the bad value and the start of the message that names it
+    (dict(max_new_tokens=None), r"max_new_tokens must be an integer >= 1, got None"),
+    (dict(max_new_tokens=2.5), r"max_new_tokens must be an integer >= 1, got 2.5"),
+    (dict(seed=1.7), r"seed must be an integer in \[0, 2\*\*32\), got 1.7"),
+    (dict(seed="abc"), r"seed must be an integer in \[0, 2\*\*32\), got 'abc'"),
+    (dict(seed=None), r"seed must be an integer in \[0, 2\*\*32\), got None"),
+    (dict(seed=2**40), r"seed must be an integer in \[0, 2\*\*32\), got 1099511627776"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),
+    (dict(prompts=[[1.9, 5.2]]), r"prompts\[0\] must hold integer token ids .*got 1.9"),
+    (dict(prompts=[["a", "b"]]), r"prompts\[0\] must hold integer token ids .*got 'a'"),
+    (dict(prompts=[np.array([1.0, 2.0])]), r"prompts\[0\] must hold integer token ids"),
+    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0"),
+    (dict(temperature="0.7"), r"temperature must be a finite number >= 0 .*got '0.7'"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
+    (dict(top_k=2.5), r"top_k must be an integer in \[0, 2\*\*31\)"),
+    (dict(eos_token_id="</s>"), r"eos_token_id '</s>' is not a token of \(no tokenizer=\)"),
+    (dict(eos_token_id=1.5), r"eos_token_id must be a token id, a token string"),
+    (dict(add_special_tokens=True), r"add_special_tokens applies to string prompts"),
+    (dict(add_special_tokens="yes"), r"add_special_tokens must be True, False or None"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, match):
     _, model = tiny()
@@ -235,10 +277,25 @@ def test_bad_arguments_name_the_parameter(kwargs, match):
     (dict(policy="streaming", budget=8, sink=4, recent=8), "sink"),
     (dict(policy="lru", budget=64), "policy must be one of"),
     (dict(policy="gkv", budget=64, divide_length=0), "divide_length"),
+    (dict(policy="streaming", budget=8, sink=10),
+     r"sink must be < budget \(=8\) so that recent = budget - sink >= 1, got sink=10"),
+    (dict(policy="streaming", budget=8, recent=8), r"recent must be < budget \(=8\)"),
+    (dict(policy="gkv", budget=64.0), r"budget must be an integer >= 1, got 64.0"),
+    (dict(policy="gkv", budget=True), r"budget must be an integer >= 1, got True"),
 ])
 def test_bad_eviction_configs_name_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EvictionConfig(**kwargs)
+
+
+def test_eviction_config_takes_numpy_integers_as_python_ints():
+    config = EvictionConfig(policy="gkv", budget=np.int64(64), window=np.int32(4),
+                            divide_length=np.uint16(8))
+    assert config == EvictionConfig(policy="gkv", budget=64, window=4, divide_length=8)
+    assert type(config.budget) is int and hash(config) == hash(
+        EvictionConfig(policy="gkv", budget=64, window=4, divide_length=8))
+    streaming = EvictionConfig(policy="streaming", budget=np.int64(8), sink=np.int64(2))
+    assert (streaming.sink, streaming.recent, streaming.window) == (2, 6, 6)
 
 
 def test_bfloat16_model_decodes_batches_with_eviction():

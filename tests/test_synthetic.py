@@ -49,12 +49,13 @@ def test_walks_never_repeat_a_state_at_the_same_phase_so_traces_are_not_periodic
 def test_sizes_and_prompt_share():
     tokenizer = synthetic.build_tokenizer()
     for problem in PROBLEMS[:10]:
-        prompt = 1 + len(tokenizer(problem.prompt)["input_ids"])  # with BOS
-        completion = len(tokenizer(problem.completion)["input_ids"]) + 1  # with EOS
+        prompt = len(tokenizer(problem.prompt)["input_ids"])  # the tokenizer adds BOS
+        completion = len(tokenizer(problem.completion, add_special_tokens=False)[
+            "input_ids"]) + 1  # with EOS
         assert (prompt, completion) == (36, 508)
         assert prompt <= (prompt + completion) / 4
         trace = problem.completion[:problem.completion.rindex("ans")]
-        assert 300 <= len(tokenizer(trace)["input_ids"]) <= 600
+        assert 300 <= len(tokenizer(trace, add_special_tokens=False)["input_ids"]) <= 600
 
 
 def test_three_entries_are_re_read_periodically_and_long_after_the_prompt():
@@ -102,8 +103,9 @@ def test_seeds_are_deterministic_and_differ():
 def test_tokenizer_is_one_token_per_character():
     tokenizer = synthetic.build_tokenizer()
     text = PROBLEMS[0].prompt + PROBLEMS[0].completion
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    assert tokenizer(text)["input_ids"] == [tokenizer.bos_token_id] + ids
     assert tokenizer.unk_token_id not in ids
 
 

@@ -36,13 +36,13 @@ def test_value_tokens_are_the_table_entries(train_reasoner, batch):
     tokenizer, tokens, prompt_length = batch
     facts = train_reasoner.value_tokens(tokenizer, tokens)
     line = "07 H4 93\n"
-    ids = np.array([tokenizer(line)["input_ids"]])
+    ids = np.array([tokenizer(line, add_special_tokens=False)["input_ids"]])
     marked = "".join(c if f else "." for c, f in zip(line, train_reasoner.value_tokens(
         tokenizer, ids)[0], strict=True))
     assert marked == "...H4...."
     # the task's lines write "H 4": no fact, only the prompt holds the table
-    assert not train_reasoner.value_tokens(tokenizer, np.array([tokenizer("07 H 4 93\n")[
-        "input_ids"]])).any()
+    assert not train_reasoner.value_tokens(tokenizer, np.array([tokenizer(
+        "07 H 4 93\n", add_special_tokens=False)["input_ids"]])).any()
     # the prompt's ten entries are facts, its layout (spaces, "s", the start state) is not
     prompt = "".join(tokenizer.convert_ids_to_tokens(tokens[0, 1:prompt_length].tolist()))
     expected = re.sub(r"[A-J][0-9]|.", lambda m: m.group() if len(m.group()) == 2 else ".",

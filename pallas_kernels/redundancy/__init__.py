@@ -1,5 +1,5 @@
-"""Redundancy: the R-KV key-similarity score, tile by tile (gkv-algorithm.md section 2,
-step 4). `reference.py` is the float32 specification (materialises S x S), `pallas.py` the
+"""Redundancy: the R-KV key-similarity score, tile by tile (docs/algorithm.md section 4,
+redundancy R). `reference.py` is the float32 specification (materialises S x S), `pallas.py` the
 Mosaic TPU kernel and `pallas_gpu.py` the Mosaic GPU kernel (neither does); `redundancy`
 validates once and dispatches (see `_common.resolve_implementation`)."""
 
@@ -38,8 +38,8 @@ def redundancy(
       keys: [B, K, S, H] post-RoPE keys; invalid rows may hold anything (NaN included).
       valid: [B, S] bool.
       threshold: the cosine above which two keys are near-duplicates (static).
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
-        Hopper GPUs).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on a backend of
+        `_common.VERIFIED_BACKENDS`, the reference elsewhere).
       matmul_dtype: "float32" (exact) or "bfloat16" cosine operands (float32 accumulation);
         Pallas only.
       block_sizes: the kernel's tiling (`BlockSizes` for the TPU kernel, `GpuBlockSizes` for

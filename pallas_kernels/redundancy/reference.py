@@ -1,5 +1,5 @@
-"""The redundancy score in pure jnp, float32: the specification (gkv-algorithm.md section 2,
-step 4), `gkv_jax.eviction.redundancy` on keys whose invalid rows are zeroed."""
+"""The redundancy score in pure jnp, float32: the specification (docs/algorithm.md section 4,
+redundancy R), `gkv_jax.eviction.redundancy` on keys whose invalid rows are zeroed."""
 
 from __future__ import annotations
 

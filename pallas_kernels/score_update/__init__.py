@@ -1,6 +1,6 @@
 """Score update: local attention score A of the window, its normalisation, the global score.
 
-gkv-algorithm.md section 2, steps 1-3, for all KV heads of a layer at once. `reference.py`
+docs/algorithm.md section 4 (A, Â, G), for all KV heads of a layer at once. `reference.py`
 is the float32 specification (gkv_jax.eviction's functions), `pallas.py` the Mosaic TPU
 kernel, `pallas_gpu.py` the Mosaic GPU kernel; `score_update` validates its inputs once and
 dispatches on `implementation` (see `_common.resolve_implementation`).
@@ -52,8 +52,8 @@ def score_update(
         no row has history. Needs `normalise`.
       normalise: False returns A itself (snapkv, rkv); True returns G.
       smooth, alpha: the global-score update ("max" | "mean" | "sum").
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
-        Hopper GPUs).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on a backend of
+        `_common.VERIFIED_BACKENDS`, the reference elsewhere).
       matmul_dtype: "float32" (exact) or "bfloat16" operands of q.k (float32 accumulation);
         Pallas only (the reference is float32).
       block_sizes: the kernel's tiling (`BlockSizes` for the TPU kernel, `GpuBlockSizes` for

@@ -1,5 +1,5 @@
-"""The score update in pure jnp, float32: the specification (gkv-algorithm.md section 2,
-steps 1-3), built from `gkv_jax.eviction`'s own functions."""
+"""The score update in pure jnp, float32: the specification (docs/algorithm.md section 4,
+A, Â and G), built from `gkv_jax.eviction`'s own functions."""
 
 from __future__ import annotations
 

@@ -43,8 +43,8 @@ def keep_top(
       carried: [B, K, P] float gathered at the kept candidates (the global score), or None.
       candidate_valid: [B, P] bool; invalid candidates score -inf and carry NaN.
       count: how many to keep, 1 <= count <= P (static).
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
-        Hopper GPUs).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on a backend of
+        `_common.VERIFIED_BACKENDS`, the reference elsewhere).
       interpret: the Pallas interpret mode (see `_common.resolve_implementation`).
       block_sizes: the GPU kernel's chunking (`GpuBlockSizes`; the TPU kernel takes whole
         candidate rows).
@@ -125,8 +125,8 @@ def compact(
       new_score: [B, K, count] the new global score of the kept rows (`select`'s second
         output), or None to carry the old per-slot score.
       replace_score: [B] bool which active sequences take `new_score` (None = all).
-      implementation: "xla" (reference), "pallas", or None (auto: Pallas on TPU and on
-        Hopper GPUs).
+      implementation: "xla" (reference), "pallas", or None (auto: Pallas on a backend of
+        `_common.VERIFIED_BACKENDS`, the reference elsewhere).
       block_sizes: the compaction kernel's tiling (`BlockSizes` for the TPU kernel,
         `GpuBlockSizes` for the GPU one).
       interpret: the Pallas interpret mode (see `_common.resolve_implementation`).

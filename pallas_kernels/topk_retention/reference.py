@@ -1,5 +1,5 @@
-"""Top-k retention in pure jnp: the specification of `keep_top` (gkv-algorithm.md section 2,
-steps 6-7: `gkv_jax.eviction.keep_top`) and of `compact` (the gather of the kept rows that
+"""Top-k retention in pure jnp: the specification of `keep_top` (docs/algorithm.md sections 3
+and 7: `gkv_jax.eviction.keep_top`) and of `compact` (the gather of the kept rows that
 `gkv_jax.decode.evict` performs), plus the helpers the Pallas path shares."""
 
 from __future__ import annotations

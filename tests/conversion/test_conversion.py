@@ -188,8 +188,8 @@ def test_load_reads_model_and_tokenizer_offline(qwen2_hf, tmp_path, monkeypatch)
     assert tokenizer("w3 w5")["input_ids"] == [3, 5]
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), hf_logits(qwen2_hf, IDS),
                                atol=1e-4)
-    model_bf16, _ = gkv_jax.load(tmp_path)
-    assert model_bf16.dtype == jnp.bfloat16
+    model_as_stored, _ = gkv_jax.load(tmp_path)  # dtype=None: the checkpoint's own
+    assert model_as_stored.dtype == jnp.float32
 
 
 def test_load_passes_only_hub_ids_to_huggingface_hub(monkeypatch, tmp_path, qwen2_hf):
@@ -210,3 +210,79 @@ def test_load_passes_only_hub_ids_to_huggingface_hub(monkeypatch, tmp_path, qwen
     with pytest.raises(FileNotFoundError):
         gkv_jax.load("./not/a/dir")
     assert len(calls) == 1
+
+
+# ------------------------------------------------- re-export, and errors that name the file
+def test_to_hf_over_a_sharded_export_leaves_no_stale_shards(qwen2_hf, tmp_path):
+    first = conversion.from_hf(qwen2_hf)
+    second = conversion.model_from_weights(
+        first.config, jax.tree.map(lambda w: w * 2, first.params()))
+    conversion.to_hf(first, tmp_path, max_shard_bytes=200_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    (tmp_path / "README.md").write_text("my notes")
+    conversion.to_hf(second, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "model.safetensors"]
+    assert _leaves_equal(conversion.from_hf(tmp_path).params(), second.params())
+
+
+@pytest.fixture()
+def qwen2_copy(qwen2_dir, tmp_path):
+    """A sharded checkpoint to damage."""
+    import shutil
+
+    return shutil.copytree(qwen2_dir, tmp_path / "copy")
+
+
+def _first_shard(directory):
+    with open(directory / "model.safetensors.index.json") as f:
+        return directory / sorted(set(json.load(f)["weight_map"].values()))[0]
+
+
+def test_config_json_without_a_field_names_file_and_field(qwen2_copy):
+    config = json.loads((qwen2_copy / "config.json").read_text())
+    del config["num_attention_heads"]
+    (qwen2_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: missing required field "
+                                         r"'num_attention_heads'"):
+        conversion.from_hf(qwen2_copy)
+
+
+def test_config_json_cut_short_names_file_and_position(qwen2_copy):
+    text = (qwen2_copy / "config.json").read_text()
+    (qwen2_copy / "config.json").write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON \(.* at line \d+ "
+                                         r"column \d+\); is the file truncated"):
+        gkv_jax.load(qwen2_copy)
+
+
+@pytest.mark.parametrize("damage", ["half", "last 8 bytes", "first 100 bytes", "random"])
+def test_damaged_safetensors_names_the_shard(qwen2_copy, damage):
+    shard = _first_shard(qwen2_copy)
+    data = shard.read_bytes()
+    shard.write_bytes({"half": data[:len(data) // 2], "last 8 bytes": data[:-8],
+                       "first 100 bytes": data[:100],
+                       "random": np.random.default_rng(0).bytes(4096)}[damage])
+    with pytest.raises(ConversionError, match="truncated or corrupt") as err:
+        conversion.from_hf(qwen2_copy)
+    assert str(shard) in str(err.value)
+
+
+def test_integer_weights_are_rejected_naming_tensor_and_file(qwen2_hf, tmp_path):
+    from safetensors.numpy import save_file
+
+    model = conversion.from_hf(qwen2_hf)
+    state = conversion.hf_state_dict(model)
+    for i in range(QWEN2.layers):
+        key = f"model.layers.{i}.mlp.down_proj.weight"
+        state[key] = (state[key] * 1000).astype(np.int32)
+    conversion.to_hf(model, tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.down_proj\.weight in "
+                                              r".*model\.safetensors: stored as int32; "
+                                              "weights must be floating point"):
+        conversion.from_hf(tmp_path)
+
+
+def test_load_checkpoint_on_a_hugging_face_dir_says_so(qwen2_dir):
+    with pytest.raises(ValueError, match=r"is a Hugging Face checkpoint .* gkv_jax\.load"):
+        conversion.load_checkpoint(qwen2_dir)

@@ -299,9 +299,9 @@ def test_gpu_dispatch_runs_the_mosaic_kernels():
     assert jax.default_backend() == "gpu"
     dispatch = resolve_implementation("pallas")
     assert dispatch.use_pallas and dispatch.kernels == "gpu" and dispatch.interpret is False
-    from gkv_jax.pallas_kernels._common import AUTO_GPU_KERNELS
+    from gkv_jax.pallas_kernels._common import VERIFIED_BACKENDS
 
-    expected_auto = AUTO_GPU_KERNELS and gpu_compute_capability() >= 9.0
+    expected_auto = "gpu" in VERIFIED_BACKENDS and gpu_compute_capability() >= 9.0
     assert resolve_implementation(None).use_pallas == expected_auto
 
 

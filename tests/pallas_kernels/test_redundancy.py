@@ -45,7 +45,7 @@ def test_other_thresholds_match_reference(threshold):
 
 @pytest.mark.slow
 def test_newest_duplicate_survives():
-    """Three copies of one key: the newest is the least redundant (gkv-algorithm.md step 4)."""
+    """Three copies of one key: the newest is the least redundant (docs/algorithm.md section 4)."""
     keys = np.eye(16, dtype=np.float32)[None, None, :10].copy()
     keys[0, 0, [1, 3, 5]] = np.eye(16, dtype=np.float32)[1]
     r = np.asarray(redundancy(jnp.asarray(keys), jnp.ones((1, 10), bool), 0.5,

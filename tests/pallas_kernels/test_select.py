@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gkv_jax.eviction import EvictionConfig, select
-from gkv_jax.pallas_kernels import eviction_step, resolve_implementation
+from gkv_jax.pallas_kernels import _common, eviction_step, resolve_implementation
 from tests.pallas_kernels.inputs import boundary_is_clear, history, make_inputs
 
 POLICIES = ("streaming", "snapkv", "rkv", "h2o", "gkv")
@@ -60,7 +60,7 @@ def check_parity(policy, B, K, G, S, H, budget, pads, dtype="float32", interpret
 
 def test_dispatch_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert not resolve_implementation(None).use_pallas  # auto: the reference off TPU
+    assert not resolve_implementation(None).use_pallas  # auto: the reference (CPU unverified)
     assert not resolve_implementation("xla").use_pallas
     pallas = resolve_implementation("pallas")
     assert pallas.use_pallas and pallas.interpret is not False  # TPU interpret mode
@@ -180,3 +180,29 @@ def test_eviction_lowers_to_mosaic_kernels_for_tpu():
         shape((B, K, S), jnp.float32))
     # score update, redundancy, selection, compaction
     assert exported.mlir_module().count("tpu_custom_call") == 4
+
+
+@pytest.mark.parametrize("backend", ("tpu", "gpu"))
+def test_auto_runs_the_kernels_only_on_verified_backends(monkeypatch, backend):
+    """One rule for TPU and GPU: None = the kernels on a backend of VERIFIED_BACKENDS only;
+    "pallas" forces them on an unverified backend too."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(_common, "gpu_compute_capability", lambda: 9.0)
+    monkeypatch.setattr(_common, "VERIFIED_BACKENDS", frozenset())
+    assert not resolve_implementation(None).use_pallas
+    forced = resolve_implementation("pallas")
+    assert forced.use_pallas and forced.interpret is False and forced.kernels == backend
+    monkeypatch.setattr(_common, "VERIFIED_BACKENDS", frozenset({backend}))
+    auto = resolve_implementation(None)
+    assert auto.use_pallas and auto.interpret is False and auto.kernels == backend
+    assert not resolve_implementation("xla").use_pallas
+
+
+def test_auto_keeps_the_reference_on_a_verified_gpu_older_than_hopper(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_common, "gpu_compute_capability", lambda: 8.0)
+    monkeypatch.setattr(_common, "VERIFIED_BACKENDS", frozenset({"gpu"}))
+    assert not resolve_implementation(None).use_pallas
+    with pytest.raises(NotImplementedError, match="compute capability >= 9.0"):
+        resolve_implementation("pallas")
+
