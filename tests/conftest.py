@@ -1,4 +1,4 @@
-"""Shared pytest configuration: `gpu`-marked tests run only on a GPU backend."""
+"""Shared pytest configuration: `gpu`/`tpu`-marked tests run only on that backend."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked `gpu` unless JAX's default backend is a GPU."""
-    if jax.default_backend() == "gpu":
-        return
-    skip = pytest.mark.skip(reason="needs a GPU backend (jax.default_backend() == 'gpu')")
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+    """Skip tests marked `gpu` / `tpu` unless JAX's default backend is that accelerator."""
+    backend = jax.default_backend()
+    for marker in ("gpu", "tpu"):
+        if backend == marker:
+            continue
+        skip = pytest.mark.skip(reason=f"needs a {marker.upper()} backend "
+                                       f"(jax.default_backend() == {marker!r})")
+        for item in items:
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="module")
