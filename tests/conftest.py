@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
-import jax
-import pytest
+import os
+
+# Tests are bound by XLA:CPU compilation, not by running the programs: LLVM's optimisation
+# level 0 compiles about 30% faster and computes the same values (no fast-math either way).
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads when it starts)
+import pytest  # noqa: E402
+
+# JAX's persistent compilation cache: programs compiled again after `_release_compiled_programs`
+# (below), or by a CLI subprocess, are read back instead of recompiled; a second run of the
+# suite starts warm. The directory is JAX_COMPILATION_CACHE_DIR when set (subprocesses inherit
+# it), else one under .pytest_cache.
+_CACHE_DIR = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                 "jax-compilation-cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def pytest_collection_modifyitems(config, items):

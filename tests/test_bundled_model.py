@@ -30,23 +30,23 @@ def test_bundled_checkpoint_is_small_and_complete():
 
 
 def test_full_cache_solves_held_out_problems_and_eviction_policies_differ(tmp_path):
-    """Ten held-out problems end to end (load -> evaluate -> grade): the full cache solves
+    """Six held-out problems end to end (load -> evaluate -> grade): the full cache solves
     them, and at a quarter of the sequence (budget 136 of 544 tokens) the policies differ:
     gkv's historical score keeps the prompt's table, which the trace re-reads every 30
-    tokens (88.5% on the 200 of the README's table), rkv's and streaming's caches lose it
-    (1% and 6%)."""
+    tokens (88.5% on the 200 of the README's table), rkv's cache loses it (1%). Every policy
+    runs in the demo test (slow)."""
     model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
-    report = evaluate(model, tokenizer, "synthetic",
-                      policies=("full", "streaming", "rkv", "gkv"), budgets=(DEMO_BUDGET,),
-                      window=16, divide_length=16, num_problems=10, batch_size=10,
-                      output_dir=str(tmp_path), progress=False)
+    report = evaluate(model, tokenizer, "synthetic", policies=("full", "rkv", "gkv"),
+                      budgets=(DEMO_BUDGET,), window=16, divide_length=16, num_problems=6,
+                      batch_size=6, output_dir=str(tmp_path), progress=False)
     accuracy = {entry["policy"]: entry["pass@1"] for entry in report.summary}
     assert accuracy["full"] == 1.0 and accuracy["gkv"] >= 0.8
-    assert accuracy["rkv"] <= 0.3 and accuracy["streaming"] <= 0.3
+    assert accuracy["rkv"] <= 0.3
     rows = [row for row in report.rows if row["policy"] == "full"]
-    assert len(rows) == 10 and all(row["generated_tokens"] == 508 for row in rows)
+    assert len(rows) == 6 and all(row["generated_tokens"] == 508 for row in rows)
 
 
+@pytest.mark.slow
 def test_demo_command_prints_every_policy_and_writes_the_plot(tmp_path, capsys):
     from gkv_jax.cli import main
     from gkv_jax.eviction import POLICIES

@@ -80,19 +80,26 @@ def masked_reference_logits(model, prompt, generated, records):
     return np.asarray(logits[0, P - 1:])
 
 
+# The fast suite keeps one case per kind of schedule (a global score, a prompt longer than the
+# budget, an accumulated score, a positional policy); the other score variants, whose
+# selection is checked against a numpy restatement in test_eviction, run under `slow`.
+_SLOW = pytest.mark.slow
 CASES = [
     ("gkv", dict(budget=20, window=4, divide_length=6), 9),
     ("gkv", dict(budget=20, window=4, divide_length=6), 31),  # prompt longer than budget
-    ("gkv", dict(budget=20, window=4, divide_length=6, smooth="mean"), 9),
+    pytest.param("gkv", dict(budget=20, window=4, divide_length=6, smooth="mean"), 9,
+                 marks=_SLOW),
     ("h2o", dict(budget=16, divide_length=5), 9),
-    ("snapkv", dict(budget=18, window=4, divide_length=6), 9),
-    ("rkv", dict(budget=18, window=4, divide_length=6), 31),
+    pytest.param("snapkv", dict(budget=18, window=4, divide_length=6), 9, marks=_SLOW),
+    pytest.param("rkv", dict(budget=18, window=4, divide_length=6), 31, marks=_SLOW),
     ("streaming", dict(budget=16, sink=4, divide_length=5), 9),
 ]
+_IDS = [f"{v[0]}-P{v[2]}-{v[1].get('smooth', '')}"
+        for v in (getattr(c, "values", c) for c in CASES)]
 
 
 @pytest.mark.parametrize("policy, knobs, prompt_length", CASES,
-                         ids=[f"{c[0]}-P{c[2]}-{c[1].get('smooth', '')}" for c in CASES])
+                         ids=_IDS)
 def test_every_step_equals_masked_full_forward(policy, knobs, prompt_length):
     model = tiny_model()
     eviction = EvictionConfig(policy=policy, **knobs)

@@ -66,7 +66,8 @@ def test_budget_above_sequence_length_gives_exactly_the_full_cache_tokens():
                 assert sorted(row[row >= 0].tolist()) == list(range(fed)), policy
 
 
-@pytest.mark.parametrize("policy", ["gkv", "h2o", "streaming", "snapkv"])
+@pytest.mark.parametrize("policy", ["gkv", "streaming", pytest.param("h2o", marks=pytest.mark.slow),
+                                    pytest.param("snapkv", marks=pytest.mark.slow)])
 def test_uneven_batch_equals_each_prompt_alone(policy):
     _, model = tiny()
     knobs = {"gkv": dict(budget=16, window=4, divide_length=6),

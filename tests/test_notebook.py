@@ -22,6 +22,7 @@ def run_notebook(name: str, directory, timeout: int) -> str:
                    for o in cell.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path):
     outputs = run_notebook("quickstart.ipynb", tmp_path, timeout=600)
     assert "answer" in outputs and "pass@1" in outputs
