@@ -609,7 +609,10 @@ def _draw_bars(axes, summary, budgets) -> None:
                     color=[colors[e["policy"]] for e in summary], width=0.6)
     axes.bar_label(bars, labels=["-" if math.isnan(v) else f"{v:.1%}" for v in values],
                    padding=2, fontsize=9)
-    axes.set_xticks(range(len(summary)), labels=[e["name"] for e in summary])
+    # One budget, named on the axis: the ticks need only the policies (shorter, no overlap).
+    policies = [e["policy"] for e in summary]
+    names = policies if len(set(policies)) == len(policies) else [e["name"] for e in summary]
+    axes.set_xticks(range(len(summary)), labels=names)
     where = f" at budget {budgets[0]} (kept tokens per layer and KV head)" if budgets else ""
     axes.set_xlabel(f"config{where}")
 
