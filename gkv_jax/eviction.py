@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 from typing import Any, Protocol
 
@@ -39,17 +38,28 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from gkv_jax.pallas_kernels._common import (
+    IMPLEMENTATIONS,
+    KEY_NORM_EPS,
+    MASKED_LOGIT,
+    MATMUL_DTYPES,
+)
+from gkv_jax.pallas_kernels.redundancy.reference import redundancy
+from gkv_jax.pallas_kernels.score_update.reference import (
+    blend_history,
+    normalise,
+    update_global_score,
+    window_attention,
+)
+from gkv_jax.pallas_kernels.topk_retention.reference import keep_top
+
 POLICIES = ("full", "streaming", "snapkv", "rkv", "h2o", "gkv")
 SMOOTH_MODES = ("max", "mean", "sum")
-IMPLEMENTATIONS = (None, "xla", "pallas")
-MATMUL_DTYPES = ("float32", "bfloat16")
-
-# A finite stand-in for -inf in masked softmax logits (as in gkv_jax.models.layers):
-# exp() of it is exactly 0 and (masked - max) never produces NaN.
-MASKED_LOGIT = -1e30
-# Added to key norms before the cosine similarity of the redundancy score.
-KEY_NORM_EPS = 1e-6
-_HIGHEST = jax.lax.Precision.HIGHEST
+# Re-exported: the ops' specification functions and constants, under their old names here.
+__all__ = ["IMPLEMENTATIONS", "KEY_NORM_EPS", "MASKED_LOGIT", "MATMUL_DTYPES", "POLICIES",
+           "EvictionConfig", "blend_history", "keep_top", "max_pool", "normalise",
+           "redundancy", "select", "update_global_score", "validate_inputs",
+           "window_attention"]
 
 # Defaults of the knobs each policy uses (docs/algorithm.md, section 5). A knob absent from a
 # policy's table is not used by it and must stay None. budget, divide_length and
@@ -237,97 +247,9 @@ def _check_real(cfg: EvictionConfig, name: str, low: float, high: float) -> None
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks of the scores (each concept in one place).
-
-
-def window_attention(
-    queries: Float[Array, "B N W H"], keys: Float[Array, "B K S H"], valid: Bool[Array, "B S"]
-) -> Float[Array, "B K S-W"]:
-    """The local score A: attention of the W window queries on the S - W older rows.
-
-    Window query i sits at cache row S - W + i (causal inside the window); invalid keys are
-    masked. Softmax over S, maximum over the query heads of each KV head's group (of the
-    probabilities), last W columns dropped, mean over the W queries. A query that sees no
-    valid key contributes zeros.
-    """
-    B, N, W, H = queries.shape
-    K, S = keys.shape[1], keys.shape[2]
-    grouped = queries.reshape(B, K, N // K, W, H)
-    logits = jnp.einsum("bkgwh,bksh->bkgws", grouped, keys, precision=_HIGHEST) / math.sqrt(H)
-    query_rows = S - W + jnp.arange(W)
-    causal = jnp.arange(S)[None, :] <= query_rows[:, None]  # [W, S]
-    visible = causal[None, None, None] & valid[:, None, None, None, :]
-    probs = jax.nn.softmax(jnp.where(visible, logits, MASKED_LOGIT), axis=-1)
-    probs = jnp.where(visible, probs, 0.0)
-    return jnp.mean(jnp.max(probs, axis=2)[..., : S - W], axis=2)
-
-
-def normalise(x: Float[Array, "B K P"]) -> Float[Array, "B K P"]:
-    """x / max(x) over positions, per (sequence, KV head); all-zero rows stay zero.
-
-    Used on non-negative scores whose invalid entries are already 0.
-    """
-    peak = jnp.max(x, axis=-1, keepdims=True)
-    return jnp.where(peak > 0, x / jnp.where(peak > 0, peak, 1.0), 0.0)
-
-
-def update_global_score(
-    smooth: str,
-    alpha: float,
-    local: Float[Array, "B K P"],
-    global_score: Float[Array, "B K C"] | None,
-) -> Float[Array, "B K P"]:
-    """The global score G from the normalised local score Â and the previous G.
-
-    Row j < C (C = global_score.shape[-1]) has history G_prev[j] unless it is NaN; rows
-    without history get G = Â. With history: "max": max(alpha G_prev, Â); "mean":
-    alpha G_prev + (1 - alpha) Â; "sum": alpha G_prev + Â.
-    """
-    if global_score is None:
-        return local
-    pad = local.shape[-1] - global_score.shape[-1]
-    previous = jnp.pad(global_score, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.nan)
-    return blend_history(smooth, alpha, previous, local)
-
-
-def blend_history(smooth: str, alpha: float, previous: Array, local: Array) -> Array:
-    """Elementwise G from G_prev (NaN = no history) and Â, same shapes; the Pallas kernels
-    call it on their tiles. NaN is tested as `x != x`, which every Pallas backend lowers."""
-    has_history = previous == previous
-    previous = jnp.where(has_history, previous, 0.0)
-    if smooth == "max":
-        updated = jnp.maximum(alpha * previous, local)
-    elif smooth == "mean":
-        updated = alpha * previous + (1.0 - alpha) * local
-    else:  # "sum"
-        updated = alpha * previous + local
-    return jnp.where(has_history, updated, local)
-
-
-def redundancy(
-    keys: Float[Array, "B K S H"], valid: Bool[Array, "B S"], threshold: float
-) -> Float[Array, "B K S"]:
-    """The R-KV redundancy R over all S rows (window included); 0 at invalid rows.
-
-    Keys are normalised (k / (|k| + 1e-6)); Sim[m, n] is their cosine with a zero diagonal
-    and zero invalid columns. For each valid column n the largest valid row m != n with
-    Sim[m, n] > threshold gets Sim[m, n] = 0 (so the newest of near-duplicates is the least
-    redundant). s[m] = sum_n Sim[m, n] / N_valid; R = softmax of s over the valid rows.
-    """
-    S = keys.shape[2]
-    unit = keys / (jnp.linalg.norm(keys, axis=-1, keepdims=True) + KEY_NORM_EPS)
-    sim = jnp.einsum("bkmh,bknh->bkmn", unit, unit, precision=_HIGHEST)
-    rows = jnp.arange(S)[:, None]
-    counted = (rows != jnp.arange(S)[None, :]) & valid[:, None, None, :]  # off-diagonal, valid n
-    sim = jnp.where(counted, sim, 0.0)
-    similar = counted & valid[:, None, :, None] & (sim > threshold)
-    newest = jnp.max(jnp.where(similar, rows, -1), axis=2, keepdims=True)  # [B, K, 1, S]
-    sim = jnp.where(rows == newest, 0.0, sim)
-    n_valid = jnp.maximum(jnp.sum(valid, axis=-1), 1).astype(jnp.float32)[:, None, None]
-    row_valid = valid[:, None, :]
-    s = jnp.sum(sim, axis=-1) / n_valid
-    probs = jax.nn.softmax(jnp.where(row_valid, s, MASKED_LOGIT), axis=-1)
-    return jnp.where(row_valid, probs, 0.0)
+# Building blocks of the scores. The ops' specifications (window attention, normalisation, global
+# score, redundancy, top-k) live in `gkv_jax.pallas_kernels.<op>.reference`; max-pooling is
+# O(B K S) glue that no kernel replaces.
 
 
 def max_pool(x: Float[Array, "B K P"], kernel: int) -> Float[Array, "B K P"]:
@@ -445,25 +367,6 @@ def validate_inputs(
         raise ValueError(f"global_score must be a floating [B, K, budget - W] = "
                          f"[{B}, {K}, {cfg.kept_scored}] array or None, got "
                          f"{global_score.dtype}{list(global_score.shape)}")
-
-
-def keep_top(
-    scores: Float[Array, "B K P"],
-    carried: Float[Array, "B K P"] | None,
-    candidate_valid: Bool[Array, "B P"],
-    count: int,
-) -> tuple[Int[Array, "B K kept"], Float[Array, "B K kept"] | None]:
-    """The `count` best candidates in temporal order, and `carried` gathered at them.
-
-    Invalid candidates score -inf (so they are kept only when too few valid ones exist) and
-    carry NaN. Ties go to the lowest index (`jax.lax.top_k` is stable).
-    """
-    valid = candidate_valid[:, None, :]
-    _, index = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), count)
-    index = jnp.sort(index, axis=-1).astype(jnp.int32)
-    if carried is None:
-        return index, None
-    return index, jnp.take_along_axis(jnp.where(valid, carried, jnp.nan), index, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

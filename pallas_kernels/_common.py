@@ -1,7 +1,7 @@
 """What the three eviction ops share: implementation dispatch, input validators, constants.
 
 Every op folder (`score_update`, `redundancy`, `topk_retention`) has a `reference.py` (pure
-jnp, float32, the specification, built on `gkv_jax.eviction`), a `pallas.py` (Mosaic TPU
+jnp, float32, the specification), a `pallas.py` (Mosaic TPU
 kernels written with `pl.pallas_call` and BlockSpecs), a `pallas_gpu.py` (Mosaic GPU kernels
 for Hopper written with `plgpu.kernel`) and an `__init__.py` that validates the inputs once
 (with the validators below) and dispatches on `implementation` (`resolve_implementation`):
@@ -42,8 +42,10 @@ from gkv_jax.pallas_kernels import _gpu_common
 IMPLEMENTATIONS = (None, "xla", "pallas")
 MATMUL_DTYPES = ("float32", "bfloat16")
 
-# Same constants as gkv_jax.eviction (a finite -inf for masked logits, the key-norm epsilon).
+# A finite stand-in for -inf in masked softmax logits (as in gkv_jax.models.layers): exp() of
+# it is exactly 0 and (masked - max) never produces NaN.
 MASKED_LOGIT = -1e30
+# Added to key norms before the cosine similarity of the redundancy score.
 KEY_NORM_EPS = 1e-6
 # Lanes of a TPU vector register: the kernels lay per-slot scalars out as [rows, LANES].
 LANES = 128

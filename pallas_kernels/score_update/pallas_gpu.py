@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from gkv_jax.eviction import blend_history
 from gkv_jax.pallas_kernels import _common
 from gkv_jax.pallas_kernels import _gpu_common as gc
+from gkv_jax.pallas_kernels.score_update.reference import blend_history
 
 
 @dataclasses.dataclass(frozen=True)

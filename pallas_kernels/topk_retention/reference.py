@@ -1,13 +1,12 @@
 """Top-k retention in pure jnp: the specification of `keep_top` (docs/algorithm.md sections 3
-and 7: `gkv_jax.eviction.keep_top`) and of `compact` (the gather of the kept rows that
-`gkv_jax.decode.evict` performs), plus the helpers the Pallas path shares."""
+and 7) and of `compact` (the gather of the kept rows that `gkv_jax.decode.evict` performs),
+plus the helpers the Pallas path shares."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
-
-from gkv_jax import eviction
 
 EMPTY_POSITION = -1
 
@@ -18,9 +17,18 @@ def keep_top(
     candidate_valid: Bool[Array, "B P"],
     count: int,
 ) -> tuple[Int[Array, "B K count"], Float[Array, "B K count"] | None]:
-    """`gkv_jax.eviction.keep_top` on float32 inputs."""
-    carried = None if carried is None else carried.astype(jnp.float32)
-    return eviction.keep_top(scores.astype(jnp.float32), carried, candidate_valid, count)
+    """The `count` best candidates in temporal order, and `carried` gathered at them.
+
+    Invalid candidates score -inf (so they are kept only when too few valid ones exist) and
+    carry NaN. Ties go to the lowest index (`jax.lax.top_k` is stable).
+    """
+    valid = candidate_valid[:, None, :]
+    _, index = jax.lax.top_k(jnp.where(valid, scores.astype(jnp.float32), -jnp.inf), count)
+    index = jnp.sort(index, axis=-1).astype(jnp.int32)
+    if carried is None:
+        return index, None
+    carried = jnp.where(valid, carried.astype(jnp.float32), jnp.nan)
+    return index, jnp.take_along_axis(carried, index, axis=-1)
 
 
 def row_map(kept_index: Int[Array, "B K count"], S: int, window: int,
