@@ -7,7 +7,7 @@ redundancy, top-k) then the compaction of keys, values, positions and global sco
 jitted function with the four cache arrays donated (so an in-place compaction can reuse them).
 
   * xla:    `gkv_jax.eviction.select(implementation="xla")` + `topk_retention.compact` (XLA).
-  * pallas: `pallas_kernels.eviction_step.select` + `topk_retention.compact` (Pallas), with
+  * pallas: `gkv_jax.eviction.select_with_ops` + `topk_retention.compact` (Pallas), with
             `--matmul-dtype` float32 (exact, the default) or bfloat16.
 
 Reported per (implementation, batch): the median wall time of one eviction over `--repeats`
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkv_jax import eviction
-from gkv_jax.pallas_kernels import eviction_step
+from gkv_jax.pallas_kernels import Ops
 from gkv_jax.pallas_kernels.topk_retention import compact
 
 
@@ -73,9 +73,9 @@ def one_eviction(cfg: eviction.EvictionConfig, implementation: str, matmul_dtype
         kept, new_score = eviction.select(dataclasses.replace(cfg, implementation="xla"),
                                           queries, keys, valid, history)
     else:
-        kept, new_score = eviction_step.select(cfg, queries, keys, valid, history,
-                                               implementation="pallas",
-                                               matmul_dtype=matmul_dtype)
+        kept, new_score = eviction.select_with_ops(
+            cfg, Ops.resolve("pallas", matmul_dtype=matmul_dtype), queries, keys, valid,
+            history)
     return compact(keys, values, positions, global_score, kept, window=cfg.window,
                    new_score=new_score, implementation=implementation)
 

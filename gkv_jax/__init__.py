@@ -6,7 +6,7 @@ Shape letters used in every docstring:
   D model dim, F MLP width, V vocab, L layers, W observation window.
 """
 
-from gkv_jax import conversion, datasets, decode, eviction, grading, training
+from gkv_jax import conversion, datasets, decode, eviction, grading, policies, training
 from gkv_jax.cache import KVCache, init_cache
 from gkv_jax.evaluation import EvalReport, evaluate
 from gkv_jax.eviction import EvictionConfig
@@ -34,5 +34,6 @@ __all__ = [
     "grading",
     "init_cache",
     "load",
+    "policies",
     "training",
 ]

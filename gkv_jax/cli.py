@@ -19,8 +19,19 @@ import re
 import sys
 import tempfile
 
+from gkv_jax.cli_args import (
+    SEED_LIMIT,
+    CommandError,
+    HelpFormatter,
+    comma_list,
+    load_checkpoint,
+    one_line,
+    positive_int,
+    require_tokenizer,
+    seed_value,
+)
 from gkv_jax.evaluation import R1_SYSTEM_PROMPT
-from gkv_jax.eviction import POLICIES, EvictionConfig
+from gkv_jax.eviction import POLICIES, EvictionConfig, get_policy
 
 DESCRIPTION = (
     "Inference with an evicted, fixed-size KV cache. Commands: generate (text from a "
@@ -28,71 +39,14 @@ DESCRIPTION = (
     "resumable), demo (every policy on the bundled reasoning model), smoke (a self-check on "
     "a tiny random model), post-train (distillation or GRPO under eviction).")
 DTYPES = ("float32", "bfloat16", "float16")
-SEED_LIMIT = 2**32  # generate() takes seeds in [0, 2**32)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 DEMO_MARKER = ".gkv-jax-demo"  # written by `demo` into its --output-dir
 DEMO_SUBDIRS = ("bundled_extra", "distilled")
 
 
-class CommandError(Exception):
-    """A bad flag or unreadable input, already worded for the command line (exit 2)."""
-
-
 # --------------------------------------------------------------------------------------------
 # Argument types and help.
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Ends every flag's help with its default, lists as the comma-separated text the flag
-    takes. None, booleans and required flags show none: their help says what leaving them
-    out means."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if (action.required or default is None or isinstance(default, bool)
-                or default is argparse.SUPPRESS or "%(default)" in text):
-            return text
-        if isinstance(default, list | tuple):
-            default = ",".join(map(str, default))
-        return f"{text} (default: {default})"
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """An argparse type: a sampler seed, an integer in [0, 2**32)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer in [0, {SEED_LIMIT - 1}], got {text!r}")
-    return value
-
-
-def comma_list(kind):
-    """An argparse type: comma-separated values of `kind` (a type such as int, str or
-    positive_int)."""
-    def parse(text: str):
-        try:
-            return [kind(part.strip()) for part in text.split(",") if part.strip()]
-        except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated {kind.__name__} values, got {text!r}") from None
-    parse.__name__ = f"comma-separated {kind.__name__} list"
-    return parse
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +56,7 @@ def comma_list(kind):
 def eviction_from_args(args: argparse.Namespace) -> EvictionConfig:
     """The `EvictionConfig` named by --policy and its knobs (unset knobs: policy defaults)."""
     knobs = {"budget": args.budget, "window": args.window, "divide_length": args.divide_length}
-    if args.policy == "full":
+    if not get_policy(args.policy).evicts:
         knobs = {"divide_length": args.divide_length}
     return EvictionConfig(policy=args.policy, **{k: v for k, v in knobs.items() if v is not None})
 
@@ -112,33 +66,6 @@ def check_sampling(args: argparse.Namespace) -> None:
     from gkv_jax.sampling import SamplingParams
 
     SamplingParams.create(args.temperature, args.top_p, args.top_k)
-
-
-def load_checkpoint(source: str, dtype: str | None, flag: str = "--model"):
-    """`gkv_jax.load`, with every way a checkpoint can be unreadable (missing, truncated or
-    malformed files, a config lacking a field) turned into a `CommandError` naming `flag`."""
-    import gkv_jax
-
-    try:
-        return gkv_jax.load(source, dtype=dtype)  # None: the checkpoint's own dtype
-    except (ValueError, OSError, KeyError) as err:
-        raise CommandError(f"{flag} {source}: {_load_error_text(err)}") from err
-    except Exception as err:
-        if type(err).__name__ != "SafetensorError":  # safetensors' Rust error, not importable
-            raise
-        raise CommandError(f"{flag} {source}: unreadable safetensors file ({err})") from err
-
-
-def _load_error_text(err: Exception) -> str:
-    if isinstance(err, KeyError):
-        return f"config or weights lack the entry {err.args[0]!r}"
-    return re.sub(r"^source: ", "", one_line(err))
-
-
-def require_tokenizer(tokenizer, args: argparse.Namespace, why: str):
-    if tokenizer is None:
-        raise CommandError(f"--model: {args.model} has no tokenizer files; {why}")
-    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +431,7 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     configs = {"full": EvictionConfig(policy="full"),
                "gkv@64": EvictionConfig(policy="gkv", budget=64, window=8, divide_length=32)}
     # A budget above the final length never evicts: exactly the full cache's tokens.
-    roomy_policies = [p for p in POLICIES if p != "full"] if args.all_policies else ["gkv"]
+    roomy_policies = [p for p in POLICIES if get_policy(p).evicts] if args.all_policies else ["gkv"]
     configs.update({f"{p}-roomy": EvictionConfig(policy=p, budget=roomy, divide_length=32)
                     for p in roomy_policies})
     outputs = {}
@@ -561,11 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_smoke_parser(commands)
     add_post_train_parser(commands)
     return parser
-
-
-def one_line(err: BaseException) -> str:
-    """An exception's message on one line (what `error:` prints)."""
-    return " ".join(str(err).split("\n")).strip() or type(err).__name__
 
 
 # Library messages start with the parameter's Python name; `name_flag` prefixes the flag.

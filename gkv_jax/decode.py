@@ -24,11 +24,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.cache import EMPTY_POSITION, KVCache, init_cache
-from gkv_jax.eviction import EvictionConfig, select
+from gkv_jax.eviction import EvictionConfig, Ops, select_with_ops
 from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits
-from gkv_jax.pallas_kernels import topk_retention
 from gkv_jax.sampling import SamplingParams, sample
 
 
@@ -54,16 +53,16 @@ class DecodeState:
 
 
 def query_window_size(eviction: EvictionConfig) -> int:
-    """W of the query ring the cache must keep: the policy's window, none for `streaming`
-    (which scores nothing) and for `full`."""
-    return eviction.window if eviction.policy not in ("full", "streaming") else 0
+    """W of the query ring the cache must keep: the policy's window, none for a policy that
+    scores without queries (`streaming`) or never evicts (`full`)."""
+    return eviction.query_window_size
 
 
 def cache_capacity(eviction: EvictionConfig, prompt_length: int, max_new_tokens: int) -> int:
     """C slots per (layer, sequence, KV head): `budget + divide_length` for evicting policies
     (independent of `max_new_tokens`), prompt + generated tokens for `full`."""
     if eviction.evicts:
-        return eviction.budget + eviction.divide_length
+        return eviction.capacity
     return prompt_length + max_new_tokens - 1
 
 
@@ -87,8 +86,8 @@ def compress_layer(eviction: EvictionConfig, query_window: Float[Array, "B N W H
                    keys: Float[Array, "B K S H"], values: Float[Array, "B K S H"],
                    positions: Int[Array, "B K S"], global_score: Float[Array, "B K S"],
                    active: Bool[Array, " B"], evicting: Bool[Array, " B"]):
-    """One layer's compression: selection (`eviction.select`) then compaction
-    (`topk_retention.compact`), both dispatched on `eviction.implementation`.
+    """One layer's compression: selection (`eviction.select_with_ops`) then compaction
+    (`Ops.compact`), both on the ops `eviction.implementation` resolves to (once).
 
     The one door through which the decode loop (`evict`) and the post-training replay
     (`gkv_jax.training.replay_evictions`) change a cache. Buffers keep their shapes; the S
@@ -106,14 +105,14 @@ def compress_layer(eviction: EvictionConfig, query_window: Float[Array, "B N W H
       keys, values, positions, global_score, compacted (kept rows first, then the window).
     """
     valid = positions[:, 0, :] >= 0  # identical across KV heads until the first eviction
-    kept_index, new_score = select(eviction, query_window, keys, valid,
-                                   global_score[:, :, :eviction.kept_scored])
+    ops = Ops.resolve(eviction.implementation, matmul_dtype=eviction.matmul_dtype)
+    kept_index, new_score = select_with_ops(eviction, ops, query_window, keys, valid,
+                                            global_score[:, :, :eviction.kept_scored])
     if new_score is None:  # policies without history: evicting sequences carry none
         new_score = jnp.full(kept_index.shape, jnp.nan, jnp.float32)
-    return topk_retention.compact(
-        keys, values, positions, global_score, kept_index, window=eviction.window,
-        active=active, new_score=new_score, replace_score=evicting,
-        implementation=eviction.implementation)
+    return ops.compact(keys, values, positions, global_score, kept_index,
+                       window=eviction.window, active=active, new_score=new_score,
+                       replace_score=evicting)
 
 
 def resize_slots(buffer: Array, capacity: int, fill, axis: int = 3) -> Array:

@@ -32,15 +32,13 @@ from tqdm.auto import tqdm
 
 from gkv_jax import grading
 from gkv_jax.datasets import Example, load_dataset
-from gkv_jax.eviction import POLICIES, EvictionConfig
+from gkv_jax.eviction import POLICIES, EvictionConfig, get_policy
 from gkv_jax.generation import _encode, bucket_length, generate
 from gkv_jax.sampling import SamplingParams
 
 R1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 # max_new_tokens=None: this per dataset kind, capped at the model's context.
 DEFAULT_MAX_NEW_TOKENS = {"synthetic": 520, "math": 16384}
-# Policies whose observation window is scored (h2o keeps W = 1, streaming its sink/recent).
-WINDOWED_POLICIES = ("snapkv", "rkv", "gkv")
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.csv"
 PLOT_FILE = "accuracy_vs_budget.png"
@@ -212,14 +210,16 @@ def eviction_configs(policies: Sequence[str] | str, budgets: Sequence[int] | int
     common = {} if divide_length is None else {"divide_length": divide_length}
     configs = []
     for policy in policies:
-        if policy == "full":
-            configs.append(EvictionConfig(policy="full", **common))
+        if not get_policy(policy).evicts:
+            configs.append(EvictionConfig(policy=policy, **common))
             continue
         if not budgets:
             raise ValueError(f"budgets: policy {policy!r} needs at least one budget")
         for budget in dict.fromkeys(budgets):
             knobs = dict(common, budget=budget)
-            if window is not None and policy in WINDOWED_POLICIES:
+            # A sweep's window is the observation window; h2o's (the current query) and
+            # streaming's (the recent tail) mean something else and keep their own.
+            if window is not None and get_policy(policy).window_role == "observation":
                 knobs["window"] = window
             configs.append(EvictionConfig(policy=policy, **knobs))
     return configs

@@ -1,17 +1,18 @@
-"""KV-cache eviction: `EvictionConfig`, the score of every policy, and the pure `select` step.
+"""KV-cache eviction: `EvictionConfig` and the pure `select` step.
 
 At a compression step (docs/algorithm.md, sections 3-5) each (sequence, KV head) of a
 layer scores the S - W oldest rows of its cache, keeps the best `budget - W` of them in their
-original order and always keeps the last W rows (the observation window). A policy only
-defines its score (as NVIDIA kvpress's ScorerPress does); masking of invalid rows, the top-k,
-the ordering and the gather of the carried global score live once, in `select`.
+original order and always keeps the last W rows (the observation window). A policy
+(`gkv_jax.policies`, one registered `Policy` each) only defines its score (as NVIDIA
+kvpress's ScorerPress does), on top of the ops; masking of invalid rows, the top-k, the
+ordering and the gather of the carried global score live once, in `select`.
 
-This module is the float32 reference. Inputs are cast to float32, softmaxes, sums and
-normalisations run in float32 and matrix products at `Precision.HIGHEST` (no TF32 on GPUs),
-so on tie-free inputs it reproduces the float32 specification exactly. Faster kernels may
-feed bfloat16 to the matrix products with float32 accumulation (the reference G-KV runs in
-bfloat16 and keeps 99.6-99.8% of the float32 kept set); they dispatch on
-`EvictionConfig.implementation`.
+The ops run on the backend that `EvictionConfig.implementation` resolves to, once per call
+(`Ops.resolve`): the float32 references of `gkv_jax.pallas_kernels.<op>.reference` (inputs
+cast to float32, matrix products at `Precision.HIGHEST`, so on tie-free inputs the float32
+specification exactly) or the Pallas kernels, which may feed bfloat16 to the matrix products
+with float32 accumulation (`matmul_dtype`; the reference G-KV runs in bfloat16 and keeps
+99.6-99.8% of the float32 kept set).
 
 Conventions chosen where the specification is silent:
   * A NaN entry of `global_score` means "this row has no history": it is treated exactly like
@@ -32,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from gkv_jax.pallas_kernels._common import (
     MASKED_LOGIT,
     MATMUL_DTYPES,
 )
+from gkv_jax.pallas_kernels.ops import Ops
 from gkv_jax.pallas_kernels.redundancy.reference import redundancy
 from gkv_jax.pallas_kernels.score_update.reference import (
     blend_history,
@@ -52,32 +53,23 @@ from gkv_jax.pallas_kernels.score_update.reference import (
     window_attention,
 )
 from gkv_jax.pallas_kernels.topk_retention.reference import keep_top
+from gkv_jax.policies import POLICIES, Policy, get_policy, max_pool, register_policy
+from gkv_jax.policies.builtin import DEFAULT_SINK
+from gkv_jax.policies.registry import check_int as _check_int
 
-POLICIES = ("full", "streaming", "snapkv", "rkv", "h2o", "gkv")
 SMOOTH_MODES = ("max", "mean", "sum")
 # Re-exported: the ops' specification functions and constants, under their old names here.
-__all__ = ["IMPLEMENTATIONS", "KEY_NORM_EPS", "MASKED_LOGIT", "MATMUL_DTYPES", "POLICIES",
-           "EvictionConfig", "blend_history", "keep_top", "max_pool", "normalise",
-           "redundancy", "select", "update_global_score", "validate_inputs",
-           "window_attention"]
+__all__ = ["DEFAULT_SINK", "IMPLEMENTATIONS", "KEY_NORM_EPS", "MASKED_LOGIT", "MATMUL_DTYPES",
+           "POLICIES", "EvictionConfig", "Ops", "Policy", "blend_history", "get_policy",
+           "keep_top", "max_pool", "normalise", "policy_scores", "redundancy",
+           "register_policy", "select", "select_with_ops", "update_global_score",
+           "validate_inputs", "window_attention"]
 
-# Defaults of the knobs each policy uses (docs/algorithm.md, section 5). A knob absent from a
-# policy's table is not used by it and must stay None. budget, divide_length and
-# implementation are common to every policy; streaming derives window, sink and recent in
-# `EvictionConfig._resolve_streaming`.
-_POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "streaming": {"window": None, "sink": None, "recent": None},
-    "snapkv": {"window": 16, "pool_kernel": 5},
-    "rkv": {"window": 16, "pool_kernel": 5, "mix_lambda": 0.1, "similarity_threshold": 0.5},
-    "h2o": {"window": 1, "alpha": 0.8, "smooth": "sum"},
-    "gkv": {"window": 16, "alpha": 0.8, "mix_lambda": 0.5, "similarity_threshold": 0.5,
-            "smooth": "max"},
-}
+# The knobs a policy may declare (`Policy.knobs`); budget, divide_length, implementation and
+# matmul_dtype are common to every policy.
 _KNOBS = ("window", "alpha", "mix_lambda", "similarity_threshold", "pool_kernel", "sink",
           "recent", "smooth")
 DEFAULT_DIVIDE_LENGTH = 128
-DEFAULT_SINK = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +80,8 @@ class EvictionConfig:
     left None (setting it raises, so a typo'd sweep cannot silently do nothing).
 
     Attributes:
-      policy: "full" (never evicts), "streaming", "snapkv", "rkv", "h2o" or "gkv".
+      policy: a registered policy name (`POLICIES`): "full" (never evicts), "streaming",
+        "snapkv", "rkv", "h2o", "gkv", or one added with `register_policy`.
       budget: number of cache rows kept per (layer, sequence, KV head) after a compression;
         required by every policy but "full" (which ignores it).
       window: W, the always-kept, never-scored tail (16; h2o 1; streaming: = recent).
@@ -125,9 +118,12 @@ class EvictionConfig:
     matmul_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        defaults = _POLICY_DEFAULTS[self.policy]
+        policy = get_policy(self.policy)
+        defaults = policy.knobs
+        unknown = sorted(set(defaults) - set(_KNOBS))
+        if unknown:  # a registered policy's knobs must be fields of this config
+            raise ValueError(f"policy {self.policy!r} declares knobs {unknown} that "
+                             f"EvictionConfig lacks; its knobs are among {_KNOBS}")
         for name in _KNOBS:
             if name not in defaults and getattr(self, name) is not None:
                 raise ValueError(f"{name} is not used by policy {self.policy!r}; leave it None")
@@ -136,45 +132,13 @@ class EvictionConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        if self.policy != "full" and self.budget is None:
+        if policy.evicts and self.budget is None:
             raise ValueError(f"budget is required for policy {self.policy!r}")
-        if self.policy == "streaming":
-            self._resolve_streaming()
+        if policy.resolve is not None:
+            given = {name: getattr(self, name) for name in ("budget", *_KNOBS)}
+            for name, value in policy.resolve(given).items():
+                object.__setattr__(self, name, value)
         self._validate()
-
-    def _resolve_streaming(self):
-        """sink + recent = budget; the recent tail is the window. Only `budget` is required."""
-        budget = _check_int("budget", self.budget, 2)
-        # Check what the caller passed against the budget before deriving the rest, so the
-        # message names the caller's parameter (not a derived recent = budget - sink < 1).
-        for name in ("sink", "recent", "window"):
-            given = getattr(self, name)
-            if given is not None:
-                given = _check_int(name, given, 1)
-                if given >= budget:
-                    other = "recent" if name == "sink" else "sink"
-                    raise ValueError(f"{name} must be < budget (={budget}) so that {other} = "
-                                     f"budget - {name} >= 1, got {name}={given}")
-                object.__setattr__(self, name, given)
-        sink, recent = self.sink, self.recent
-        if recent is None:
-            recent = self.window
-        if sink is None and recent is None:
-            sink = DEFAULT_SINK
-        if recent is None:
-            recent = self.budget - sink
-        if sink is None:
-            sink = self.budget - recent
-        if self.window is not None and self.window != recent:
-            raise ValueError(f"window must equal recent for streaming, got window="
-                             f"{self.window} and recent={recent}")
-        _check_int("sink", sink, 1)
-        _check_int("recent", recent, 1)
-        if sink + recent != self.budget:
-            raise ValueError(f"sink + recent must equal budget (={self.budget}), got sink={sink}"
-                             f" and recent={recent}")
-        for name, value in (("sink", sink), ("recent", recent), ("window", recent)):
-            object.__setattr__(self, name, value)
 
     def _validate(self):
         # Integral values (numpy ints included) are stored as Python ints: the config is a
@@ -188,7 +152,7 @@ class EvictionConfig:
         if self.matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, "
                              f"got {self.matmul_dtype!r}")
-        if self.policy == "full":
+        if not self.evicts:
             return
         if self.budget <= self.window:
             raise ValueError(f"budget must be > window (={self.window}), got {self.budget}")
@@ -202,14 +166,25 @@ class EvictionConfig:
             raise ValueError(f"smooth must be one of {SMOOTH_MODES}, got {self.smooth!r}")
 
     @property
+    def policy_object(self) -> Policy:
+        """The registered `Policy` of `policy`."""
+        return get_policy(self.policy)
+
+    @property
     def evicts(self) -> bool:
-        """False only for "full"."""
-        return self.policy != "full"
+        """False only for a policy without a score ("full")."""
+        return self.policy_object.evicts
 
     @property
     def has_global_score(self) -> bool:
         """True for the policies that carry a per-row score across compressions (gkv, h2o)."""
-        return self.policy in ("gkv", "h2o")
+        return self.policy_object.carries_global_score
+
+    @property
+    def query_window_size(self) -> int:
+        """W of the query ring the cache keeps: the window of a policy that scores with
+        queries, else 0 (streaming, full)."""
+        return self.window if self.policy_object.needs_queries else 0
 
     @property
     def kept_scored(self) -> int | None:
@@ -229,13 +204,6 @@ class EvictionConfig:
         return f"{self.policy}({fields})"
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    """`value` as a Python int if it is an integer (numpy ints included, bool not) >= low."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_real(cfg: EvictionConfig, name: str, low: float, high: float) -> None:
     """Checks low <= value <= high (None passes) and stores the value as a Python float."""
     value = getattr(cfg, name)
@@ -244,86 +212,6 @@ def _check_real(cfg: EvictionConfig, name: str, low: float, high: float) -> None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
     object.__setattr__(cfg, name, float(value))
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks of the scores. The ops' specifications (window attention, normalisation, global
-# score, redundancy, top-k) live in `gkv_jax.pallas_kernels.<op>.reference`; max-pooling is
-# O(B K S) glue that no kernel replaces.
-
-
-def max_pool(x: Float[Array, "B K P"], kernel: int) -> Float[Array, "B K P"]:
-    """Max-pooling over positions, stride 1, odd kernel, same length (borders see fewer)."""
-    half = kernel // 2
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, kernel), (1, 1, 1),
-                                 ((0, 0), (0, 0), (half, half)))
-
-
-# --------------------------------------------------------------------------------------------
-# Policies: each only defines its score over the S - W candidate rows, and the per-row
-# global score to carry (None for policies without history). Inputs are float32 and invalid
-# keys are zero; invalid rows are masked afterwards by `select`.
-
-
-class Scorer(Protocol):
-    def score(
-        self,
-        cfg: EvictionConfig,
-        queries: Float[Array, "B N W H"] | None,
-        keys: Float[Array, "B K S H"],
-        valid: Bool[Array, "B S"],
-        global_score: Float[Array, "B K kept"] | None,
-    ) -> tuple[Float[Array, "B K S-W"], Float[Array, "B K S-W"] | None]: ...
-
-
-class Streaming:
-    """StreamingLLM: nothing is scored. Older rows rank higher, so the top `sink` rows are the
-    first `sink` valid positions (positions are exact in float32 up to 2**24)."""
-
-    def score(self, cfg, queries, keys, valid, global_score):
-        B, K, S, _ = keys.shape
-        older_first = -jnp.arange(S - cfg.window, dtype=jnp.float32)
-        return jnp.broadcast_to(older_first, (B, K, S - cfg.window)), None
-
-
-class SnapKV:
-    """SnapKV: F = max-pool(A)."""
-
-    def score(self, cfg, queries, keys, valid, global_score):
-        return max_pool(window_attention(queries, keys, valid), cfg.pool_kernel), None
-
-
-class RKV:
-    """R-KV: F = lambda * max-pool(A) - (1 - lambda) * R (nothing normalised)."""
-
-    def score(self, cfg, queries, keys, valid, global_score):
-        pooled = max_pool(window_attention(queries, keys, valid), cfg.pool_kernel)
-        redundant = redundancy(keys, valid, cfg.similarity_threshold)[..., : pooled.shape[-1]]
-        return cfg.mix_lambda * pooled - (1.0 - cfg.mix_lambda) * redundant, None
-
-
-class H2O:
-    """H2O: F = G = alpha * G_prev + Â (smooth "sum"), no redundancy, no pooling."""
-
-    def score(self, cfg, queries, keys, valid, global_score):
-        local = normalise(window_attention(queries, keys, valid))
-        carried = update_global_score(cfg.smooth, cfg.alpha, local, global_score)
-        return carried, carried
-
-
-class GKV:
-    """G-KV: F = lambda * G - (1 - lambda) * R̂, with G = max(alpha * G_prev, Â) by default."""
-
-    def score(self, cfg, queries, keys, valid, global_score):
-        local = normalise(window_attention(queries, keys, valid))
-        carried = update_global_score(cfg.smooth, cfg.alpha, local, global_score)
-        redundant = redundancy(keys, valid, cfg.similarity_threshold)[..., : local.shape[-1]]
-        return cfg.mix_lambda * carried - (1.0 - cfg.mix_lambda) * normalise(redundant), carried
-
-
-SCORERS: dict[str, Scorer] = {
-    "streaming": Streaming(), "snapkv": SnapKV(), "rkv": RKV(), "h2o": H2O(), "gkv": GKV(),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +227,8 @@ def validate_inputs(
 ) -> None:
     """Raises ValueError unless the arrays fit `select`'s contract for `cfg` (shapes only)."""
     if not cfg.evicts:
-        raise ValueError("policy 'full' never evicts; select() serves evicting policies only")
+        raise ValueError(f"policy {cfg.policy!r} never evicts; select() serves evicting "
+                         f"policies only")
     if keys.ndim != 4 or not jnp.issubdtype(keys.dtype, jnp.floating):
         raise ValueError(f"keys must be a floating [B, K, S, H] array, got {keys.dtype}"
                          f"{list(keys.shape)}")
@@ -350,7 +239,7 @@ def validate_inputs(
     if S < cfg.budget:
         raise ValueError(f"keys hold S={S} rows but budget={cfg.budget} needs S >= budget "
                          f"(kept_index has budget - W entries in [0, S - W))")
-    if queries is None and cfg.policy == "streaming":
+    if not cfg.policy_object.needs_queries:
         return
     if (queries is None or queries.ndim != 4 or queries.shape[0] != B
             or queries.shape[3] != H or queries.shape[1] % K
@@ -358,7 +247,7 @@ def validate_inputs(
         got = None if queries is None else f"{queries.dtype}{list(queries.shape)}"
         raise ValueError(f"queries must be a floating [B={B}, N, W, H={H}] array with N a "
                          f"multiple of K={K}, got {got}")
-    if cfg.policy != "streaming" and queries.shape[2] != cfg.window:
+    if queries.shape[2] != cfg.window:
         raise ValueError(f"queries must hold W = window = {cfg.window} queries, got "
                          f"{queries.shape[2]}")
     if cfg.has_global_score and global_score is not None and (
@@ -404,23 +293,37 @@ def select(
     >>> kept_index.tolist()
     [[[2, 3]]]
     """
+    ops = Ops.resolve(cfg.implementation, matmul_dtype=cfg.matmul_dtype)
+    return select_with_ops(cfg, ops, queries, keys, valid, global_score)
+
+
+def policy_scores(
+    cfg: EvictionConfig,
+    ops: Ops,
+    queries: Float[Array, "B N W H"] | None,
+    keys: Float[Array, "B K S H"],
+    valid: Bool[Array, "B S"],
+    global_score: Float[Array, "B K kept"] | None = None,
+) -> tuple[Float[Array, "B K S-W"], Float[Array, "B K S-W"] | None]:
+    """The policy's (F, carried G or None) over the S - W candidates, on `ops`; the inputs
+    the policy does not read (queries, history) are not passed to it."""
+    policy = cfg.policy_object
+    queries = queries if policy.needs_queries else None
+    history = global_score if policy.carries_global_score else None
+    return policy.score(cfg, ops, queries, keys, valid, history)
+
+
+def select_with_ops(
+    cfg: EvictionConfig,
+    ops: Ops,
+    queries: Float[Array, "B N W H"] | None,
+    keys: Float[Array, "B K S H"],
+    valid: Bool[Array, "B S"],
+    global_score: Float[Array, "B K kept"] | None = None,
+) -> tuple[Int[Array, "B K kept"], Float[Array, "B K kept"] | None]:
+    """`select` on the given ops (`Ops.resolve(...)`: the references, or the kernels with an
+    interpret mode or matmul dtype of one's choice); same contract, not jitted."""
     validate_inputs(cfg, queries, keys, valid, global_score)
-    # Dispatch: "pallas" (or None on a verified backend) runs the kernels of
-    # gkv_jax.pallas_kernels (TPU interpret mode on CPU); "xla" (or None elsewhere) runs this
-    # reference (see _common.resolve_implementation). Imported here
-    # because gkv_jax.pallas_kernels builds on this module.
-    from gkv_jax.pallas_kernels import _common, eviction_step
-    if _common.resolve_implementation(cfg.implementation).use_pallas:
-        return eviction_step.select(
-            cfg, queries, keys, valid, global_score, implementation="pallas",
-            matmul_dtype=cfg.matmul_dtype)
-    if queries is not None:
-        queries = queries.astype(jnp.float32)
-    keys = jnp.where(valid[:, None, :, None], keys.astype(jnp.float32), 0.0)
-    if cfg.has_global_score and global_score is not None:
-        global_score = global_score.astype(jnp.float32)
-    else:
-        global_score = None
-    scores, carried = SCORERS[cfg.policy].score(cfg, queries, keys, valid, global_score)
+    scores, carried = policy_scores(cfg, ops, queries, keys, valid, global_score)
     candidates = keys.shape[2] - cfg.window
-    return keep_top(scores, carried, valid[:, :candidates], cfg.kept_scored)
+    return ops.keep_top(scores, carried, valid[:, :candidates], cfg.kept_scored)

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from gkv_jax.cli import (
+from gkv_jax.cli_args import (
     CommandError,
     HelpFormatter,
     comma_list,
@@ -25,7 +25,7 @@ from gkv_jax.cli import (
     require_tokenizer,
     seed_value,
 )
-from gkv_jax.eviction import POLICIES, EvictionConfig
+from gkv_jax.eviction import POLICIES, EvictionConfig, get_policy
 
 SYNTHETIC_TRAIN_SEED = 1  # training problems; seed 0 is the held-out set
 
@@ -221,7 +221,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True,
                         help="writes OUT/model (HF checkpoint) and OUT/run (history, "
                              "checkpoints; the same command resumes)")
-    parser.add_argument("--policy", default="gkv", choices=[p for p in POLICIES if p != "full"],
+    parser.add_argument("--policy", default="gkv",
+                        choices=[p for p in POLICIES if get_policy(p).evicts],
                         help="eviction policy trained for")
     parser.add_argument("--budget", type=int, required=True,
                         help="kept tokens per layer and KV head")

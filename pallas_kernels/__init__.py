@@ -11,8 +11,10 @@ validation + dispatch on `implementation`):
   * `topk_retention.keep_top`: the budget - W best slots per head in temporal order (threshold
     search + order-preserving compaction, no sort); `topk_retention.compact`: the in-place
     compaction of one layer's keys, values, positions and global scores.
-  * `eviction_step.select`: `gkv_jax.eviction.select` assembled from the ops (what `select`
-    runs when the implementation resolves to Pallas).
+  * `ops.Ops`: the ops on one backend, resolved once (`Ops.resolve`); the eviction policies
+    (`gkv_jax.policies`) write their scores on top of it, so one score runs on both backends.
+
+This package imports nothing from the rest of `gkv_jax`: the policies build on it.
 
 `implementation`: "xla" = the reference everywhere; "pallas" = the kernels (Mosaic TPU on a
 TPU, Mosaic GPU on a GPU of compute capability >= 9.0, the TPU kernels in TPU interpret mode
@@ -23,7 +25,7 @@ any backend, which is how they are tested on CPU. See `_common` for the dispatch
 `matmul_dtype` precision modes.
 """
 
-from gkv_jax.pallas_kernels import eviction_step, redundancy, score_update, topk_retention
+from gkv_jax.pallas_kernels import redundancy, score_update, topk_retention
 from gkv_jax.pallas_kernels._common import (
     IMPLEMENTATIONS,
     MATMUL_DTYPES,
@@ -31,13 +33,14 @@ from gkv_jax.pallas_kernels._common import (
     resolve_implementation,
 )
 from gkv_jax.pallas_kernels._gpu_common import InterpretGPUParams
+from gkv_jax.pallas_kernels.ops import Ops
 
 __all__ = [
     "IMPLEMENTATIONS",
     "MATMUL_DTYPES",
     "Dispatch",
     "InterpretGPUParams",
-    "eviction_step",
+    "Ops",
     "redundancy",
     "resolve_implementation",
     "score_update",

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gkv_jax.eviction import select
+from gkv_jax.eviction import select, select_with_ops
 from gkv_jax.pallas_kernels import (
     InterpretGPUParams,
-    eviction_step,
+    Ops,
     resolve_implementation,
 )
 from gkv_jax.pallas_kernels.redundancy import GpuBlockSizes as RedundancyBlocks
@@ -179,11 +179,11 @@ def test_compact_rows_unfit_for_tma_are_gathered_by_xla():
 
 
 def test_select_on_gpu_kernels_matches_reference():
-    """`eviction_step.select` (score update, redundancy, top-k) in GPU interpret mode."""
+    """`select_with_ops` (score update, redundancy, top-k) in GPU interpret mode."""
     cfg = config("gkv", 40, 4)
     queries, keys, valid, gs = tie_free_inputs(cfg, 1, 2, 2, 60, 64, (0,))
     want = select(dataclasses.replace(cfg, implementation="xla"), queries, keys, valid, gs)
-    got = eviction_step.select(cfg, queries, keys, valid, gs, interpret=GPU)
+    got = select_with_ops(cfg, Ops.resolve("pallas", GPU), queries, keys, valid, gs)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-7)
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gkv_jax.eviction import EvictionConfig, select
-from gkv_jax.pallas_kernels import _common, eviction_step, resolve_implementation
+from gkv_jax.eviction import EvictionConfig, policy_scores, select, select_with_ops
+from gkv_jax.pallas_kernels import Ops, _common, resolve_implementation
 from tests.pallas_kernels.inputs import boundary_is_clear, history, make_inputs
 
 POLICIES = ("streaming", "snapkv", "rkv", "h2o", "gkv")
@@ -32,8 +32,7 @@ def tie_free_inputs(cfg, B, K, G, S, H, pads, dtype="float32", seed=0, tol=1e-5)
     for attempt in range(20):
         queries, keys, valid = make_inputs(seed + 31 * attempt, B, K, G, W, S, H, pads, dtype)
         gs = history(seed + attempt, B, K, cfg.kept_scored) if cfg.has_global_score else None
-        scores, _ = eviction_step.policy_scores(cfg, queries, keys, valid, gs,
-                                                implementation="xla")
+        scores, _ = policy_scores(cfg, Ops.resolve("xla"), queries, keys, valid, gs)
         if boundary_is_clear(scores, valid[:, : S - cfg.window], cfg.kept_scored, tol):
             return queries, keys, valid, gs
     raise AssertionError("no tie-free draw")
@@ -49,7 +48,7 @@ def check_parity(policy, B, K, G, S, H, budget, pads, dtype="float32", interpret
         got = select(dataclasses.replace(cfg, implementation="pallas"), queries, keys, valid,
                      gs)
     else:
-        got = eviction_step.select(cfg, queries, keys, valid, gs, interpret=interpret)
+        got = select_with_ops(cfg, Ops.resolve("pallas", interpret), queries, keys, valid, gs)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     if want[1] is None:
         assert got[1] is None
@@ -120,8 +119,8 @@ def test_bfloat16_matmul_mode_keeps_99_percent_of_the_float32_set():
     queries, keys, valid = make_inputs(5, B, K, G, W, S, H, (30,), clustered=True)
     gs = history(5, B, K, cfg.kept_scored)
     want, want_score = select(cfg, queries, keys, valid, gs)
-    got, got_score = eviction_step.select(cfg, queries, keys, valid, gs, interpret=True,
-                                          matmul_dtype="bfloat16")
+    got, got_score = select_with_ops(cfg, Ops.resolve("pallas", True, "bfloat16"), queries,
+                                     keys, valid, gs)
     want, got = np.asarray(want), np.asarray(got)
     for b in range(B):
         for k in range(K):
@@ -169,8 +168,8 @@ def test_eviction_lowers_to_mosaic_kernels_for_tpu():
 
     def one_eviction(queries, keys, values, positions, score):
         valid = positions[:, 0] >= 0
-        kept, new_score = eviction_step.select(cfg, queries, keys, valid,
-                                               score[:, :, : cfg.kept_scored], interpret=False)
+        kept, new_score = select_with_ops(cfg, Ops.resolve("pallas", False), queries, keys,
+                                          valid, score[:, :, : cfg.kept_scored])
         return compact(keys, values, positions, score, kept, window=16, new_score=new_score,
                        implementation="pallas", interpret=False)
 

@@ -1,0 +1,17 @@
+"""Eviction policies: the registry (`Policy`, `register_policy`, `get_policy`, `POLICIES`) and
+the built-in policies, one `Policy` each. A policy of one's own: build a `Policy` with its
+score on top of the ops and `register_policy` it (see `registry.Policy`)."""
+
+from gkv_jax.policies import builtin
+from gkv_jax.policies.builtin import max_pool
+from gkv_jax.policies.registry import (
+    POLICIES,
+    WINDOW_ROLES,
+    Policy,
+    get_policy,
+    register_policy,
+    unregister_policy,
+)
+
+__all__ = ["POLICIES", "WINDOW_ROLES", "Policy", "builtin", "get_policy", "max_pool",
+           "register_policy", "unregister_policy"]
