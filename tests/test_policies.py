@@ -4,6 +4,7 @@ registered without touching the library, and runs through `select` on both backe
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +81,19 @@ def test_ops_resolve_once():
     assert pallas.implementation == "pallas" and pallas.interpret is not None
     with pytest.raises(ValueError, match="matmul_dtype"):
         Ops.resolve("xla", matmul_dtype="float16")
+
+
+def test_readme_walkthrough_adds_a_policy_in_a_file_of_ones_own(capsys):
+    """The README's "Adding a policy" code, run as a user's file: no library edit."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Adding a policy"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start: section.index("\n```", start)]
+    try:
+        exec(compile(code, "README.md: Adding a policy", "exec"), {})
+        assert "recent-attention" in POLICIES
+    finally:
+        if "recent-attention" in POLICIES:
+            unregister_policy("recent-attention")
+    text, compressions = capsys.readouterr().out.rsplit(" ", 1)
+    assert int(compressions) > 0
