@@ -11,24 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gkv_jax.eviction import EvictionConfig, policy_scores, select, select_with_ops
+from gkv_jax import policies
+from gkv_jax.eviction import EvictionConfig, get_policy, policy_scores, select, select_with_ops
 from gkv_jax.pallas_kernels import Ops, _common, resolve_implementation
 from tests.pallas_kernels.inputs import boundary_is_clear, history, make_inputs
 
-POLICIES = ("streaming", "snapkv", "rkv", "h2o", "gkv")
+# Every registered evicting policy (a policy added to the registry is swept here too).
+POLICIES = tuple(p for p in policies.POLICIES if get_policy(p).evicts)
 
 
 def config(policy, budget, W, implementation=None):
-    if policy == "streaming":
-        return EvictionConfig(policy, budget=budget, recent=W, implementation=implementation)
-    if policy == "h2o":
+    if get_policy(policy).window_role == "current_query":  # h2o, tova: the current query
         W = 1
     return EvictionConfig(policy, budget=budget, window=W, implementation=implementation)
 
 
 def tie_free_inputs(cfg, B, K, G, S, H, pads, dtype="float32", seed=0, tol=1e-5):
     """The first draw whose reference scores have no near-tie at the top-k boundary."""
-    W = cfg.window if cfg.policy != "streaming" else 1
+    W = cfg.window if cfg.policy_object.needs_queries else 1
     for attempt in range(20):
         queries, keys, valid = make_inputs(seed + 31 * attempt, B, K, G, W, S, H, pads, dtype)
         gs = history(seed + attempt, B, K, cfg.kept_scored) if cfg.has_global_score else None
@@ -41,7 +41,7 @@ def tie_free_inputs(cfg, B, K, G, S, H, pads, dtype="float32", seed=0, tol=1e-5)
 def check_parity(policy, B, K, G, S, H, budget, pads, dtype="float32", interpret=True, W=4):
     cfg = config(policy, budget, W)
     queries, keys, valid, gs = tie_free_inputs(cfg, B, K, G, S, H, pads, dtype)
-    if cfg.policy == "streaming":
+    if not cfg.policy_object.needs_queries:
         queries = None
     want = select(dataclasses.replace(cfg, implementation="xla"), queries, keys, valid, gs)
     if interpret is None:  # through EvictionConfig: TPU interpret mode on CPU
