@@ -81,7 +81,11 @@ _REGISTRY: dict[str, Policy] = {}
 
 
 def register_policy(policy: Policy, *, replace: bool = False) -> Policy:
-    """Adds `policy` under `policy.name` (`replace=True` to redefine one); returns it."""
+    """Adds `policy` under `policy.name` (`replace=True` to redefine one); returns it.
+
+    Register before compiling: programs are cached by `EvictionConfig` (which names the
+    policy), so one compiled before a `replace` keeps the old score.
+    """
     if not isinstance(policy, Policy):
         raise TypeError(f"register_policy takes a Policy, got {type(policy)}")
     if policy.name in _REGISTRY and not replace:
