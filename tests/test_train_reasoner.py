@@ -129,6 +129,7 @@ def test_eviction_masks_with_fraction_zero_see_everything(train_reasoner, batch)
     assert masks.all()
 
 
+@pytest.mark.slow
 def test_held_out_evaluation_decodes_whole_traces(train_reasoner):
     """The script's greedy evaluation, on the bundled model it produced: every line and
     every answer right (the decode limit must leave room for the whole completion)."""
