@@ -268,12 +268,18 @@ def prepare_demo_dir(output_dir: str) -> None:
                 "demo's own files here (results, summary, settings, plot) and nothing else.\n")
 
 
+def demo_policies(args: argparse.Namespace) -> list[str]:
+    """The policies the demo compares: --policies, or every policy registered when it runs
+    (so one a user registers before calling `main` is in it too)."""
+    return list(POLICIES) if args.policies is None else args.policies
+
+
 def check_demo_args(args: argparse.Namespace) -> None:
     """Everything the demo can check before it touches --output-dir or loads a model."""
     from gkv_jax.evaluation import eviction_configs
     from gkv_jax.loading import bundled_model_dir
 
-    eviction_configs(POLICIES, [args.budget], args.window, args.divide_length)
+    eviction_configs(demo_policies(args), [args.budget], args.window, args.divide_length)
     bundled_model_dir()
     if args.distilled:
         eviction_configs(("gkv",), [DISTILLED_BUDGET], args.window, args.divide_length)
@@ -292,13 +298,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"bundled model: {model.config.num_parameters():,} parameters; "
           f"{args.num_problems} held-out problems (500-token traces); "
           f"budget {args.budget}, window {args.window}, divide_length {args.divide_length}")
-    report = evaluate(model, tokenizer, "synthetic", policies=POLICIES, budgets=[args.budget],
-                      window=args.window, divide_length=args.divide_length,
-                      num_problems=args.num_problems, batch_size=args.batch_size,
-                      output_dir=args.output_dir, progress=True,
+    report = evaluate(model, tokenizer, "synthetic", policies=demo_policies(args),
+                      budgets=[args.budget], window=args.window,
+                      divide_length=args.divide_length, num_problems=args.num_problems,
+                      batch_size=args.batch_size, output_dir=args.output_dir, progress=True,
                       model_name="bundled reasoner")
-    full = next(e for e in report.summary if e["policy"] == "full")
-    print(f"full cache: {full['pass@1']:.1%} exact answers; see {report.plot_path}")
+    full = [e for e in report.summary if e["policy"] == "full"]  # absent if --policies omits it
+    print((f"full cache: {full[0]['pass@1']:.1%} exact answers; " if full else "")
+          + f"see {report.plot_path}")
     if args.distilled:
         _demo_distilled(args, model, tokenizer, report)
     return 0
@@ -317,27 +324,35 @@ def _demo_distilled(args: argparse.Namespace, model, tokenizer, report) -> None:
     budgets = sorted({DISTILLED_BUDGET, args.budget})
     common = dict(window=args.window, divide_length=args.divide_length,
                   num_problems=args.num_problems, batch_size=args.batch_size, progress=True)
-    extra = evaluate(model, tokenizer, "synthetic", policies=("gkv",),
-                     budgets=[b for b in budgets if b != args.budget],
+    # The bundled model's gkv rows the main run lacks (another budget, or --policies without
+    # gkv); a full row it lacks shows as "-".
+    ran = {e["name"] for e in report.summary}
+    extra_budgets = [b for b in budgets if f"gkv@{b}" not in ran]
+    extra = evaluate(model, tokenizer, "synthetic", policies=("gkv",), budgets=extra_budgets,
                      output_dir=os.path.join(args.output_dir, "bundled_extra"),
-                     model_name="bundled reasoner", **common)
+                     model_name="bundled reasoner", **common) if extra_budgets else None
     after = evaluate(distilled, tokenizer, "synthetic", policies=("full", "gkv"),
                      budgets=budgets, output_dir=os.path.join(args.output_dir, "distilled"),
                      model_name=f"bundled reasoner distilled for gkv@{DISTILLED_BUDGET}",
                      **common)
-    before = {e["name"]: e["pass@1"] for e in report.summary + extra.summary}
+    before = {e["name"]: f"{e['pass@1']:.1%}"
+              for e in report.summary + (extra.summary if extra else [])}
     print(f"\nbundled model vs the same model distilled for gkv@{DISTILLED_BUDGET} "
           f"(gkv-jax post-train distill; exact answers on the same {args.num_problems} "
           f"problems):")
     print(f"{'config':<10} {'bundled':>9} {'distilled':>10}")
     for entry in after.summary:
-        print(f"{entry['name']:<10} {before[entry['name']]:>9.1%} {entry['pass@1']:>10.1%}")
+        print(f"{entry['name']:<10} {before.get(entry['name'], '-'):>9} "
+              f"{entry['pass@1']:>10.1%}")
 
 
 def _add_demo_parser(commands) -> None:
     about = "every eviction policy on the bundled reasoning model (the default job)"
     demo = commands.add_parser("demo", help=about, description=about,
                                formatter_class=HelpFormatter)
+    demo.add_argument("--policies", type=comma_list(str), default=None,
+                      help=f"comma-separated policies to compare, from {', '.join(POLICIES)} "
+                           f"(default: every registered policy)")
     demo.add_argument("--num-problems", type=positive_int, default=64,
                       help="held-out table-walk problems")
     demo.add_argument("--budget", type=int, default=136,

@@ -109,6 +109,23 @@ def test_demo_marks_a_new_directory_as_its_own(tmp_path, load_interrupted):
     assert sorted(os.listdir(directory)) == [cli.DEMO_MARKER]
 
 
+def test_demo_policies_default_to_every_registered_policy():
+    parse = build_parser().parse_args
+    assert cli.demo_policies(parse(["demo"])) == list(gkv_jax.eviction.POLICIES)
+    assert {"tova", "l2norm"} <= set(cli.demo_policies(parse(["demo"])))
+    assert cli.demo_policies(parse(["demo", "--policies", "full, tova,l2norm"])) == [
+        "full", "tova", "l2norm"]
+
+
+def test_demo_refuses_an_unknown_policy_before_touching_the_directory(tmp_path, capsys,
+                                                                       no_model_load):
+    directory = tmp_path / "demo"
+    assert main(["demo", "--policies", "gkv,nope", "--output-dir", str(directory)]) == 2
+    line = _error_line(capsys, "demo")
+    assert "--policies" in line and "'nope'" in line and "tova" in line
+    assert not directory.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Unreadable checkpoints and datasets, seeds, missing packages: exit 2, one line.
 
