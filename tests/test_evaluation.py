@@ -27,8 +27,9 @@ from gkv_jax.evaluation import (
     pass_at_k,
     plan_batches,
 )
+from gkv_jax.evaluation import run as evaluation_run
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import GenerateOutput, generate
+from gkv_jax.generation import GenerateOutput, bucket_length, generate
 from gkv_jax.models import ModelConfig, Transformer
 
 NUM_PROBLEMS, SAMPLES = 10, 2
@@ -120,7 +121,7 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(reference, tmp_p
             raise RuntimeError("interrupted")
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "generate", interrupted)
+    monkeypatch.setattr(evaluation_run, "generate", interrupted)
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
     results = tmp_path / "results.jsonl"
@@ -130,7 +131,7 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(reference, tmp_p
         f.write('{"config": "full(divide_len')
 
     calls.clear()
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1) or generate(
+    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: calls.append(1) or generate(
         *a, **k))
     resumed = evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
     batches_per_config = SAMPLES * -(-NUM_PROBLEMS // RUN["batch_size"])
@@ -145,6 +146,17 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(reference, tmp_p
     calls.clear()
     again = evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
     assert calls == [] and again.rows == resumed.rows and again.summary == resumed.summary
+
+
+def test_package_reexports_its_modules_public_names():
+    """`from gkv_jax.evaluation import ...` reaches every public name of its modules, and
+    `generate` is not one of them: a patch of `gkv_jax.evaluation.generate` would not reach
+    `evaluate` (it looks it up in `gkv_jax.evaluation.run`), so it fails instead."""
+    modules = ("configs", "prompts", "run", "store", "summary")
+    for name in evaluation.__all__:
+        assert any(getattr(getattr(evaluation, m), name, None) is getattr(evaluation, name)
+                   for m in modules), name
+    assert not hasattr(evaluation, "generate") and evaluation_run.generate is generate
 
 
 def test_pass_at_k_hand_computed():
@@ -182,7 +194,7 @@ def _scripted_generate(tokenizer, examples):
 def test_summary_pass_at_k_on_scripted_answers(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", NUM_PROBLEMS)
-    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
     report = evaluate(model, tokenizer, examples, policies="full,gkv,h2o", budgets=(32, 64),
                       samples=4, pass_k=(1, 2, 4, 8), temperature=0.6, seed=100,
                       batch_size=3, output_dir=str(tmp_path), progress=False)
@@ -227,7 +239,7 @@ def test_eviction_configs_apply_knobs_where_used():
 ])
 def test_bad_arguments_fail_before_any_generation(tmp_path, monkeypatch, kwargs, message):
     model, tokenizer = tiny()
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: pytest.fail("generated"))
     kwargs = dict(dict(dataset="synthetic", num_problems=2, progress=False,
                        output_dir=str(tmp_path)), **kwargs)
     with pytest.raises(ValueError, match=message):
@@ -237,7 +249,7 @@ def test_bad_arguments_fail_before_any_generation(tmp_path, monkeypatch, kwargs,
 def test_output_dir_of_another_run_is_refused(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", 2)
-    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
     common = dict(policies="full", num_problems=2, seed=100, output_dir=str(tmp_path),
                   progress=False)
     evaluate(model, tokenizer, **common)
@@ -253,7 +265,7 @@ def test_plan_batches_one_bucket_per_batch_and_padded_shapes():
     seen = []
     for b in batches:
         assert 1 <= len(b.indices) <= b.size
-        assert all(evaluation.bucket_length(lengths[i], None) == b.bucket for i in b.indices)
+        assert all(bucket_length(lengths[i], None) == b.bucket for i in b.indices)
         assert [lengths[i] for i in b.indices] == sorted(lengths[i] for i in b.indices)
         seen += [(b.config, b.sample, i) for i in b.indices]
     assert sorted(seen, key=str) == sorted(
@@ -386,7 +398,7 @@ def test_settings_without_fingerprints_are_refused(tmp_path):
 def test_evaluate_refuses_stale_rows_of_other_weights_or_problems(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", 3)
-    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
     common = dict(policies="full", seed=100, output_dir=str(tmp_path), progress=False)
 
     def numbered(problems):  # ids by position, as for the lines of a .jsonl file
@@ -403,9 +415,9 @@ def test_evaluate_refuses_stale_rows_of_other_weights_or_problems(tmp_path, monk
 def test_numpy_budgets_int_pass_k_and_plot_title(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", 2)
-    monkeypatch.setattr(evaluation, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
     titles = []
-    monkeypatch.setattr(evaluation, "plot_accuracy",
+    monkeypatch.setattr(evaluation_run, "plot_accuracy",
                         lambda summary, path, title: titles.append(title))
     report = evaluate(model, tokenizer, examples, policies="full,gkv",
                       budgets=np.array([32]), pass_k=1, seed=100, max_new_tokens=16,

@@ -1,0 +1,68 @@
+"""`gkv_jax.evaluate`: accuracy of eviction policies and budgets on a dataset, resumable.
+
+    report = gkv_jax.evaluate(model, tokenizer, "aime24", policies=("full", "gkv"),
+                              budgets=(512, 1024), samples=8, pass_k=(1, 8),
+                              temperature=0.6, top_p=0.95, max_new_tokens=16384)
+    print(report.table())
+
+Every (policy, budget) is one `EvictionConfig`; every (config, problem, sample) one row of
+`output_dir/results.jsonl`, appended and flushed after each batch, so an interrupted run
+started again with the same arguments skips the rows already there and reproduces the rows
+an uninterrupted run would have written. Problems are sorted by prompt length and batched
+within one prompt-length bucket, every batch padded to the same number of rows, so a
+config compiles one decode program per bucket.
+
+Modules (run imports the others; prompts and summary import only configs, store none):
+  configs  the eviction configs of a sweep and their short names
+  prompts  the problems and their prompt token ids, the generation length
+  run      `evaluate`: batches, generation, graded rows, the report
+  store    results.jsonl and settings.json (fingerprints a resumed run must match)
+  summary  pass@k, summary.csv, the text table and the accuracy plot
+Every public name is re-exported here, so `from gkv_jax.evaluation import ...` keeps working.
+"""
+
+from gkv_jax.evaluation.configs import config_name, eviction_configs
+from gkv_jax.evaluation.prompts import (
+    DEFAULT_MAX_NEW_TOKENS,
+    R1_SYSTEM_PROMPT,
+    format_prompt,
+    resolve_max_new_tokens,
+)
+from gkv_jax.evaluation.run import (
+    Batch,
+    EvalReport,
+    batch_rows,
+    evaluate,
+    plan_batches,
+    report_keys,
+)
+from gkv_jax.evaluation.store import (
+    RESULTS_FILE,
+    SETTINGS_FILE,
+    append_results,
+    check_settings,
+    problem_fingerprints,
+    read_results,
+    row_key,
+    weights_fingerprint,
+)
+from gkv_jax.evaluation.summary import (
+    PLOT_FILE,
+    SUMMARY_FILE,
+    accuracy_figure,
+    format_table,
+    pass_at_k,
+    plot_accuracy,
+    plot_title,
+    summarize,
+    write_summary_csv,
+)
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS", "PLOT_FILE", "R1_SYSTEM_PROMPT", "RESULTS_FILE", "SETTINGS_FILE",
+    "SUMMARY_FILE", "Batch", "EvalReport", "accuracy_figure", "append_results", "batch_rows",
+    "check_settings", "config_name", "evaluate", "eviction_configs", "format_prompt",
+    "format_table", "pass_at_k", "plan_batches", "plot_accuracy", "plot_title",
+    "problem_fingerprints", "read_results", "report_keys", "resolve_max_new_tokens",
+    "row_key", "summarize", "weights_fingerprint", "write_summary_csv",
+]

@@ -1,0 +1,171 @@
+"""An evaluation's results store in its output directory: `results.jsonl`, one row per (config,
+problem, sample), appended and flushed after each batch, and `settings.json`, the settings,
+weights fingerprint and problem fingerprints a resumed run must match."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gkv_jax.datasets import Example
+
+RESULTS_FILE = "results.jsonl"
+SETTINGS_FILE = "settings.json"
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
+    """A results row's identity: (config description, problem id, sample)."""
+    return row["config"], row["problem"], row["sample"]
+
+
+def read_results(path: str) -> list[dict[str, Any]]:
+    """The rows of a results file (none if it does not exist).
+
+    A last line without its newline (a write cut off by an interruption) is dropped from
+    the file; any other line that is not JSON raises ValueError naming the line.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    rows = []
+    for line_number, line in enumerate(complete.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = getattr(err, "msg", None) or f"not UTF-8: {err.reason}"
+            raise ValueError(f"{path}, line {line_number}: not a results row ({reason})"
+                             ) from None
+    return rows
+
+
+def append_results(path: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Appends rows as JSON lines and flushes them to disk."""
+    if not rows:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_settings(output_dir: str, settings: dict[str, Any], has_results: bool) -> None:
+    """Checks that a resumed run is the run whose rows are already in `output_dir`.
+
+    Compared with `settings.json`: every setting (dataset, max_new_tokens, sampling, prompt
+    formatting, model config and dtype, weights fingerprint), and `settings["problems"]`
+    (id -> fingerprint) on the problems both runs share, so an edited, reordered or
+    extended dataset file cannot pass its old rows off as answers to the new problems. A
+    settings.json written before fingerprints existed is refused too: its rows cannot be
+    checked. Without results yet, (re)writes `settings.json`; on a resume, adds the
+    fingerprints of problems it did not have (a larger num_problems).
+
+    Raises:
+      ValueError: what differs, and how to start fresh (another output_dir, or delete it).
+    """
+    path = os.path.join(output_dir, SETTINGS_FILE)
+    settings = json.loads(json.dumps(settings))
+    if not has_results or not os.path.exists(path):
+        _write_json(path, settings)
+        return
+    saved = _read_settings(path)
+    differing = [f"{key}: {saved[key]!r} there, {value!r} now"
+                 + (" (another checkpoint, or changed weights)" if key == "weights" else "")
+                 for key, value in settings.items()
+                 if key != "problems" and key in saved and saved[key] != value]
+    missing = [key for key in ("weights", "problems") if key in settings and key not in saved]
+    if missing:
+        differing.append(f"{SETTINGS_FILE} has no {' or '.join(missing)} fingerprint "
+                         "(written by an older gkv-jax), so its rows cannot be checked")
+    saved_problems = saved.get("problems") or {}
+    problems = settings.get("problems") or {}
+    changed = [pid for pid, h in problems.items() if pid in saved_problems
+               and saved_problems[pid] != h]
+    if changed:
+        differing.append(
+            f"{len(changed)} problem(s) differ from the ones answered there, first "
+            f"{changed[0]!r} (an edited, reordered or replaced dataset file, or another "
+            "tokenizer or prompt format)")
+    if differing:
+        raise ValueError(
+            f"output_dir: {output_dir} holds results of another run "
+            f"({'; '.join(differing)}); to start fresh, use another output_dir "
+            f"(--output-dir) or delete {output_dir} yourself")
+    if any(pid not in saved_problems for pid in problems):
+        _write_json(path, {**saved, "problems": {**saved_problems, **problems}})
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's parameters: each weight's name, shape, dtype and two
+    checksums of its bits (a plain and a position-weighted sum, modulo 2**32).
+
+    Integer sums of the bits are exact and order-free, so the fingerprint is the same on
+    every backend and sharding; they are computed where the weights live, and only two
+    numbers per weight come back to the host.
+    """
+    params = model.params()
+    checksums = jax.device_get(_bit_checksums(params))
+    parts = [f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {jnp.dtype(leaf.dtype).name} "
+             f"{' '.join(str(int(c)) for c in sums)}"
+             for (path, leaf), sums in zip(jax.tree_util.tree_leaves_with_path(params),
+                                           jax.tree.leaves(checksums, is_leaf=_is_pair),
+                                           strict=True)]
+    return _hash("\n".join(sorted(parts)))
+
+
+def problem_fingerprints(examples: Sequence[Example],
+                         prompts: Sequence[Sequence[int]]) -> dict[str, str]:
+    """id -> short hash of the problem's kind, question, answer and prompt token ids."""
+    return {e.id: _hash(json.dumps([e.kind, e.question, e.answer, [int(t) for t in p]]))
+            for e, p in zip(examples, prompts, strict=True)}
+
+
+_POSITION_MODULUS = 65521  # position weights 1..65521: a moved value changes the sum
+
+
+@jax.jit
+def _bit_checksums(params):
+    def checksums(x):
+        width = min(jnp.dtype(x.dtype).itemsize, 4)
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}"))
+        bits = bits.reshape(-1).astype(jnp.uint32)
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) % _POSITION_MODULUS + 1
+        return bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)
+    return jax.tree.map(checksums, params)
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _read_settings(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a settings file ({err}); delete the output "
+                         "directory or use another output_dir") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a settings file (expected a JSON object)")
+    return saved
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
