@@ -1,7 +1,9 @@
 """`Ops`: the eviction ops on one backend, resolved once per call and handed to the policies.
 
 A policy's score is written once on top of these methods; whether they run the float32
-references or the Pallas kernels is decided here, once (`Ops.resolve`), not by each op.
+references or the Pallas kernels is decided here, once (`Ops.resolve`), not by each op. Each
+method validates its inputs, unless the caller validated them already (`Ops.trusted`, as
+`gkv_jax.eviction.select` does), and never resolves the backend again.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from typing import Any
 from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.pallas_kernels import _common
-from gkv_jax.pallas_kernels.redundancy import redundancy
-from gkv_jax.pallas_kernels.score_update import score_update
-from gkv_jax.pallas_kernels.topk_retention import compact, keep_top
+from gkv_jax.pallas_kernels.redundancy import redundancy_on
+from gkv_jax.pallas_kernels.score_update import score_update_on
+from gkv_jax.pallas_kernels.topk_retention import compact_on, keep_top_on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +29,23 @@ class Ops:
         None for "xla".
       matmul_dtype: operand dtype of the score matrix products on the kernels ("float32" or
         "bfloat16"); the references always compute in float32.
+      kernels: which kernels "pallas" runs, "tpu" or "gpu" (`_common.Dispatch.kernels`);
+        None for "xla", and derived from `interpret` when an Ops is built by hand.
+      validate: each method validates its inputs (True); `trusted()` turns it off for a
+        caller that validated them already.
     """
 
     implementation: str = "xla"
     interpret: Any = None
     matmul_dtype: str = "float32"
+    kernels: str | None = None
+    validate: bool = True
+
+    def __post_init__(self):
+        if self.implementation == "pallas" and self.kernels is None:  # built by hand
+            dispatch = _common.resolve_implementation("pallas", self.interpret)
+            object.__setattr__(self, "interpret", dispatch.interpret)
+            object.__setattr__(self, "kernels", dispatch.kernels)
 
     @classmethod
     def resolve(cls, implementation: str | None, interpret: Any = None,
@@ -41,7 +55,18 @@ class Ops:
         dispatch = _common.resolve_implementation(implementation, interpret)
         if not dispatch.use_pallas:
             return cls("xla", None, matmul_dtype)
-        return cls("pallas", dispatch.interpret, matmul_dtype)
+        return cls("pallas", dispatch.interpret, matmul_dtype, kernels=dispatch.kernels)
+
+    def trusted(self) -> Ops:
+        """These ops without input validation (the caller validated the arrays once)."""
+        return dataclasses.replace(self, validate=False)
+
+    @property
+    def dispatch(self) -> _common.Dispatch:
+        """The resolved backend, as the ops' `*_on` functions take it."""
+        if self.implementation != "pallas":
+            return _common.Dispatch(use_pallas=False)
+        return _common.Dispatch(use_pallas=True, interpret=self.interpret, kernels=self.kernels)
 
     def score_update(
         self,
@@ -55,15 +80,20 @@ class Ops:
         alpha: float = 0.8,
     ) -> Float[Array, "B K S-W"]:
         """`score_update.score_update` on this backend."""
-        return score_update(queries, keys, valid, global_score, normalise=normalise,
-                            smooth=smooth, alpha=alpha, implementation=self.implementation,
-                            matmul_dtype=self.matmul_dtype, interpret=self.interpret)
+        if self.validate:
+            _common.validate_score_update(queries, keys, valid, global_score, normalise, smooth,
+                                          alpha)
+        return score_update_on(self.dispatch, queries, keys, valid, global_score,
+                               normalise=normalise, smooth=smooth, alpha=alpha,
+                               matmul_dtype=self.matmul_dtype)
 
     def redundancy(self, keys: Float[Array, "B K S H"], valid: Bool[Array, "B S"],
                    threshold: float) -> Float[Array, "B K S"]:
         """`redundancy.redundancy` on this backend."""
-        return redundancy(keys, valid, threshold, implementation=self.implementation,
-                          matmul_dtype=self.matmul_dtype, interpret=self.interpret)
+        if self.validate:
+            _common.validate_redundancy(keys, valid, threshold)
+        return redundancy_on(self.dispatch, keys, valid, threshold,
+                             matmul_dtype=self.matmul_dtype)
 
     def keep_top(
         self,
@@ -73,12 +103,16 @@ class Ops:
         count: int,
     ) -> tuple[Int[Array, "B K count"], Float[Array, "B K count"] | None]:
         """`topk_retention.keep_top` on this backend."""
-        return keep_top(scores, carried, candidate_valid, count,
-                        implementation=self.implementation, interpret=self.interpret)
+        if self.validate:
+            _common.validate_keep_top(scores, carried, candidate_valid, count)
+        return keep_top_on(self.dispatch, scores, carried, candidate_valid, count)
 
     def compact(self, keys, values, positions, global_score, kept_index, *, window: int,
                 active=None, new_score=None, replace_score=None):
         """`topk_retention.compact` on this backend (see its docstring for shapes)."""
-        return compact(keys, values, positions, global_score, kept_index, window=window,
-                       active=active, new_score=new_score, replace_score=replace_score,
-                       implementation=self.implementation, interpret=self.interpret)
+        if self.validate:
+            _common.validate_compact(keys, values, positions, global_score, kept_index, window,
+                                     active, new_score, replace_score)
+        return compact_on(self.dispatch, keys, values, positions, global_score, kept_index,
+                          window=window, active=active, new_score=new_score,
+                          replace_score=replace_score)

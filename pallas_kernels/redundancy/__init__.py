@@ -14,7 +14,7 @@ from gkv_jax.pallas_kernels.redundancy import pallas, pallas_gpu, reference
 from gkv_jax.pallas_kernels.redundancy.pallas import BlockSizes
 from gkv_jax.pallas_kernels.redundancy.pallas_gpu import BlockSizes as GpuBlockSizes
 
-__all__ = ["BlockSizes", "GpuBlockSizes", "redundancy"]
+__all__ = ["BlockSizes", "GpuBlockSizes", "redundancy", "redundancy_on"]
 
 
 def redundancy(
@@ -58,6 +58,20 @@ def redundancy(
     _common.validate_redundancy(keys, valid, threshold)
     _common.check_matmul_dtype(matmul_dtype)
     dispatch = _common.resolve_implementation(implementation, interpret)
+    return redundancy_on(dispatch, keys, valid, threshold, matmul_dtype=matmul_dtype,
+                         block_sizes=block_sizes)
+
+
+def redundancy_on(
+    dispatch: _common.Dispatch,
+    keys: Float[Array, "B K S H"],
+    valid: Bool[Array, "B S"],
+    threshold: float,
+    *,
+    matmul_dtype: str = "float32",
+    block_sizes: BlockSizes | GpuBlockSizes | None = None,
+) -> Float[Array, "B K S"]:
+    """`redundancy` on an already resolved backend, the inputs not validated again."""
     if not dispatch.use_pallas:
         return reference.redundancy(keys, valid, float(threshold))
     kernels = pallas_gpu if dispatch.kernels == "gpu" else pallas

@@ -17,7 +17,7 @@ from gkv_jax.pallas_kernels.score_update import pallas, pallas_gpu, reference
 from gkv_jax.pallas_kernels.score_update.pallas import BlockSizes
 from gkv_jax.pallas_kernels.score_update.pallas_gpu import BlockSizes as GpuBlockSizes
 
-__all__ = ["BlockSizes", "GpuBlockSizes", "score_update"]
+__all__ = ["BlockSizes", "GpuBlockSizes", "score_update", "score_update_on"]
 
 
 def score_update(
@@ -72,6 +72,26 @@ def score_update(
     _common.validate_score_update(queries, keys, valid, global_score, normalise, smooth, alpha)
     _common.check_matmul_dtype(matmul_dtype)
     dispatch = _common.resolve_implementation(implementation, interpret)
+    return score_update_on(dispatch, queries, keys, valid, global_score, normalise=normalise,
+                           smooth=smooth, alpha=alpha, matmul_dtype=matmul_dtype,
+                           block_sizes=block_sizes)
+
+
+def score_update_on(
+    dispatch: _common.Dispatch,
+    queries: Float[Array, "B N W H"],
+    keys: Float[Array, "B K S H"],
+    valid: Bool[Array, "B S"],
+    global_score: Float[Array, "B K C"] | None = None,
+    *,
+    normalise: bool = True,
+    smooth: str = "max",
+    alpha: float = 0.8,
+    matmul_dtype: str = "float32",
+    block_sizes: BlockSizes | GpuBlockSizes | None = None,
+) -> Float[Array, "B K S-W"]:
+    """`score_update` on an already resolved backend, the inputs not validated again (for
+    a caller that validated them: `Ops` inside `gkv_jax.eviction.select`)."""
     if not dispatch.use_pallas:
         return reference.score_update(queries, keys, valid, global_score, normalise=normalise,
                                       smooth=smooth, alpha=alpha)

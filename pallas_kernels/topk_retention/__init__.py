@@ -23,7 +23,7 @@ from gkv_jax.pallas_kernels.topk_retention import pallas, pallas_gpu, reference
 from gkv_jax.pallas_kernels.topk_retention.pallas import BlockSizes
 from gkv_jax.pallas_kernels.topk_retention.pallas_gpu import BlockSizes as GpuBlockSizes
 
-__all__ = ["BlockSizes", "GpuBlockSizes", "compact", "keep_top"]
+__all__ = ["BlockSizes", "GpuBlockSizes", "compact", "compact_on", "keep_top", "keep_top_on"]
 
 
 def keep_top(
@@ -61,6 +61,20 @@ def keep_top(
     """
     _common.validate_keep_top(scores, carried, candidate_valid, count)
     dispatch = _common.resolve_implementation(implementation, interpret)
+    return keep_top_on(dispatch, scores, carried, candidate_valid, count,
+                       block_sizes=block_sizes)
+
+
+def keep_top_on(
+    dispatch: _common.Dispatch,
+    scores: Float[Array, "B K P"],
+    carried: Float[Array, "B K P"] | None,
+    candidate_valid: Bool[Array, "B P"],
+    count: int,
+    *,
+    block_sizes: GpuBlockSizes | None = None,
+) -> tuple[Int[Array, "B K count"], Float[Array, "B K count"] | None]:
+    """`keep_top` on an already resolved backend, the inputs not validated again."""
     if not dispatch.use_pallas:
         return reference.keep_top(scores, carried, candidate_valid, count)
     if dispatch.kernels == "gpu":
@@ -144,6 +158,16 @@ def compact(
     _common.validate_compact(keys, values, positions, global_score, kept_index, window,
                              active, new_score, replace_score)
     dispatch = _common.resolve_implementation(implementation, interpret)
+    return compact_on(dispatch, keys, values, positions, global_score, kept_index,
+                      window=window, active=active, new_score=new_score,
+                      replace_score=replace_score, block_sizes=block_sizes)
+
+
+def compact_on(dispatch: _common.Dispatch, keys, values, positions, global_score, kept_index,
+               *, window: int, active=None, new_score=None, replace_score=None,
+               block_sizes: BlockSizes | GpuBlockSizes | None = None):
+    """`compact` on an already resolved backend, the inputs not validated again (shapes as
+    in `compact`)."""
     kwargs = dict(window=window, active=active, new_score=new_score,
                   replace_score=replace_score)
     if not dispatch.use_pallas:
