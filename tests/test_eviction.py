@@ -9,10 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gkv_jax.eviction import EvictionConfig, redundancy, select, window_attention
+from gkv_jax import policies
+from gkv_jax.eviction import EvictionConfig, Policy, redundancy, select, window_attention
 
+# The policies `spec_scores` restates (the built-ins; tova and l2norm have their own
+# restatements in tests/test_policy_<name>.py). test_the_restatement_covers_every_builtin
+# fails when a built-in is added without a restatement here.
 SCORED_POLICIES = ("snapkv", "rkv", "h2o", "gkv")
 EVICTING_POLICIES = ("streaming", *SCORED_POLICIES)
+BUILTIN = tuple(p.name for p in vars(policies.builtin).values() if isinstance(p, Policy))
+
+
+def test_the_restatement_covers_every_builtin():
+    builtin_evicting = {name for name in BUILTIN if policies.get_policy(name).evicts}
+    assert set(EVICTING_POLICIES) == builtin_evicting
+    assert set(BUILTIN) - builtin_evicting == {"full"}  # the one never-evicting policy
 
 
 # --------------------------------------------------------------------------------------------

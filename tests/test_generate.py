@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers
 
-from gkv_jax import conversion, generation
+from gkv_jax import conversion, generation, policies
 from gkv_jax.decode import generate_tokens
-from gkv_jax.eviction import EvictionConfig
+from gkv_jax.eviction import POLICIES, EvictionConfig, Policy, get_policy
 from gkv_jax.generation import bucket_length, compiled_programs, generate
 from gkv_jax.sampling import SamplingParams
 from tests.helpers import SPEC_BY_NAME, tiny_hf_model
@@ -39,31 +39,52 @@ def hf_greedy(hf, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
-POLICIES = {
-    "full": dict(),
-    "streaming": dict(budget=64, divide_length=8),
-    "snapkv": dict(budget=64, window=4, divide_length=8),
-    "rkv": dict(budget=64, window=4, divide_length=8),
-    "h2o": dict(budget=64, divide_length=8),
-    "gkv": dict(budget=64, divide_length=8),
-}
+# The built-in policies (gkv_jax.policies.builtin) run in the fast suite; a policy registered
+# elsewhere (tova, l2norm, a new one) is swept too, under slow (one more compiled program each).
+BUILTIN = tuple(p.name for p in vars(policies.builtin).values() if isinstance(p, Policy))
+# Knob overrides of this sweep; every other knob is the registry's default.
+WINDOW_OVERRIDES = {"snapkv": 4, "rkv": 4}
 
 
-def test_budget_above_sequence_length_gives_exactly_the_full_cache_tokens():
-    hf, model = tiny()
+def full_cache_knobs(policy: str) -> dict:
+    """Budget 64 (above every sequence here), divide_length 8; the policy's default knobs."""
+    if not get_policy(policy).evicts:
+        return {}
+    knobs = dict(budget=64, divide_length=8)
+    if policy in WINDOW_OVERRIDES:
+        knobs["window"] = WINDOW_OVERRIDES[policy]
+    return knobs
+
+
+def every_policy():
+    """Every registered policy, non-built-ins under slow."""
+    assert set(BUILTIN) <= set(POLICIES) and "gkv" in BUILTIN
+    assert set(WINDOW_OVERRIDES) <= set(POLICIES), "an override names no registered policy"
+    return [policy if policy in BUILTIN else pytest.param(policy, marks=pytest.mark.slow)
+            for policy in POLICIES]
+
+
+@functools.cache
+def full_cache_reference(max_new_tokens):
+    hf, _ = tiny()
+    return [hf_greedy(hf, p, max_new_tokens) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("policy", every_policy())
+def test_budget_above_sequence_length_gives_exactly_the_full_cache_tokens(policy):
+    _, model = tiny()
     max_new_tokens = 40  # longest prompt 19 + 40 < 64 = budget
-    reference = [hf_greedy(hf, p, max_new_tokens) for p in PROMPTS]
-    for policy, knobs in POLICIES.items():
-        out = generate(model, PROMPTS, eviction=EvictionConfig(policy=policy, **knobs),
-                       max_new_tokens=max_new_tokens, eos_token_id=[],
-                       return_kept_positions=True)
-        assert out.tokens == reference, policy
-        assert out.stats["idle_steps"] == 0  # no EOS: every forward served a sequence
-        # Every fed token is still in the cache, none twice.
-        for b, prompt in enumerate(PROMPTS):
-            fed = len(prompt) + max_new_tokens - 1
-            for row in out.kept_positions[:, b].reshape(-1, out.kept_positions.shape[-1]):
-                assert sorted(row[row >= 0].tolist()) == list(range(fed)), policy
+    reference = full_cache_reference(max_new_tokens)
+    eviction = EvictionConfig(policy=policy, **full_cache_knobs(policy))
+    out = generate(model, PROMPTS, eviction=eviction, max_new_tokens=max_new_tokens,
+                   eos_token_id=[], return_kept_positions=True)
+    assert out.tokens == reference, policy
+    assert out.stats["idle_steps"] == 0  # no EOS: every forward served a sequence
+    # Every fed token is still in the cache, none twice.
+    for b, prompt in enumerate(PROMPTS):
+        fed = len(prompt) + max_new_tokens - 1
+        for row in out.kept_positions[:, b].reshape(-1, out.kept_positions.shape[-1]):
+            assert sorted(row[row >= 0].tolist()) == list(range(fed)), policy
 
 
 @pytest.mark.parametrize("policy", ["gkv", "streaming", pytest.param("h2o", marks=pytest.mark.slow),
