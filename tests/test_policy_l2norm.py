@@ -42,6 +42,7 @@ def test_smallest_norms_are_kept_without_queries():
     assert np.asarray(kept).tolist() == [[[2, 3]]]
 
 
+@pytest.mark.slow  # compiles its own programs; the policy's selection is tested fast above
 def test_ragged_batch_equals_each_prompt_alone():
     policy_checks.check_ragged_batch_equals_alone(
         EvictionConfig("l2norm", budget=14, window=4, divide_length=6))

@@ -56,6 +56,7 @@ def test_defaults():
         EvictionConfig("tova", budget=8, pool_kernel=5)
 
 
+@pytest.mark.slow  # compiles its own programs; the policy's selection is tested fast above
 def test_ragged_batch_equals_each_prompt_alone():
     policy_checks.check_ragged_batch_equals_alone(
         EvictionConfig("tova", budget=14, divide_length=6))
