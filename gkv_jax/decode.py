@@ -29,6 +29,7 @@ from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits
 from gkv_jax.sampling import SamplingParams, sample
+from gkv_jax.sharding.local import constrain_cache, per_head_blocks
 
 
 @chex.dataclass(frozen=True)
@@ -87,7 +88,9 @@ def compress_layer(eviction: EvictionConfig, query_window: Float[Array, "B N W H
                    positions: Int[Array, "B K S"], global_score: Float[Array, "B K S"],
                    active: Bool[Array, " B"], evicting: Bool[Array, " B"]):
     """One layer's compression: selection (`eviction.select_with_ops`) then compaction
-    (`Ops.compact`), both on the ops `eviction.implementation` resolves to (once).
+    (`Ops.compact`), both on the ops `eviction.implementation` resolves to (once). Under a
+    mesh (`jax.set_mesh`) it runs inside `jax.shard_map` on each device's block of sequences
+    and KV heads (`gkv_jax.sharding.per_head_blocks`): it needs no communication.
 
     The one door through which the decode loop (`evict`) and the post-training replay
     (`gkv_jax.training.replay_evictions`) change a cache. Buffers keep their shapes; the S
@@ -104,15 +107,21 @@ def compress_layer(eviction: EvictionConfig, query_window: Float[Array, "B N W H
     Returns:
       keys, values, positions, global_score, compacted (kept rows first, then the window).
     """
-    valid = positions[:, 0, :] >= 0  # identical across KV heads until the first eviction
     ops = Ops.resolve(eviction.implementation, matmul_dtype=eviction.matmul_dtype)
-    kept_index, new_score = select_with_ops(eviction, ops, query_window, keys, valid,
-                                            global_score[:, :, :eviction.kept_scored])
-    if new_score is None:  # policies without history: evicting sequences carry none
-        new_score = jnp.full(kept_index.shape, jnp.nan, jnp.float32)
-    return ops.compact(keys, values, positions, global_score, kept_index,
-                       window=eviction.window, active=active, new_score=new_score,
-                       replace_score=evicting)
+
+    def compress(query_window, keys, values, positions, global_score, active, evicting):
+        valid = positions[:, 0, :] >= 0  # identical across KV heads until the first eviction
+        kept_index, new_score = select_with_ops(eviction, ops, query_window, keys, valid,
+                                                global_score[:, :, :eviction.kept_scored])
+        if new_score is None:  # policies without history: evicting sequences carry none
+            new_score = jnp.full(kept_index.shape, jnp.nan, jnp.float32)
+        return ops.compact(keys, values, positions, global_score, kept_index,
+                           window=eviction.window, active=active, new_score=new_score,
+                           replace_score=evicting)
+
+    # Under a mesh each device compresses its own (sequences, KV heads) block: no collective.
+    local = per_head_blocks(compress, query_window.shape[1], keys.shape[1], keys.shape[0])
+    return local(query_window, keys, values, positions, global_score, active, evicting)
 
 
 def resize_slots(buffer: Array, capacity: int, fill, axis: int = 3) -> Array:
@@ -153,18 +162,18 @@ def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
     def layer_step(layer, buffers):
         layer_buffers = [b[layer] for b in buffers]
         compressed = compress_layer(eviction, cache.query_window[layer], *layer_buffers,
-                                     active, evicting)
+                                    active, evicting)
         return tuple(jax.lax.dynamic_update_index_in_dim(b, c, layer, 0)
                      for b, c in zip(buffers, compressed, strict=True))
 
     keys, values, positions, global_score = jax.lax.fori_loop(
         0, cache.keys.shape[0], layer_step,
         (cache.keys, cache.values, cache.positions, cache.global_score))
-    compressed = cache.replace(
+    compressed = constrain_cache(cache.replace(
         keys=resize_slots(keys, capacity, 0), values=resize_slots(values, capacity, 0),
         positions=resize_slots(positions, capacity, EMPTY_POSITION),
         global_score=resize_slots(global_score, capacity, jnp.nan),
-        lengths=jnp.where(active, eviction.budget, cache.lengths))
+        lengths=jnp.where(active, eviction.budget, cache.lengths)))
     return compressed, evicting
 
 
@@ -188,12 +197,12 @@ def prefill(config: ModelConfig, eviction: EvictionConfig, params: dict, tokens:
     W = query_window_size(eviction)
     no_eviction = jnp.zeros((B,), bool)
     if not eviction.evicts or T <= eviction.budget:
-        cache = init_cache(config, B, capacity, W, dtype)
+        cache = constrain_cache(init_cache(config, B, capacity, W, dtype))
         if eviction.evicts:  # right-align the prompt within the first `budget` slots
             cache = cache.replace(lengths=jnp.full((B,), eviction.budget - T, jnp.int32))
         hidden, cache = forward_cached(config, params, tokens, positions, cache)
         return lm_logits(config, params, hidden[:, -1:])[:, 0], cache, no_eviction
-    cache = init_cache(config, B, T, W, dtype)
+    cache = constrain_cache(init_cache(config, B, T, W, dtype))
     hidden, cache = forward_cached(config, params, tokens, positions, cache)
     cache, evicted = evict(eviction, cache, jnp.ones((B,), bool), capacity)
     return lm_logits(config, params, hidden[:, -1:])[:, 0], cache, evicted
@@ -236,7 +245,7 @@ def decode_step(config: ModelConfig, params: dict, state: DecodeState,
     positions = jnp.where(done, EMPTY_POSITION, state.next_position)[:, None]
     hidden, cache = forward_cached(config, params, state.last_token[:, None], positions,
                                    state.cache)
-    cache = _freeze_finished(done, cache, state.cache)
+    cache = constrain_cache(_freeze_finished(done, cache, state.cache))
     rng, key = jax.random.split(state.rng)
     logits = lm_logits(config, params, hidden)[:, 0]
     tokens, log_probs = sample(logits, key, sampling)
@@ -370,4 +379,4 @@ def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_token
                         done=jnp.isin(first, eos_ids), rng=rng, step=jnp.int32(1))
     state, outputs = run_cycles(config, eviction, params, state, outputs, sampling, eos_ids,
                                 max_new_tokens)
-    return outputs, state
+    return outputs, state.replace(cache=constrain_cache(state.cache))

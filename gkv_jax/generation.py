@@ -23,6 +23,9 @@ from gkv_jax.decode import generate_tokens
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.eviction_record import NEVER, EvictionRecord
 from gkv_jax.sampling import SamplingParams
+from gkv_jax.sharding import mesh as mesh_lib
+from gkv_jax.sharding.placement import placed_mesh, shard_model
+from gkv_jax.sharding.rules import batch_spec
 
 MIN_BUCKET = 16
 SEED_LIMIT = 2**32  # seeds are uint32 PRNG seeds
@@ -217,17 +220,69 @@ def _trim(tokens: np.ndarray, log_probs: np.ndarray, eos: np.ndarray):
     return out_tokens, out_log_probs
 
 
-def _compiled(config, eviction, max_new_tokens, record, args):
-    signature = (config, eviction, max_new_tokens, record,
-                 tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)),
+def _compiled(config, eviction, max_new_tokens, record, args, mesh=None):
+    signature = (config, eviction, max_new_tokens, record, mesh,
+                 tuple((a.shape, str(a.dtype), getattr(a, "sharding", None))
+                       for a in jax.tree.leaves(args)),
                  jax.tree.structure(args))
     if signature in _COMPILED:
         return _COMPILED[signature], 0.0
     start = time.perf_counter()
     program = jax.jit(generate_tokens, static_argnums=(0, 1, 2), static_argnames="record")
-    compiled = program.lower(config, eviction, max_new_tokens, *args, record=record).compile()
+    if mesh is None:
+        compiled = program.lower(config, eviction, max_new_tokens, *args,
+                                 record=record).compile()
+    else:  # the decode loop reads the mesh while it is traced (cache shardings, eviction)
+        with jax.set_mesh(mesh):
+            compiled = program.lower(config, eviction, max_new_tokens, *args,
+                                     record=record).compile()
     _COMPILED[signature] = compiled
     return compiled, time.perf_counter() - start
+
+
+def resolve_mesh(model, mesh):
+    """The mesh a call runs on: `mesh` (the model's weights moved onto it if they are on
+    one device), else the mesh the model was loaded or sharded onto, else None.
+
+    Raises:
+      ValueError: the model's weights are already sharded over a different mesh.
+    """
+    placed = placed_mesh(model)
+    if mesh is None:
+        return placed
+    mesh_lib.check_mesh(mesh)
+    if placed is not None and not mesh_lib.same_mesh(placed, mesh):
+        raise ValueError(
+            f"mesh: the model's weights are sharded over another mesh ({_describe(placed)}) "
+            f"than the one passed ({_describe(mesh)}); pass that mesh, or move the model "
+            "with gkv_jax.sharding.shard_model(model, mesh)")
+    shard_model(model, mesh)
+    return mesh
+
+
+def _describe(mesh) -> str:
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    ids = [d.id for d in mesh.devices.flat]
+    return f"data={sizes.get('data')} x model={sizes.get('model')} over devices {ids}"
+
+
+def padded_batch_size(batch_size: int, mesh) -> int:
+    """The batch rounded up to a multiple of the mesh's `data` size (1 without a mesh)."""
+    data = 1 if mesh is None else mesh_lib.axis_size(mesh, mesh_lib.DATA)
+    return -(-batch_size // data) * data
+
+
+def _program_args(params, tokens, positions, sampling, seed, eos, mesh):
+    """The compiled program's arguments, each placed on the mesh: weights as they are (by the
+    rule table), prompts over `data`, the rest replicated."""
+    host = (tokens, positions, sampling, np.asarray(seed, np.int32), eos)
+    if mesh is None:
+        return (params, *jax.tree.map(jnp.asarray, host))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, batch_spec(2, tokens.shape[0], mesh))
+    placed = (jax.device_put(tokens, rows), jax.device_put(positions, rows),
+              *jax.device_put(host[2:], replicated))
+    return (params, *placed)
 
 
 def _stats(model, state, ids, generated, capacity, width, compile_s, run_s, compressions):
@@ -269,7 +324,7 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
              system_prompt: str | None = None, prompt_buckets: Sequence[int] | None = None,
              return_logprobs: bool = False, return_kept_positions: bool = False,
              return_eviction_record: bool = False,
-             add_special_tokens: bool | None = None) -> GenerateOutput:
+             add_special_tokens: bool | None = None, mesh=None) -> GenerateOutput:
     """Generates continuations of a batch of prompts with a fixed-size, evicted KV cache.
 
     Args:
@@ -294,12 +349,18 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
       return_logprobs, return_kept_positions: fill those fields of the output.
       return_eviction_record: fill `eviction_record`, built on the device inside the
         compiled loop (a static choice: its own compiled program).
+      mesh: a `jax.sharding.Mesh` from `gkv_jax.sharding.make_mesh`: the batch runs over
+        `data`, heads / MLP / vocabulary over `model`, in the same single compiled program;
+        each sequence's greedy tokens equal a one-device run's. The model's weights are
+        moved onto the mesh (in place) if they are on one device; a model loaded or sharded
+        with a mesh uses it without this argument. A batch that `data` does not divide is
+        padded with copies of the last prompt, whose outputs are dropped.
 
     Raises:
       ValueError: naming the parameter, for an empty prompt list or prompt, string prompts
         without a tokenizer, non-integer token ids, max_new_tokens < 1, a seed outside
         [0, 2**32), sampling values out of range, an unknown EOS, or a prompt plus
-        max_new_tokens beyond the model's context.
+        max_new_tokens beyond the model's context, or a model sharded over another mesh.
     """
     config = model.config
     eviction = EvictionConfig(policy="full") if eviction is None else eviction
@@ -324,33 +385,62 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
         if min(p) < 0 or max(p) >= config.vocab_size:
             raise ValueError(f"prompts[{i}] has token ids outside [0, {config.vocab_size})")
     width = bucket_length(longest, prompt_buckets)
-    tokens, positions = _left_pad(ids, width)
     eos = _eos_ids(eos_token_id, tokenizer, config)
+    mesh = resolve_mesh(model, mesh)
+    rows = len(ids)
+    # Rows are independent: padding rows (copies of the last prompt) change no real row.
+    tokens, positions = _left_pad(ids + [ids[-1]] * (padded_batch_size(rows, mesh) - rows),
+                                  width)
 
-    args = (model.params(), jnp.asarray(tokens), jnp.asarray(positions), sampling,
-            jnp.asarray(seed, jnp.int32), jnp.asarray(eos))
+    args = _program_args(model.params(), tokens, positions, sampling, seed, eos, mesh)
     record = bool(return_eviction_record)
-    program, compile_s = _compiled(config, eviction, int(max_new_tokens), record, args)
+    program, compile_s = _compiled(config, eviction, int(max_new_tokens), record, args, mesh)
     start = time.perf_counter()
     outputs, state = jax.block_until_ready(program(*args))
     run_s = time.perf_counter() - start
 
-    generated, log_probs = _trim(np.asarray(outputs.tokens), np.asarray(outputs.log_probs), eos)
+    generated, log_probs = _trim(to_host(outputs.tokens)[:rows],
+                                 to_host(outputs.log_probs)[:rows], eos)
     texts = None
     if tokenizer is not None:
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     stats = _stats(model, state, ids, generated, state.cache.capacity, width, compile_s,
-                   run_s, int(outputs.compressions))
+                   run_s, int(to_host(outputs.compressions)))
     stats["eos_token_ids"] = [int(e) for e in eos]
+    stats["cache_bytes_per_device"] = _bytes_per_device(state.cache)
+    stats["devices"] = 1 if mesh is None else int(mesh.devices.size)
     eviction_record = None
     if record:
         eviction_record = _eviction_record(config, eviction, outputs, ids, generated,
                                            int(max_new_tokens))
+    kept_positions = None
+    if return_kept_positions:
+        kept_positions = to_host(state.cache.positions)[:, :rows]
     return GenerateOutput(
         tokens=generated, texts=texts,
         logprobs=log_probs if return_logprobs else None,
-        kept_positions=np.asarray(state.cache.positions) if return_kept_positions else None,
+        kept_positions=kept_positions,
         stats=stats, eviction_record=eviction_record, prompt_ids=ids)
+
+
+def to_host(array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-process) array as one numpy array on this host:
+    every process gets the whole value."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _bytes_per_device(cache) -> int:
+    """Bytes of the cache held by one device (the first): its shard of every buffer."""
+    total = 0
+    for leaf in jax.tree.leaves(cache):
+        shards = getattr(leaf, "addressable_shards", None)
+        shape = shards[0].data.shape if shards else leaf.shape
+        total += int(np.prod(shape)) * leaf.dtype.itemsize
+    return total
 
 
 def _eviction_record(config, eviction, outputs, ids, generated, max_new_tokens):
@@ -360,7 +450,7 @@ def _eviction_record(config, eviction, outputs, ids, generated, max_new_tokens):
         visible_until = np.full((config.num_layers, len(ids), config.num_kv_heads, width),
                                 NEVER, np.int32)
     else:
-        visible_until = np.asarray(outputs.visible_until)[..., :width]
+        visible_until = to_host(outputs.visible_until)[:, :len(ids), :, :width]
     return EvictionRecord(
         visible_until=visible_until,
         prompt_lengths=np.asarray([len(p) for p in ids], np.int32),
