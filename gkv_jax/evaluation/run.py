@@ -38,7 +38,7 @@ from gkv_jax.evaluation.summary import (
     write_summary_csv,
 )
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import bucket_length, generate
+from gkv_jax.generation import bucket_length, generate, resolve_mesh
 from gkv_jax.sampling import SamplingParams
 
 
@@ -88,7 +88,7 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
              top_k: int = 0, seed: int = 0, batch_size: int = 16,
              chat_template: bool | None = None, system_prompt: str | None = None,
              prompt_buckets: Sequence[int] | None = None, output_dir: str = "runs/eval",
-             progress: bool = True, model_name: str | None = None) -> EvalReport:
+             progress: bool = True, model_name: str | None = None, mesh=None) -> EvalReport:
     """Generates answers to a dataset under each eviction config, grades and summarizes them.
 
     Args:
@@ -120,14 +120,19 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         answer and prompt tokens); otherwise ValueError, before any generation.
       progress: show a progress bar over batches and print the table and paths at the end.
       model_name: the model's name in the plot's title (None = its family and size).
+      mesh: a `jax.sharding.Mesh` (`gkv_jax.sharding.make_mesh`) to run every batch on, as
+        `generate(..., mesh=)` does: rows over `data` (a batch that `data` does not divide
+        is padded, the padding rows dropped), weights over `model`. None = the mesh the
+        model is on, if any.
 
     Raises:
       ValueError: naming the parameter, before any generation: an unknown policy or
         dataset, a bad budget or knob, samples/batch_size/pass_k < 1, bad sampling values,
-        a prompt plus max_new_tokens beyond the context, or an output_dir holding a run with
-        other settings.
+        a prompt plus max_new_tokens beyond the context, an output_dir holding a run with
+        other settings, or a model sharded over another mesh than `mesh`.
     """
     configs = eviction_configs(policies, budgets, window, divide_length)
+    mesh = resolve_mesh(model, mesh)
     check_positive("samples", samples)
     check_positive("batch_size", batch_size)
     pass_k = (pass_k,) if isinstance(pass_k, numbers.Integral) else tuple(pass_k)
@@ -159,7 +164,8 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
             out = generate(model, _batch_prompts(batch, prompts), tokenizer=tokenizer,
                            eviction=batch.config, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, top_k=top_k,
-                           seed=seed + batch.sample, prompt_buckets=prompt_buckets)
+                           seed=seed + batch.sample, prompt_buckets=prompt_buckets,
+                           mesh=mesh)
             new_rows = batch_rows(batch, out, examples, done)
             append_results(results_path, new_rows)
             done.update((row_key(r), r) for r in new_rows)

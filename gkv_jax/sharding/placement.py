@@ -26,7 +26,10 @@ def shard_params(config: ModelConfig, params: dict[str, Any], mesh) -> dict[str,
 
 
 def placed_mesh(model):
-    """The mesh `model`'s weights are sharded over, or None (one device)."""
+    """The mesh `model`'s weights are sharded over, or None (one device, or not an NNX
+    module)."""
+    if not isinstance(model, nnx.Module):
+        return None
     return mesh_of(nnx.state(model, nnx.Param))
 
 
