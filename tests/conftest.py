@@ -10,6 +10,13 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
 
+# Eight CPU host devices, so that the sharding tests can build 1x8, 2x4, 4x2 and 8x1 meshes in
+# the same process. A program that is not sharded runs on device 0 as before (measured: the
+# same compile and run times).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads when it starts)
 import pytest  # noqa: E402
 
