@@ -12,6 +12,8 @@ from flax import nnx
 
 from gkv_jax.models.config import Llama3RopeScaling, ModelConfig
 from gkv_jax.models.transformer import Transformer, resolve_dtype
+from gkv_jax.sharding.mesh import check_mesh
+from gkv_jax.sharding.placement import param_shardings
 
 
 def _config_to_json(config: ModelConfig) -> dict:
@@ -40,14 +42,25 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike) -> str:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> Transformer:
+def load_checkpoint(path: str | os.PathLike, mesh=None) -> Transformer:
     """Restores a model written by `save_checkpoint`, in the dtype it was saved in.
+
+    Args:
+      path: the checkpoint directory.
+      mesh: None (the model on the default device), or a `jax.sharding.Mesh` from
+        `gkv_jax.sharding.make_mesh`: Orbax restores each weight directly onto its shards
+        by the rule table (`gkv_jax.sharding.placement.param_shardings`), each device
+        reading only its own slice.
 
     Raises:
       FileNotFoundError: no directory at `path`.
       ValueError: `path` is not such a checkpoint (a Hugging Face one says so, and how to
         load it).
+      TypeError / ValueError: `mesh` is not a Mesh with the axes ("data", "model"), checked
+        before anything is read.
     """
+    if mesh is not None:
+        check_mesh(mesh)
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: no checkpoint directory at {path!r}")
@@ -59,8 +72,13 @@ def load_checkpoint(path: str | os.PathLike) -> Transformer:
         dtype = resolve_dtype(metadata["dtype"])
         abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+        shapes = nnx.to_pure_dict(state)
+        if mesh is None:
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes)
+        else:  # Orbax reads each array straight into this sharding
+            target = jax.tree.map(
+                lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                shapes, param_shardings(config, shapes, mesh))
         weights = checkpointer.restore(
             path, ocp.args.Composite(weights=ocp.args.StandardRestore(target)))["weights"]
     nnx.replace_by_pure_dict(state, weights)

@@ -20,9 +20,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from gkv_jax.models.config import ModelConfig
-from gkv_jax.models.transformer import Transformer, resolve_dtype
+from gkv_jax.models.transformer import Transformer, param_shapes, resolve_dtype
+from gkv_jax.sharding.mesh import check_mesh
+from gkv_jax.sharding.placement import param_shardings
 
 # ---------------------------------------------------------------------------- the table
 
@@ -205,28 +208,34 @@ class TensorSource:
 
     @classmethod
     def from_safetensors(cls, paths: list[str]) -> TensorSource:
-        """Every shard memory-mapped at once; a tensor is read only when asked for."""
+        """Every shard's header read once; a tensor is read only when asked for.
+
+        Each read opens its file anew and closes it after: the memory-mapped pages of a
+        tensor already copied out would otherwise stay resident (and counted in the
+        process's memory) until the end of the conversion, a second copy of the model.
+        """
         from safetensors import safe_open
 
-        handles, owner, shapes = [], {}, {}
+        owner, shapes = {}, {}
         for path in paths:
             try:
-                handle = safe_open(path, framework="numpy")
+                with safe_open(path, framework="numpy") as handle:
+                    for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                        if key in owner:
+                            raise ConversionError(f"{key}: tensor appears twice (in "
+                                                  f"{owner[key]!r} and {path!r})")
+                        owner[key] = path
+                        shapes[key] = tuple(handle.get_slice(key).get_shape())
+            except ConversionError:
+                raise
             except Exception as err:  # safetensors' SafetensorError, not a ValueError
                 raise ConversionError(f"{path}: not a readable safetensors file, truncated or "
                                       f"corrupt ({err})") from None
-            handles.append(handle)
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                if key in owner:
-                    raise ConversionError(f"{key}: tensor appears twice (in {owner[key]!r} "
-                                          f"and {path!r})")
-                owner[key] = path
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-        by_path = dict(zip(paths, handles, strict=True))
 
         def read(key: str) -> np.ndarray:
             try:
-                return by_path[owner[key]].get_tensor(key)
+                with safe_open(owner[key], framework="numpy") as handle:
+                    return handle.get_tensor(key)
             except Exception as err:
                 raise ConversionError(f"{key} in {owner[key]}: cannot be read, the file is "
                                       f"truncated or corrupt ({err})") from None
@@ -330,16 +339,19 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64)
     return raw[offset:offset + size].view(dtype).reshape(shape)
 
 
-def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
-               dtype, stack: bool) -> jax.Array:
-    """One model weight on the device: its HF tensors written in the model layout into one
-    host buffer (stacked over layers), moved once, then cast once."""
+def _to_host(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
+             stack: bool, copy: bool = True) -> np.ndarray:
+    """One model weight on the host, in the model layout and its stored dtype: its HF tensors
+    read one at a time and written into one buffer (stacked over layers). A single tensor
+    with `copy=False` is returned as a view of what was read (possibly transposed)."""
     host = None
     for i, key in enumerate(keys):
         tensor = source.read_float(key)
         laid_out = rule.to_flax(_as_bits(tensor), config)
         if host is None:
             stored = tensor.dtype
+            if not stack and not copy:
+                return laid_out.view(stored)
             shape = (len(keys), *laid_out.shape) if stack else laid_out.shape
             host = _aligned_empty(shape, laid_out.dtype)
         elif tensor.dtype != stored:
@@ -350,48 +362,125 @@ def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelC
         else:
             host[...] = laid_out
         del tensor, laid_out
-    device = jax.device_put(host.view(stored))
+    return host.view(stored)
+
+
+def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
+               dtype, stack: bool, sharding: NamedSharding | None = None) -> jax.Array:
+    """One model weight on the device(s), in `dtype`.
+
+    Without `sharding`: the host buffer moved to the default device once, then cast once.
+    With it: each device receives only its own slice of the host buffer
+    (`jax.make_array_from_callback`; on a multi-process run each process fills only the
+    shards of its own devices), the cast runs shard by shard, and the result has exactly
+    `sharding`. The weight is never whole on one device.
+    """
+    host = _to_host(rule, keys, source, config, stack, copy=sharding is None)
+    if sharding is None:
+        device = jax.device_put(host)
+        del host
+        return device if device.dtype == dtype else device.astype(dtype)
+    placed = _scatter(host, sharding)
     del host
-    return device if device.dtype == dtype else device.astype(dtype)
+    if placed.dtype != dtype:
+        placed = placed.astype(dtype)  # elementwise: runs on each shard where it lies
+    # A no-op when the cast kept the layout; it never gathers the weight on one device.
+    return jax.device_put(placed, sharding)
 
 
-def convert_weights(config: ModelConfig, source: TensorSource,
-                    dtype: Any = jnp.float32) -> dict[str, Any]:
+def _aligned_copy(view: np.ndarray) -> np.ndarray:
+    """A contiguous, aligned copy of a (possibly strided) view, copied as raw bits."""
+    out = _aligned_empty(view.shape, view.dtype)
+    _as_bits(out)[...] = _as_bits(view)
+    return out
+
+
+def _scatter(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """`host` as a global array with `sharding`, each device given only its own slice
+    (on a multi-process run, only this process's devices).
+
+    `jax.make_array_from_callback` collects every device's slice before transferring them,
+    so a slice is copied out once per distinct index (devices holding replicas share it),
+    aligned, which lets the CPU backend adopt it as the device buffer: the host then holds
+    at most one copy of the weight beyond `host` itself, whatever the mesh.
+    """
+    copies: dict[tuple, np.ndarray] = {}
+
+    def slice_for(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in copies:
+            copies[key] = _aligned_copy(host[index])
+        return copies[key]
+
+    return jax.make_array_from_callback(host.shape, sharding, slice_for)
+
+
+def weight_shardings(config: ModelConfig, mesh) -> dict[str, Any]:
+    """The `NamedSharding` of every model weight on `mesh` by the rule table, as the nested
+    dict `convert_weights` returns (no weight is read)."""
+    return param_shardings(config, param_shapes(config), check_mesh(mesh))
+
+
+def convert_weights(config: ModelConfig, source: TensorSource, dtype: Any = jnp.float32,
+                    mesh=None) -> dict[str, Any]:
     """The model's nested weight dict (jax arrays in `dtype`) from a checkpoint's tensors.
 
     The keys and shapes are checked first (nothing is read before); then each model weight
     is assembled on the host from its HF tensors (transposed into the model layout, stacked
-    over layers), moved to the device once and cast once, and its host copy dropped: the
-    host never holds more than one stacked weight beyond the memory-mapped files.
+    over layers), moved to the device(s) once and cast once, and its host copy dropped: the
+    host never holds more than one stacked weight beyond what the devices hold.
+
+    Args:
+      config: the model's config.
+      source: the checkpoint's tensors.
+      dtype: the weights' dtype.
+      mesh: None (every weight on the default device), or a `jax.sharding.Mesh` from
+        `gkv_jax.sharding.make_mesh`: each weight goes straight onto its shards by the
+        rule table (`gkv_jax.sharding.placement.param_shardings`).
 
     Raises:
       ConversionError: naming the first unexpected, duplicated, mis-shaped or missing key.
+      TypeError / ValueError: `mesh` is not a Mesh with the axes ("data", "model").
     """
+    shardings = None if mesh is None else weight_shardings(config, mesh)
     dtype = resolve_dtype(dtype)
     table = _rules_by_key(config)
     _check_keys(config, source, table)
+
+    def placed(rule: Rule, keys: list[str], stack: bool, name: str | None = None,
+               layer: bool = False) -> jax.Array:
+        name = name or rule.name
+        sharding = None if shardings is None else (
+            shardings["layers"][name] if layer else shardings[name])
+        return _to_device(rule, keys, source, config, dtype, stack, sharding)
+
     out: dict[str, Any] = {}
     for rule in GLOBAL_RULES:
         if rule.when(config):
-            out[rule.name] = _to_device(rule, [rule.hf_suffix], source, config, dtype,
-                                        stack=False)
+            out[rule.name] = placed(rule, [rule.hf_suffix], stack=False)
     out["layers"] = {
-        rule.name: _to_device(rule, [f"model.layers.{i}.{rule.hf_suffix}"
-                                     for i in range(config.num_layers)], source, config,
-                              dtype, stack=True)
+        rule.name: placed(rule, [f"model.layers.{i}.{rule.hf_suffix}"
+                                 for i in range(config.num_layers)], stack=True, layer=True)
         for rule in LAYER_RULES if rule.when(config)}
     if config.tie_word_embeddings and "lm_head.weight" in source.shapes:
-        head = jnp.asarray(source.read_float("lm_head.weight")).astype(dtype)
+        # Laid out and placed like the embedding, so that the comparison runs shard by shard.
+        embedding_rule = next(r for r in GLOBAL_RULES if r.name == "embedding")
+        head = placed(embedding_rule, ["lm_head.weight"], stack=False, name="embedding")
         if not bool(jnp.array_equal(head, out["embedding"])):
             raise ConversionError("lm_head.weight: differs from model.embed_tokens.weight "
                                   "although tie_word_embeddings=True")
+        del head
     gc.collect()  # jax may hold the transferred host buffers until the next collection
     return out
 
 
 def model_from_weights(config: ModelConfig, weights: dict[str, Any],
                        dtype: Any = jnp.float32) -> Transformer:
-    """An NNX `Transformer` holding `weights` (no random initialisation is run)."""
+    """An NNX `Transformer` holding `weights` (no random initialisation is run).
+
+    The arrays are taken as they are: weights already in `dtype` are neither copied nor
+    moved, so a model converted onto a mesh keeps each weight's sharding.
+    """
     dtype = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -399,7 +488,7 @@ def model_from_weights(config: ModelConfig, weights: dict[str, Any],
     return nnx.merge(graphdef, state)
 
 
-def from_hf(source: Any, dtype: Any = jnp.float32) -> Transformer:
+def from_hf(source: Any, dtype: Any = jnp.float32, mesh=None) -> Transformer:
     """A Flax model from a Hugging Face checkpoint.
 
     Args:
@@ -407,17 +496,25 @@ def from_hf(source: Any, dtype: Any = jnp.float32) -> Transformer:
         or more `*.safetensors` files (sharded with `model.safetensors.index.json` or not), or
         a `(state_dict, hf_config)` pair.
       dtype: parameter dtype, a jnp dtype or its name ("float32", "bfloat16", "float16").
+      mesh: None (the model on the default device), or a `jax.sharding.Mesh` from
+        `gkv_jax.sharding.make_mesh`: each weight is placed straight onto its shards by the
+        rule table (never whole on one device, never twice in host memory), and
+        `gkv_jax.generate` then runs on that mesh without a `mesh` argument.
 
     Raises:
       ConversionError: a tensor is missing, unexpected, mis-shaped or stored as integers,
         or a safetensors file is truncated or corrupt (the message names tensor and file).
       ValueError: the config uses a feature this library does not implement, lacks a
         required field or is not valid JSON (naming config.json), or bad dtype.
+      TypeError / ValueError: `mesh` is not a Mesh with the axes ("data", "model") (checked
+        before anything is read).
       FileNotFoundError: the directory, its config.json or a shard does not exist.
     """
+    if mesh is not None:
+        check_mesh(mesh)
     dtype = resolve_dtype(dtype)
     config, tensors = _open_source(source)
-    return model_from_weights(config, convert_weights(config, tensors, dtype), dtype)
+    return model_from_weights(config, convert_weights(config, tensors, dtype, mesh), dtype)
 
 
 # ---------------------------------------------------------------------------- Flax -> HF

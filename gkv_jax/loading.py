@@ -17,6 +17,7 @@ from typing import Any
 
 from gkv_jax.conversion import from_hf
 from gkv_jax.models.transformer import Transformer
+from gkv_jax.sharding.mesh import check_mesh
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
@@ -158,7 +159,7 @@ def _safetensors_header_dtypes(path: str) -> list[tuple[str, int]]:
     return sizes
 
 
-def load(source: str | os.PathLike, dtype: Any = None) -> tuple[Transformer, Any]:
+def load(source: str | os.PathLike, dtype: Any = None, mesh=None) -> tuple[Transformer, Any]:
     """Loads `(model, tokenizer)` from a Hugging Face checkpoint.
 
     Args:
@@ -167,14 +168,23 @@ def load(source: str | os.PathLike, dtype: Any = None) -> tuple[Transformer, Any
         `huggingface_hub` only in that case).
       dtype: parameter dtype (jnp dtype or "float32" / "bfloat16" / "float16"); None keeps
         the checkpoint's own dtype (`checkpoint_dtype`).
+      mesh: None (the model on the default device), or a `jax.sharding.Mesh` from
+        `gkv_jax.sharding.make_mesh`: each weight is read once and placed straight onto its
+        shards by the rule table (`gkv_jax.sharding.placement.param_shardings`), so no device
+        ever holds the whole model and the host never holds it twice. `gkv_jax.generate`
+        then runs on that mesh without a `mesh` argument.
 
     Returns:
       The NNX `Transformer` and the tokenizer (None if the directory has no tokenizer files).
 
     Raises:
       ValueError: an unsupported dtype, or weights stored as integers (from the conversion).
+      TypeError / ValueError: `mesh` is not a Mesh with the axes ("data", "model"), checked
+        before anything is read or downloaded.
     """
+    if mesh is not None:
+        check_mesh(mesh)
     directory = resolve_source(source)
     if dtype is None:
         dtype = checkpoint_dtype(directory)
-    return from_hf(directory, dtype=dtype), load_tokenizer(directory)
+    return from_hf(directory, dtype=dtype, mesh=mesh), load_tokenizer(directory)
