@@ -8,6 +8,7 @@ take the mesh.
 """
 
 from gkv_jax.sharding.local import constrain_cache, per_head_blocks
+from gkv_jax.sharding.memory import MemoryPlan, memory_plan
 from gkv_jax.sharding.mesh import AXES, DATA, MODEL, active_mesh, check_mesh, make_mesh, mesh_of
 from gkv_jax.sharding.placement import shard_model, shard_params
 from gkv_jax.sharding.rules import (
@@ -20,7 +21,8 @@ from gkv_jax.sharding.rules import (
     param_specs,
 )
 
-__all__ = ["AXES", "CACHE_AXES", "DATA", "LOGICAL_TO_MESH", "MODEL", "PARAM_AXES",
+__all__ = ["AXES", "CACHE_AXES", "DATA", "LOGICAL_TO_MESH", "MODEL", "MemoryPlan", "PARAM_AXES",
            "active_mesh", "batch_spec", "cache_specs", "check_mesh", "constrain_cache",
-           "kv_heads_split", "make_mesh", "mesh_of", "param_specs", "per_head_blocks",
+           "kv_heads_split", "make_mesh", "memory_plan", "mesh_of", "param_specs",
+           "per_head_blocks",
            "shard_model", "shard_params"]
