@@ -29,7 +29,7 @@ from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits
 from gkv_jax.sampling import SamplingParams, sample
-from gkv_jax.sharding.local import constrain_cache, per_head_blocks
+from gkv_jax.sharding.local import constrain_cache, per_head_blocks, per_sequence
 
 
 @chex.dataclass(frozen=True)
@@ -157,7 +157,10 @@ def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
       The compressed cache and [B] bool, which sequences actually evicted tokens.
     """
     capacity = cache.capacity if capacity is None else capacity
-    evicting = active & (real_token_counts(cache) > eviction.budget)
+    # Counted per device block (every KV head holds the same count): no collective.
+    counts = per_sequence(layer_real_token_counts, cache.query_window.shape[2],
+                          cache.keys.shape[2], cache.keys.shape[1])(cache.positions[0])
+    evicting = active & (counts > eviction.budget)
 
     def layer_step(layer, buffers):
         layer_buffers = [b[layer] for b in buffers]

@@ -50,3 +50,17 @@ def per_head_blocks(fn, num_heads: int, num_kv_heads: int, batch_size: int):
     return jax.shard_map(fn, mesh=mesh,
                          in_specs=(queries, buffers, buffers, slots, slots, rows, rows),
                          out_specs=outputs, check_vma=False)
+
+
+def per_sequence(fn, num_heads: int, num_kv_heads: int, batch_size: int):
+    """`fn(positions [B, K, S]) -> [B]` run by each device on its block, for a per-sequence
+    value that every KV head holds alike (e.g. the number of real slots): each `model`
+    shard computes it from its own heads, so no device reads another's. Without a mesh,
+    `fn` itself."""
+    mesh = active_mesh()
+    if mesh is None:
+        return fn
+    shapes = {"keys": (1, batch_size, num_kv_heads, 1, 1)}
+    slots = PartitionSpec(*cache_specs(num_heads, num_kv_heads, shapes, mesh)["keys"][1:4])
+    rows = spec(("batch",), (batch_size,), mesh)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(slots,), out_specs=rows, check_vma=False)

@@ -57,12 +57,8 @@ def _placed_by_rules(model, mesh) -> bool:
 
 
 def _assign(model, params: dict[str, Any]) -> None:
-    """Writes a `Transformer.params()`-shaped dict back into the model's `nnx.Param`s."""
-    # `.value =` replaces the array (and with it the sharding); `param[...] = x` would write
-    # into the old array's sharding.
-    for name, value in params.items():
-        if isinstance(value, dict):
-            for sub, array in value.items():
-                getattr(model.layers, sub).value = array
-        else:
-            getattr(model, name).value = value
+    """Replaces the model's `nnx.Param` arrays by `params` (a `Transformer.params()`-shaped
+    dict), shardings included (`param[...] = x` would write into the old sharding)."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
