@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkv_jax.decode import generate_tokens
+from gkv_jax.distributed import global_array
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.eviction_record import NEVER, EvictionRecord
 from gkv_jax.sampling import SamplingParams
@@ -274,14 +275,19 @@ def padded_batch_size(batch_size: int, mesh) -> int:
 
 def _program_args(params, tokens, positions, sampling, seed, eos, mesh):
     """The compiled program's arguments, each placed on the mesh: weights as they are (by the
-    rule table), prompts over `data`, the rest replicated."""
+    rule table), prompts over `data`, the rest replicated.
+
+    On a mesh that spans several processes every process holds the same host values (each
+    calls `generate` with the same prompts) and hands JAX only the rows its own devices
+    hold (`jax.make_array_from_process_local_data`); the replicated values in full.
+    """
     host = (tokens, positions, sampling, np.asarray(seed, np.int32), eos)
     if mesh is None:
         return (params, *jax.tree.map(jnp.asarray, host))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rows = jax.sharding.NamedSharding(mesh, batch_spec(2, tokens.shape[0], mesh))
-    placed = (jax.device_put(tokens, rows), jax.device_put(positions, rows),
-              *jax.device_put(host[2:], replicated))
+    placed = (global_array(tokens, rows), global_array(positions, rows),
+              *jax.tree.map(lambda value: global_array(value, replicated), host[2:]))
     return (params, *placed)
 
 
@@ -425,9 +431,12 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
 
 def to_host(array) -> np.ndarray:
     """A (possibly sharded, possibly multi-process) array as one numpy array on this host:
-    every process gets the whole value."""
+    every process gets the whole value. An array split over several processes is gathered
+    by a collective: every process must call this, in the same order."""
     if getattr(array, "is_fully_addressable", True):
         return np.asarray(array)
+    if array.is_fully_replicated:  # every process already holds all of it
+        return np.asarray(array.addressable_data(0))
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))

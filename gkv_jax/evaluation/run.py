@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from gkv_jax import grading
 from gkv_jax.datasets import Example
+from gkv_jax.distributed import is_main_process
 from gkv_jax.evaluation.configs import check_positive, config_name, eviction_configs
 from gkv_jax.evaluation.prompts import format_prompt, load_examples, resolve_max_new_tokens
 from gkv_jax.evaluation.store import (
@@ -26,6 +27,7 @@ from gkv_jax.evaluation.store import (
     problem_fingerprints,
     read_results,
     row_key,
+    shared_rows,
     weights_fingerprint,
 )
 from gkv_jax.evaluation.summary import (
@@ -117,8 +119,12 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         settings.json go; rows already in results.jsonl are not generated again, provided
         settings.json shows they were made with these settings, these weights (a checksum
         of every parameter) and these problems (a hash of each problem's id, question,
-        answer and prompt tokens); otherwise ValueError, before any generation.
-      progress: show a progress bar over batches and print the table and paths at the end.
+        answer and prompt tokens); otherwise ValueError, before any generation. In a
+        multi-process job (`gkv_jax.distributed`) every process makes the same call; process
+        0 alone reads and writes output_dir (its own disk: the directory need not be
+        shared) and hands every process its rows, so all return the same report.
+      progress: show a progress bar over batches and print the table and paths at the end
+        (process 0 only).
       model_name: the model's name in the plot's title (None = its family and size).
       mesh: a `jax.sharding.Mesh` (`gkv_jax.sharding.make_mesh`) to run every batch on, as
         `generate(..., mesh=)` does: rows over `data` (a batch that `data` does not divide
@@ -145,7 +151,9 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
     batches = plan_batches([len(p) for p in prompts], configs, samples, batch_size,
                            prompt_buckets)
 
-    os.makedirs(output_dir, exist_ok=True)
+    main = is_main_process()
+    if main:
+        os.makedirs(output_dir, exist_ok=True)
     results_path = os.path.join(output_dir, RESULTS_FILE)
     done = {row_key(r): r for r in read_results(results_path)}
     check_settings(output_dir, has_results=bool(done), settings={
@@ -158,7 +166,7 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
     pending = [b for b in batches if any(_key(b, examples[i]) not in done for i in b.indices)]
 
     with tqdm(total=len(pending), desc=f"eval {label}", unit="batch",
-              disable=not progress) as bar:
+              disable=not (progress and main)) as bar:
         for batch in pending:
             bar.set_postfix_str(config_name(batch.config))
             out = generate(model, _batch_prompts(batch, prompts), tokenizer=tokenizer,
@@ -166,7 +174,7 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
                            temperature=temperature, top_p=top_p, top_k=top_k,
                            seed=seed + batch.sample, prompt_buckets=prompt_buckets,
                            mesh=mesh)
-            new_rows = batch_rows(batch, out, examples, done)
+            new_rows = shared_rows(batch_rows(batch, out, examples, done))
             append_results(results_path, new_rows)
             done.update((row_key(r), r) for r in new_rows)
             bar.update(1)
@@ -175,7 +183,7 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
     title = plot_title(model_name or _model_description(model), label, len(examples),
                        max(map(len, prompts)) + max_new_tokens)
     report = _write_report(rows, configs, samples, pass_k, output_dir, title)
-    if progress:
+    if progress and main:
         print(report.table())
         print(f"results: {report.results_path}\nsummary: {report.summary_path}\n"
               f"plot:    {report.plot_path}")
@@ -268,6 +276,7 @@ def _write_report(rows, configs, samples, pass_k, output_dir, title) -> EvalRepo
                         results_path=os.path.join(output_dir, RESULTS_FILE),
                         summary_path=os.path.join(output_dir, SUMMARY_FILE),
                         plot_path=os.path.join(output_dir, PLOT_FILE))
-    write_summary_csv(summary, report.summary_path)
-    plot_accuracy(summary, report.plot_path, title=title)
+    if is_main_process():
+        write_summary_csv(summary, report.summary_path)
+        plot_accuracy(summary, report.plot_path, title=title)
     return report

@@ -1,6 +1,13 @@
 """An evaluation's results store in its output directory: `results.jsonl`, one row per (config,
 problem, sample), appended and flushed after each batch, and `settings.json`, the settings,
-weights fingerprint and problem fingerprints a resumed run must match."""
+weights fingerprint and problem fingerprints a resumed run must match.
+
+In a multi-process job (`gkv_jax.distributed`) only process 0 touches the directory: it
+reads the files and every process gets their contents from it (`broadcast_bytes`), and it
+alone writes. Every process thus sees the same rows and settings and makes the same
+decisions, whether or not the directory is on a filesystem the hosts share; the reading
+functions are collectives then (every process calls them, in the same order).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gkv_jax.datasets import Example
+from gkv_jax.distributed import broadcast_bytes, is_main_process
 
 RESULTS_FILE = "results.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -25,19 +33,23 @@ def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
 
 
 def read_results(path: str) -> list[dict[str, Any]]:
-    """The rows of a results file (none if it does not exist).
+    """The rows of a results file (none if it does not exist), process 0's file on every
+    process.
 
     A last line without its newline (a write cut off by an interruption) is dropped from
     the file; any other line that is not JSON raises ValueError naming the line.
     """
-    if not os.path.exists(path):
+    complete = None
+    if is_main_process() and os.path.exists(path):
+        with open(path, "rb") as f:
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            with open(path, "r+b") as f:
+                f.truncate(len(complete))
+    complete = broadcast_bytes(complete)
+    if complete is None:
         return []
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
     rows = []
     for line_number, line in enumerate(complete.splitlines(), start=1):
         if not line.strip():
@@ -52,13 +64,21 @@ def read_results(path: str) -> list[dict[str, Any]]:
 
 
 def append_results(path: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Appends rows as JSON lines and flushes them to disk."""
-    if not rows:
+    """Appends rows as JSON lines and flushes them to disk (process 0 only)."""
+    if not rows or not is_main_process():
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
+
+
+def shared_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Process 0's `rows` on every process: the rows it writes, with its own timings, so
+    that every process reports what the results file holds. One process: `rows`."""
+    if jax.process_count() == 1:
+        return rows
+    return json.loads(broadcast_bytes(json.dumps(rows).encode("utf-8")).decode("utf-8"))
 
 
 def check_settings(output_dir: str, settings: dict[str, Any], has_results: bool) -> None:
@@ -70,17 +90,23 @@ def check_settings(output_dir: str, settings: dict[str, Any], has_results: bool)
     extended dataset file cannot pass its old rows off as answers to the new problems. A
     settings.json written before fingerprints existed is refused too: its rows cannot be
     checked. Without results yet, (re)writes `settings.json`; on a resume, adds the
-    fingerprints of problems it did not have (a larger num_problems).
+    fingerprints of problems it did not have (a larger num_problems). Process 0's
+    `settings.json` is the one compared; process 0 alone writes.
 
     Raises:
       ValueError: what differs, and how to start fresh (another output_dir, or delete it).
     """
     path = os.path.join(output_dir, SETTINGS_FILE)
     settings = json.loads(json.dumps(settings))
-    if not has_results or not os.path.exists(path):
+    data = None
+    if is_main_process() and os.path.exists(path):
+        with open(path, "rb") as f:
+            data = f.read()
+    data = broadcast_bytes(data)
+    if not has_results or data is None:
         _write_json(path, settings)
         return
-    saved = _read_settings(path)
+    saved = _parse_settings(path, data)
     differing = [f"{key}: {saved[key]!r} there, {value!r} now"
                  + (" (another checkpoint, or changed weights)" if key == "weights" else "")
                  for key, value in settings.items()
@@ -154,10 +180,9 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _read_settings(path: str) -> dict[str, Any]:
+def _parse_settings(path: str, data: bytes) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a settings file ({err}); delete the output "
                          "directory or use another output_dir") from None
@@ -167,5 +192,7 @@ def _read_settings(path: str) -> dict[str, Any]:
 
 
 def _write_json(path: str, data: Any) -> None:
+    if not is_main_process():
+        return
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)

@@ -1,0 +1,118 @@
+"""One process of the multi-process test (`tests/test_distributed.py`), and the runs it compares.
+
+    python -m tests.distributed_worker OUT.json OUTPUT_DIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+
+With a coordinator it joins the job with `gkv_jax.distributed.initialize` (every process runs
+the same calls with the same full prompt lists, SPMD style); without one it runs alone.
+`run_cases` generates on each mesh of `MESHES`, evaluates on the first into OUTPUT_DIR and
+resumes that evaluation with one problem more; OUT.json gets what this process got back. The
+test process imports `run_cases` to compute the single-process reference (no mesh).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# Meshes over the 8 global devices: data x model.
+MESHES = ((2, 4), (8, 1))
+PROMPT_LENGTHS = (5, 23, 9, 17, 30)  # ragged; 5 rows: data=2 and data=8 pad the batch
+MAX_NEW_TOKENS = 16
+# Then resumed with one more. Batches of 4 rows, which data=2 divides: no padding rows, so the
+# rows' per-sequence cache bytes are one process's.
+EVAL_PROBLEMS = 4
+EVAL_RUN = dict(policies=("full", "gkv"), budgets=(16,), window=4, divide_length=4,
+                max_new_tokens=12, batch_size=EVAL_PROBLEMS, progress=False)
+
+
+def tiny_model():
+    """The 8-head, 4-KV-head model, the same on every process (seeded weights)."""
+    from gkv_jax.conversion import from_hf
+    from tests.helpers import TinySpec, tiny_hf_model
+
+    spec = TinySpec("shard-h8-kv4", "qwen2", heads=8, kv_heads=4, head_dim=16, tied=False,
+                    vocab=128)
+    return from_hf(tiny_hf_model(spec))
+
+
+def eval_model():
+    """A random 2-layer model over the synthetic task's vocabulary, and its tokenizer."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gkv_jax import synthetic
+    from gkv_jax.models import ModelConfig, Transformer
+
+    tokenizer = synthetic.build_tokenizer()
+    config = ModelConfig(family="qwen2", vocab_size=len(tokenizer), hidden_size=64,
+                         intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, qkv_bias=True, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id,
+                         eos_token_ids=(tokenizer.eos_token_id,),
+                         pad_token_id=tokenizer.pad_token_id)
+    return Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), tokenizer
+
+
+def prompts() -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, 128, size=n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _generated(model, mesh) -> dict:
+    from gkv_jax import generate
+    from gkv_jax.eviction import EvictionConfig
+
+    out = generate(model, prompts(), eviction=EvictionConfig(policy="gkv", budget=16,
+                                                             divide_length=4, window=4),
+                   max_new_tokens=MAX_NEW_TOKENS, eos_token_id=[], mesh=mesh,
+                   return_kept_positions=True, return_logprobs=True,
+                   return_eviction_record=True)
+    return {"tokens": out.tokens, "logprobs": out.logprobs,
+            "kept_positions": out.kept_positions.tolist(),
+            "visible_until": out.eviction_record.visible_until.tolist(),
+            "compressions": out.stats["compressions"], "devices": out.stats["devices"],
+            "cache_bytes_per_device": out.stats["cache_bytes_per_device"]}
+
+
+def _mesh(shape):
+    from gkv_jax.sharding import make_mesh
+
+    return None if shape is None else make_mesh(data=shape[0], model=shape[1])
+
+
+def run_cases(output_dir: str, meshes=MESHES) -> dict:
+    """Generation on each mesh of `meshes` (None: no mesh), then an evaluation into
+    `output_dir` on the first, and its resumption with one problem more."""
+    import jax
+
+    from gkv_jax import evaluate
+
+    results = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+               "generate": {}, "evaluate": []}
+    for shape in meshes:
+        name = "none" if shape is None else f"{shape[0]}x{shape[1]}"
+        results["generate"][name] = _generated(tiny_model(), _mesh(shape))
+    model, tokenizer = eval_model()
+    for num_problems in (EVAL_PROBLEMS, EVAL_PROBLEMS + 1):
+        report = evaluate(model, tokenizer, "synthetic", output_dir=output_dir,
+                          mesh=_mesh(meshes[0]), num_problems=num_problems, **EVAL_RUN)
+        results["evaluate"].append({"rows": report.rows, "summary": report.summary})
+    return results
+
+
+def main(argv: list[str]) -> None:
+    out_path, output_dir, *job = argv
+    if job:
+        from gkv_jax import distributed
+
+        coordinator, num_processes, process_id = job
+        distributed.initialize(coordinator, int(num_processes), int(process_id))
+    results = run_cases(output_dir)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
