@@ -4,6 +4,7 @@ distillation and GRPO losses, steps and loops built on them.
 * `batch_from_generation(out)`: a generation (with `return_eviction_record=True`) as a
   `TeacherForcedBatch` under the exact masks it recorded.
 * `batch_from_completions(prompt_ids, completion_ids)`: traces that were not generated.
+* `shard_batch(batch, mesh)`: a batch placed on a mesh (batch over `data`) for the steps.
 * `token_log_probs(model, batch)`: [B, M] log-probs of the targets under the masks (equal to
   `generate`'s `logprobs`).
 * `replay_evictions(model, eviction, batch)`: the masks a policy gives any token sequence,
@@ -16,6 +17,7 @@ from gkv_jax.training.batch import (
     TeacherForcedBatch,
     batch_from_completions,
     batch_from_generation,
+    shard_batch,
 )
 from gkv_jax.training.log_probs import token_log_probs, token_log_probs_from_params
 from gkv_jax.training.loops import (
@@ -60,6 +62,7 @@ __all__ = [
     "make_optimizer",
     "replay_evictions",
     "replay_from_params",
+    "shard_batch",
     "token_log_probs",
     "token_log_probs_from_params",
 ]

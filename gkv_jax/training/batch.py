@@ -14,14 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import GenerateOutput, bucket_length
+from gkv_jax.generation import GenerateOutput, bucket_length, to_host
 from gkv_jax.models.masked_attention import SegmentLayout
+from gkv_jax.sharding.mesh import DATA, axis_size, check_mesh
+from gkv_jax.sharding.rules import spec
 
 PAD_ID = 0  # the id generation left-pads with; pads are never visible whatever their id
 
@@ -44,6 +48,9 @@ class TeacherForcedBatch:
       reference_log_probs: [B, M] float32 the log-probs `generate` reported for the targets
         (0 past each row's end), or None; what the GRPO log-prob guard compares against.
       eviction: the `EvictionConfig` the masks come from (None without masks).
+      padding_rows: trailing rows `shard_batch` added so that the mesh's `data` axis divides
+        B (copies of the last row with `loss_mask` all False); `distill_step` and
+        `grpo_step` average over the B - padding_rows real rows only.
     """
 
     tokens: Int[Array, "B T"]
@@ -55,6 +62,12 @@ class TeacherForcedBatch:
     visible_until: Int[Array, "L B K T"] | None = None
     reference_log_probs: Float[Array, "B M"] | None = None
     eviction: EvictionConfig | None = struct.field(pytree_node=False, default=None)
+    padding_rows: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def real_rows(self) -> int:
+        """B without the rows `shard_batch` padded with."""
+        return self.tokens.shape[0] - self.padding_rows
 
     @property
     def segment_layout(self) -> SegmentLayout | None:
@@ -217,3 +230,42 @@ def batch_from_generation(out: GenerateOutput, prompts: Sequence[Sequence[int]] 
         targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
         lengths=jnp.asarray(lengths), visible_until=jnp.asarray(visible_until),
         reference_log_probs=reference, width=width, eviction=record.eviction)
+
+
+# The batch axis of each [B, ...] field (`visible_until` is [L, B, K, T]).
+_BATCH_AXIS = {"tokens": 0, "positions": 0, "targets": 0, "loss_mask": 0, "lengths": 0,
+               "visible_until": 1, "reference_log_probs": 0}
+
+
+def shard_batch(batch: TeacherForcedBatch, mesh) -> TeacherForcedBatch:
+    """`batch` placed on `mesh` for `distill_step` / `grpo_step` traced under
+    `jax.set_mesh(mesh)`: every [B, ...] array with its batch axis over `data`.
+
+    A B that `data` does not divide is padded up to the next multiple with copies of the last
+    row whose `loss_mask` is all False (`padding_rows` counts them): they add nothing to a
+    loss, and the steps divide by the real rows, so the loss, the gradients and the update
+    are those of the unpadded batch. `grpo_step` takes the [B - padding_rows] advantages of
+    the real rows. With several processes every process passes the same whole batch.
+
+    Raises:
+      TypeError / ValueError: `batch` is not a `TeacherForcedBatch`, or `mesh` is not a
+        ("data", "model") mesh.
+    """
+    if not isinstance(batch, TeacherForcedBatch):
+        raise TypeError(f"batch must be a TeacherForcedBatch, got {type(batch)}")
+    check_mesh(mesh)
+    B = batch.tokens.shape[0]
+    pad = -B % axis_size(mesh, DATA)
+    fields = {}
+    for name, axis in _BATCH_AXIS.items():
+        if getattr(batch, name) is None:
+            continue
+        array = to_host(getattr(batch, name))  # every process holds the whole batch
+        if pad:
+            last = np.take(array, [B - 1] * pad, axis=axis)
+            array = np.concatenate([array, np.zeros_like(last) if name == "loss_mask"
+                                    else last], axis=axis)
+        logical = tuple("batch" if i == axis else None for i in range(array.ndim))
+        fields[name] = jax.device_put(array, NamedSharding(mesh, spec(logical, array.shape,
+                                                                      mesh)))
+    return batch.replace(**fields, padding_rows=batch.padding_rows + pad)

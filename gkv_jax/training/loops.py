@@ -6,7 +6,9 @@
   `grpo(model, prompts, answers, grade_fn, GRPOConfig(...), run_dir=...)`: seeded loops with
   Orbax checkpoints every `checkpoint_every` steps, an exact resume after an interruption
   (the batch of step s depends only on the seed and s), a JSONL history, a progress bar and
-  an optional evaluation callback. Both return the trained model and the history.
+  an optional evaluation callback. Both return the trained model and the history. With
+  `mesh=` they run data- and model-parallel on a ("data", "model") mesh by the rule table of
+  `gkv_jax.sharding` (`shard_batch` places each batch).
 
 Distillation masks are replayed every step with the student's current parameters
 (`replay_from_params`); GRPO trains each rollout under its own generation record.
@@ -14,6 +16,7 @@ Distillation masks are replayed every step with the student's current parameters
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,12 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import bucket_length, generate
+from gkv_jax.generation import bucket_length, generate, resolve_mesh
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.sampling import SamplingParams
-from gkv_jax.training.batch import TeacherForcedBatch, batch_from_completions
+from gkv_jax.sharding.mesh import active_mesh
+from gkv_jax.sharding.placement import placed_mesh
+from gkv_jax.sharding.rules import param_specs
+from gkv_jax.training.batch import TeacherForcedBatch, batch_from_completions, shard_batch
 from gkv_jax.training.batch import batch_from_generation as _batch_from_generation
 from gkv_jax.training.log_probs import DEFAULT_CHUNK_ROWS
 from gkv_jax.training.losses import (
@@ -278,6 +285,32 @@ def _impl(attention_impl: str | None, eviction: EvictionConfig | None) -> str:
     return "segments" if eviction is not None and eviction.evicts else "dense"
 
 
+def _keep_rule_layout(config: ModelConfig, params: dict, opt_state):
+    """Under a mesh: the updated `params`, and every params-shaped part of `opt_state` (Adam's
+    moments), pinned to the rule table's shardings, so that step after step the weights keep
+    the layout `shard_params` gave them. Without a mesh, unchanged."""
+    mesh = active_mesh()
+    if mesh is None:
+        return params, opt_state
+    specs = param_specs(config, params, mesh)
+    structure = jax.tree.structure(params)
+
+    def pin(tree):
+        return jax.lax.with_sharding_constraint(tree, specs)
+
+    def like_params(x):
+        return jax.tree.structure(x) == structure
+
+    opt_state = jax.tree.map(lambda x: pin(x) if like_params(x) else x, opt_state,
+                             is_leaf=like_params)
+    return pin(params), opt_state
+
+
+def _row_mean(values, rows: int):
+    """sum(values) / rows: the batch mean over the real rows (padding rows hold 0)."""
+    return jnp.sum(values) / rows
+
+
 def _distill_step(student_config: ModelConfig, teacher_config: ModelConfig,
                   optimizer: optax.GradientTransformation, eviction: EvictionConfig,
                   params: dict, opt_state, teacher_params: dict, batch: TeacherForcedBatch,
@@ -298,11 +331,15 @@ def _distill_step(student_config: ModelConfig, teacher_config: ModelConfig,
                                        "dense", chunk_rows)
             kl = jnp.concatenate([kl, full_kl])
             mask = jnp.concatenate([mask, full_batch.loss_mask])
+        if padding and reduction == "sum":  # per sequence, averaged over the real rows
+            return _row_mean(jnp.where(mask, kl, 0.0), kl.shape[0] - padding)
         return reduce_per_token(kl, mask, reduction)
 
+    padding = batch.padding_rows + (full_batch.padding_rows if full_batch is not None else 0)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    params, opt_state = _keep_rule_layout(student_config, params, opt_state)
     return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads)}
 
 
@@ -319,7 +356,15 @@ distill_step.__doc__ = """One distillation update, jitted (configs, optimizer an
 
 The student's masks for `batch` are replayed under `eviction` with the current `params`
 (under stop_gradient); `full_batch` rows (optional) train with full attention. metrics:
-`loss` (T^2 KL, reduced as `reduction`), `grad_norm` (before clipping)."""
+`loss` (T^2 KL, reduced as `reduction`), `grad_norm` (before clipping).
+
+On a mesh (data- and model-parallel): pass `params` / `teacher_params` from
+`gkv_jax.sharding.shard_params(config, params, mesh)`, `opt_state = optimizer.init(params)`
+(it follows the params' shardings) and batches from `gkv_jax.training.shard_batch(batch,
+mesh)`, and call the step inside `with jax.set_mesh(mesh):`, so that it is traced with the
+mesh and the replay's compression runs on each device's block of sequences and KV heads.
+The updated params and Adam moments keep the rule table's shardings; padding rows of
+`shard_batch` change neither the loss nor the update."""
 
 
 def _grpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, params: dict,
@@ -327,14 +372,25 @@ def _grpo_step(config: ModelConfig, optimizer: optax.GradientTransformation, par
                temperature: float = 0.8, attention_impl: str | None = None,
                chunk_rows: int = DEFAULT_CHUNK_ROWS):
     impl = _impl(attention_impl, batch.eviction)
+    advantages = jnp.asarray(advantages, jnp.float32)
+    B, padding = batch.tokens.shape[0], batch.padding_rows
+    if padding and advantages.shape == (B - padding,):  # none for `shard_batch`'s pad rows
+        advantages = jnp.pad(advantages, (0, padding))
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must be [B] = [{B - padding}] (one per rollout), got "
+                         f"{list(advantages.shape)}")
 
     def loss_fn(p):
-        return grpo_loss_from_params(config, p, batch, advantages, temperature, sampling,
-                                     impl, chunk_rows)
+        loss, aux = grpo_loss_from_params(config, p, batch, advantages, temperature,
+                                          sampling, impl, chunk_rows)
+        if padding:  # the mean over the real rows (padding rows: advantage 0)
+            loss = -_row_mean(advantages * aux["mean_log_prob"], B - padding)
+        return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    params, opt_state = _keep_rule_layout(config, params, opt_state)
     metrics = {"loss": loss, "grad_norm": _global_norm(grads),
                "guard": aux.get("guard", jnp.float32(jnp.nan))}
     return params, opt_state, metrics
@@ -352,7 +408,11 @@ donated).
 
 `batch` is `batch_from_generation(out)` of the rollouts (their own records and reported
 log-probs); `advantages` [B]. metrics: `loss`, `grad_norm`, `guard` (max |sampler log-prob
-recomputed from this forward - generate's|; should stay below 1e-4 in float32)."""
+recomputed from this forward - generate's|; should stay below 1e-4 in float32).
+
+On a mesh: `params` from `gkv_jax.sharding.shard_params`, the batch from
+`gkv_jax.training.shard_batch(batch, mesh)` (`advantages` of its real rows: padding rows get
+0), and the call inside `with jax.set_mesh(mesh):`; see `distill_step`."""
 
 
 # ------------------------------------------------------------------------------ run dir
@@ -377,13 +437,26 @@ def _fingerprint(*arrays) -> str:
 
 
 class _Run:
-    """run_dir: run.json (what the run is), history.jsonl, checkpoints/ (Orbax)."""
+    """run_dir: run.json (what the run is), history.jsonl, checkpoints/ (Orbax).
+
+    With several processes (multi-host) Orbax writes each process's shards and process 0
+    alone checks and writes run.json and the history.
+    """
 
     def __init__(self, run_dir: str, identity: dict, keep: int = 2):
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         os.makedirs(self.run_dir, exist_ok=True)
         self.identity_path = os.path.join(self.run_dir, "run.json")
         self.history_path = os.path.join(self.run_dir, "history.jsonl")
+        self.writer = jax.process_index() == 0
+        if self.writer:
+            self._claim(identity)
+        self.manager = ocp.CheckpointManager(
+            os.path.join(self.run_dir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def _claim(self, identity: dict) -> None:
+        """Writes run.json, or checks that the one there describes this run."""
         if os.path.exists(self.identity_path):
             with open(self.identity_path) as f:
                 existing = json.load(f)
@@ -399,17 +472,17 @@ class _Run:
         else:
             with open(self.identity_path, "w") as f:
                 json.dump(identity, f, indent=1)
-        self.manager = ocp.CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def restore(self, params, opt_state):
-        """(step, params, opt_state) of the latest checkpoint, or (0, the given ones)."""
+        """(step, params, opt_state) of the latest checkpoint, restored onto the shardings
+        of the given ones (a mesh's shards: each device reads its own), or (0, the given
+        ones)."""
         step = self.manager.latest_step()
         if step is None:
             self._truncate_history(0)
             return 0, params, opt_state
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=x.sharding),
                               {"params": params, "opt_state": opt_state})
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         self._truncate_history(step)
@@ -422,7 +495,7 @@ class _Run:
 
     def _truncate_history(self, step: int) -> None:
         """Drops history lines after `step` (written past the checkpoint resumed from)."""
-        if not os.path.exists(self.history_path):
+        if not self.writer or not os.path.exists(self.history_path):
             return
         with open(self.history_path) as f:
             lines = [line for line in f if line.strip()]
@@ -438,6 +511,8 @@ class _Run:
             f.writelines(kept)
 
     def log(self, entry: dict) -> None:
+        if not self.writer:
+            return
         with open(self.history_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -458,6 +533,39 @@ def _with_params(model, params: dict, copy: bool = False):
     if copy:
         params = jax.tree.map(jnp.copy, params)
     return model_from_weights(model.config, params, model.dtype)
+
+
+def _training_mesh(mesh, *models):
+    """The mesh a loop trains on: `mesh`, else the first mesh a model is already sharded over
+    (None: one device). Every model's weights are moved onto it by the rule table (in place,
+    as `generate(..., mesh=)` does).
+
+    Raises:
+      ValueError: a model's weights are sharded over a different mesh.
+    """
+    if mesh is None:
+        mesh = next((m for m in map(placed_mesh, models) if m is not None), None)
+    # Models already on a mesh first: one on the wrong mesh raises before any is moved.
+    for model in sorted(models, key=lambda m: placed_mesh(m) is None):
+        resolve_mesh(model, mesh)
+    return mesh
+
+
+def _on_mesh(mesh):
+    """`jax.set_mesh(mesh)`, under which the steps are traced (nothing without a mesh)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def _init_opt_state(optimizer: optax.GradientTransformation, params: dict, mesh):
+    """`optimizer.init(params)`: the moments follow the params' shardings; on a mesh the
+    scalars (step counts) are replicated on it too, so that a checkpoint restores every
+    leaf onto the mesh."""
+    opt_state = optimizer.init(params)
+    if mesh is None:
+        return opt_state
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                        else jax.device_put(np.asarray(x), replicated), opt_state)
 
 
 def _progress(total: int, initial: int, enabled: bool, label: str):
@@ -543,7 +651,8 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
 
 
 def distill(student, teacher, data, config: DistillConfig, *, run_dir,
-            eval_fn: Callable[[Any, int], dict] | None = None, progress: bool = True):
+            eval_fn: Callable[[Any, int], dict] | None = None, progress: bool = True,
+            mesh=None):
     """Distils a full-attention teacher into a student trained under `config.eviction`.
 
     Args:
@@ -558,22 +667,34 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
       eval_fn: optional `eval_fn(model, step) -> dict`, called every `config.eval_every`
         steps and at the end; its dict goes to the history (e.g. a `gkv_jax.evaluate`).
       progress: show a progress bar.
+      mesh: a ("data", "model") `jax.sharding.Mesh` (`gkv_jax.sharding.make_mesh`) to train
+        on, data- and model-parallel: student and teacher weights are placed by the rule
+        table (`shard_model`, in place), the optimizer state follows them, each batch is
+        split over `data` (`shard_batch`) and the step runs under `jax.set_mesh`. Default:
+        the mesh the models are already sharded over, if any. Checkpoints hold the sharded
+        arrays (Orbax: each process writes its own shards) and a resume restores them onto
+        the run's shardings.
 
     Returns:
       (trained model, history): the history is the list of JSON entries of history.jsonl.
+
+    Raises:
+      ValueError: `mesh` is not a ("data", "model") mesh, or a model is sharded over
+        another one.
     """
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, got {type(config)}")
     check_same_vocabulary(student.config, teacher.config)
     pairs = _check_pairs(data)
     run_dir = _check_run_dir(run_dir)
+    mesh = _training_mesh(mesh, student, teacher)
     width = bucket_length(max(len(p) for p, _ in pairs), None)
     num_targets = config.max_new_tokens or max(len(c) for _, c in pairs)
     identity = _run_identity("distill", config, _fingerprint(pairs), student.config)
     run = _Run(run_dir, identity)
     optimizer = make_optimizer(_optimizer_config(config), config.steps)
     params = jax.tree.map(jnp.copy, student.params())  # the steps donate their buffers
-    opt_state = optimizer.init(params)
+    opt_state = _init_opt_state(optimizer, params, mesh)
     start, params, opt_state = run.restore(params, opt_state)
     teacher_params = teacher.params()
     budgets = config.budgets or (config.eviction.budget,)
@@ -590,7 +711,7 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
             completions = [pairs[i][1] for i in chosen]
             if config.on_policy:
                 completions = _student_completions(student, params, prompts[full_rows:],
-                                                   eviction, num_targets, width)
+                                                   eviction, num_targets, width, mesh)
                 completions = [pairs[i][1][:num_targets] for i in chosen[:full_rows]] \
                     + completions
             started = time.perf_counter()
@@ -601,11 +722,16 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
                                                     num_targets=num_targets)
             batch = batch_from_completions(prompts[full_rows:], completions[full_rows:],
                                            width=width, num_targets=num_targets)
-            params, opt_state, metrics = distill_step(
-                student.config, teacher.config, optimizer, eviction, params, opt_state,
-                teacher_params, batch, full_batch, temperature=config.temperature,
-                reduction=config.reduction, attention_impl=config.attention_impl,
-                chunk_rows=config.chunk_rows)
+            if mesh is not None:
+                batch = shard_batch(batch, mesh)
+                if full_batch is not None:
+                    full_batch = shard_batch(full_batch, mesh)
+            with _on_mesh(mesh):
+                params, opt_state, metrics = distill_step(
+                    student.config, teacher.config, optimizer, eviction, params, opt_state,
+                    teacher_params, batch, full_batch, temperature=config.temperature,
+                    reduction=config.reduction, attention_impl=config.attention_impl,
+                    chunk_rows=config.chunk_rows)
             entry = {"step": step + 1, "budget": budget, **_scalars(metrics),
                      "seconds": time.perf_counter() - started}
             _end_of_step(run, config, entry, params, opt_state, student, eval_fn, bar,
@@ -616,18 +742,18 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
         run.close()
 
 
-def _student_completions(student, params, prompts, eviction, max_new_tokens, width):
+def _student_completions(student, params, prompts, eviction, max_new_tokens, width, mesh):
     """On-policy completions: the student's greedy generation under `eviction`."""
     model = _with_params(student, params)
     out = generate(model, prompts, eviction=eviction, max_new_tokens=max_new_tokens,
-                   prompt_buckets=[width])
+                   prompt_buckets=[width], mesh=mesh)
     return out.tokens
 
 
 # ------------------------------------------------------------------------------ GRPO
 def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: GRPOConfig,
          *, run_dir, tokenizer=None, eval_fn: Callable[[Any, int], dict] | None = None,
-         progress: bool = True):
+         progress: bool = True, mesh=None):
     """GRPO (REINFORCE with a group baseline) on rollouts generated with the compressed cache.
 
     Each step draws `prompts_per_step` prompts, generates `group_size` rollouts of each with
@@ -644,6 +770,8 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
       grade_fn: `grade_fn(completion, answer) -> bool`; `completion` is the decoded text
         when a tokenizer is given, else the token ids.
       config: a `GRPOConfig`. run_dir, eval_fn, progress: as in `distill`.
+      mesh: as in `distill` (the model's weights placed by the rule table, the rollouts
+        generated with `generate(..., mesh=mesh)`, each update data- and model-parallel).
 
     Returns:
       (trained model, history).
@@ -664,15 +792,18 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
     else:
         prompt_ids = [[int(t) for t in p] for p in prompts]
     run_dir = _check_run_dir(run_dir)
+    mesh = _training_mesh(mesh, model)
     width = config.prompt_width or bucket_length(max(len(p) for p in prompt_ids), None)
     identity = _run_identity("grpo", config, _fingerprint(prompt_ids, list(map(str, answers))),
                              model.config)
     run = _Run(run_dir, identity)
     optimizer = make_optimizer(_optimizer_config(config), config.steps)
     params = jax.tree.map(jnp.copy, model.params())  # the steps donate their buffers
-    opt_state = optimizer.init(params)
+    opt_state = _init_opt_state(optimizer, params, mesh)
     start, params, opt_state = run.restore(params, opt_state)
     sampling = config.sampling
+    if mesh is not None:  # host scalars: every process passes the same values
+        sampling = jax.tree.map(np.asarray, sampling)
     bar = _progress(config.steps, start, progress, "grpo")
     try:
         for step in range(start, config.steps):
@@ -687,7 +818,7 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
                            temperature=config.temperature, top_p=config.top_p,
                            top_k=config.top_k, seed=int(rng.integers(2**31 - 1)),
                            prompt_buckets=[width], return_logprobs=True,
-                           return_eviction_record=True)
+                           return_eviction_record=True, mesh=mesh)
             completions = out.texts if tokenizer is not None else out.tokens
             owners = np.repeat(chosen, config.group_size)
             rewards = np.asarray([float(bool(grade_fn(c, answers[i])))
@@ -698,11 +829,16 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
                                     and not _ends_with_eos(out, t) for t in out.tokens])
             advantages = group_advantages(rewards, truncated.reshape(rewards.shape))
             batch = _batch_from_generation(out, num_targets=config.max_new_tokens)
-            params, opt_state, metrics = grpo_step(
-                model.config, optimizer, params, opt_state, batch,
-                jnp.asarray(advantages.reshape(-1)), sampling,
-                temperature=config.temperature, attention_impl=config.attention_impl,
-                chunk_rows=config.chunk_rows)
+            advantages = advantages.reshape(-1)
+            if mesh is not None:
+                batch = shard_batch(batch, mesh)
+            else:
+                advantages = jnp.asarray(advantages)
+            with _on_mesh(mesh):
+                params, opt_state, metrics = grpo_step(
+                    model.config, optimizer, params, opt_state, batch, advantages, sampling,
+                    temperature=config.temperature, attention_impl=config.attention_impl,
+                    chunk_rows=config.chunk_rows)
             metrics = _scalars(metrics)
             if metrics["guard"] > GUARD_WARN and jnp.dtype(model.dtype) == jnp.float32:
                 warnings.warn(f"grpo step {step + 1}: log-prob guard {metrics['guard']:.2e} "
