@@ -108,8 +108,9 @@ def resolve_implementation(implementation: str | None, interpret: Any = None) ->
       implementation: "xla", "pallas" or None (auto: the kernels on a backend of
         `VERIFIED_BACKENDS`, see `auto_uses_kernels`; the reference elsewhere).
       interpret: overrides how the kernels run (ignored when the reference runs): None =
-        automatic (compile on TPU / GPU, TPU interpret mode on CPU); "gpu" or an
-        `InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode; True = the TPU
+        automatic (compile on TPU / GPU, TPU interpret mode on CPU; the generic interpreter
+        when traced under a mesh of several devices, see `_traced_on_several_devices`);
+        "gpu" or an `InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode; True = the TPU
         kernels in the generic Pallas interpreter (faster on CPU, no TPU memory model); a
         `pltpu.InterpretParams` = the TPU kernels in TPU interpret mode with those
         parameters; False = compile.
@@ -142,8 +143,24 @@ def resolve_implementation(implementation: str | None, interpret: Any = None) ->
                 f"{gpu_compute_capability()}; use implementation='xla' or None")
         return Dispatch(use_pallas=True, interpret=False, kernels="gpu")
     if backend == "cpu" and interpret is None:
+        if _traced_on_several_devices():
+            return Dispatch(use_pallas=True, interpret=True)
         return Dispatch(use_pallas=True, interpret=pltpu.InterpretParams())
     return Dispatch(use_pallas=True, interpret=False)
+
+
+def _traced_on_several_devices() -> bool:
+    """Whether the caller is being traced under a mesh of more than one device
+    (`jax.set_mesh`), where the kernels run per device inside `jax.shard_map`.
+
+    There TPU interpret mode would simulate one multi-chip TPU: every kernel starts with a
+    barrier that all shards must reach together, which needs one host thread per device at
+    once; XLA:CPU runs the shards on a smaller pool and the program deadlocks (seen with 8
+    host devices on 2 cores). The eviction kernels never communicate, so under a mesh they
+    run in the generic Pallas interpreter, same kernel code, without that simulation.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is not None and not mesh.empty and mesh.size > 1
 
 
 def check_matmul_dtype(matmul_dtype: str) -> None:
