@@ -110,8 +110,9 @@ def resolve_implementation(implementation: str | None, interpret: Any = None) ->
       interpret: overrides how the kernels run (ignored when the reference runs): None =
         automatic (compile on TPU / GPU, TPU interpret mode on CPU; the generic interpreter
         when traced under a mesh of several devices, see `_traced_on_several_devices`);
-        "gpu" or an `InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode; True = the TPU
-        kernels in the generic Pallas interpreter (faster on CPU, no TPU memory model); a
+        "gpu" or an `InterpretGPUParams` = the Mosaic GPU kernels in GPU interpret mode;
+        True = the TPU kernels in the generic Pallas interpreter (faster on CPU, no TPU
+        memory model); a
         `pltpu.InterpretParams` = the TPU kernels in TPU interpret mode with those
         parameters; False = compile.
 
