@@ -6,7 +6,17 @@ Shape letters used in every docstring:
   D model dim, F MLP width, V vocab, L layers, W observation window.
 """
 
-from gkv_jax import conversion, datasets, decode, eviction, grading, policies, training
+from gkv_jax import (
+    conversion,
+    datasets,
+    decode,
+    distributed,
+    eviction,
+    grading,
+    policies,
+    sharding,
+    training,
+)
 from gkv_jax.cache import KVCache, init_cache
 from gkv_jax.evaluation import EvalReport, evaluate
 from gkv_jax.eviction import EvictionConfig
@@ -28,6 +38,7 @@ __all__ = [
     "conversion",
     "datasets",
     "decode",
+    "distributed",
     "evaluate",
     "eviction",
     "generate",
@@ -35,5 +46,6 @@ __all__ = [
     "init_cache",
     "load",
     "policies",
+    "sharding",
     "training",
 ]

@@ -44,8 +44,10 @@ class GenerateOutput:
       kept_positions: [L, B, K, C] int32 true positions held in the cache after the forward
         that produced each sequence's last token; -1 marks an empty slot (None unless
         `return_kept_positions`).
-      stats: cache_bytes, full_cache_bytes, tokens_per_second (generated tokens per second
-        of the forwards that served some sequence, see `_stats`), compile_seconds,
+      stats: cache_bytes (of the prompts' rows), cache_bytes_per_device (what one device
+        holds, padding rows included), devices, full_cache_bytes, tokens_per_second
+        (generated tokens per second of the forwards that served some sequence, see
+        `_stats`), compile_seconds,
         run_seconds, compressions, forwards (model forwards run, prefill included),
         idle_steps (forwards run after every sequence had finished: the rest of the last
         `divide_length` cycle), prompt_bucket, capacity, generated_tokens, eos_token_ids.
@@ -310,7 +312,8 @@ def _stats(model, state, ids, generated, capacity, width, compile_s, run_s, comp
     active = min(forwards, max(len(g) for g in generated))
     active_s = run_s * active / forwards if forwards else run_s
     return {
-        "cache_bytes": state.cache.num_bytes(),
+        # The caller's rows only: rows a mesh padded the batch with are not theirs.
+        "cache_bytes": state.cache.num_bytes() * len(ids) // state.cache.lengths.shape[0],
         "full_cache_bytes": per_slot * final_length,
         "tokens_per_second": total / active_s if active_s > 0 else float("inf"),
         "compile_seconds": compile_s,
