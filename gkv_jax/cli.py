@@ -25,6 +25,8 @@ from gkv_jax.cli_args import (
     HelpFormatter,
     comma_list,
     load_checkpoint,
+    mesh_from_args,
+    mesh_shape,
     one_line,
     positive_int,
     require_tokenizer,
@@ -90,7 +92,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     eviction = eviction_from_args(args)
     check_sampling(args)
-    model, tokenizer = load_checkpoint(args.model, args.dtype)
+    mesh = mesh_from_args(args)
+    model, tokenizer = load_checkpoint(args.model, args.dtype, mesh=mesh)
     require_tokenizer(tokenizer, args, "cannot encode --prompt")
     system_prompt = R1_SYSTEM_PROMPT if args.r1_system_prompt else args.system_prompt
     out = generate(model, args.prompt, tokenizer=tokenizer, eviction=eviction,
@@ -123,6 +126,13 @@ def _add_dtype_arg(parser: argparse.ArgumentParser) -> None:
                         help="parameter dtype (default: the checkpoint's own dtype)")
 
 
+def _add_mesh_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", type=mesh_shape, default=None, metavar="DATAxMODEL",
+                        help="run on a data x model mesh of all devices, e.g. 2x4: the "
+                             "batch over data, heads/MLP/vocabulary over model (default: "
+                             "one device)")
+
+
 def _add_generate_parser(commands) -> None:
     about = "generate text from a Hugging Face checkpoint with an evicted KV cache"
     gen = commands.add_parser("generate", help=about, description=about,
@@ -132,6 +142,7 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--prompt", required=True, action="append",
                      help="a prompt (repeat the flag for a batch)")
     _add_dtype_arg(gen)
+    _add_mesh_arg(gen)
     gen.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                      help="add the tokenizer's special tokens (BOS) to each prompt, or not "
                           "(--no-bos); default: the tokenizer's own convention")
@@ -182,7 +193,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from gkv_jax.evaluation import evaluate
 
     check_eval_args(args)
-    model, tokenizer = load_checkpoint(args.model, args.dtype)
+    mesh = mesh_from_args(args)
+    model, tokenizer = load_checkpoint(args.model, args.dtype, mesh=mesh)
     require_tokenizer(tokenizer, args, "cannot encode the dataset's questions")
     evaluate(model, tokenizer, args.dataset, policies=args.policies, budgets=args.budgets,
              window=args.window, divide_length=args.divide_length,
@@ -227,6 +239,7 @@ def _add_eval_parser(commands) -> None:
                             help="results.jsonl, summary.csv, settings.json and the plot; "
                                  "rows already there are kept (the same command resumes)")
     _add_dtype_arg(evaluation)
+    _add_mesh_arg(evaluation)
     evaluation.set_defaults(func=_cmd_eval)
 
 

@@ -65,13 +65,42 @@ def comma_list(kind):
     return parse
 
 
-def load_checkpoint(source: str, dtype: str | None, flag: str = "--model"):
+def mesh_shape(text: str) -> tuple[int, int]:
+    """--mesh DATAxMODEL (e.g. 2x4): the sizes of the mesh's `data` and `model` axes."""
+    parts = text.lower().split("x")
+    try:
+        data, model = (int(p) for p in parts)
+    except ValueError:
+        data = model = 0
+    if len(parts) != 2 or data < 1 or model < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected DATAxMODEL with two positive integers (e.g. 2x4), got {text!r}")
+    return data, model
+
+
+def mesh_from_args(args: argparse.Namespace):
+    """The mesh --mesh asks for (None without the flag), checked against the devices before
+    any model loads."""
+    if getattr(args, "mesh", None) is None:
+        return None
+    from gkv_jax.sharding import make_mesh
+
+    data, model = args.mesh
+    try:
+        return make_mesh(data=data, model=model)
+    except ValueError as err:
+        raise CommandError(f"--mesh {data}x{model}: {one_line(err)}") from err
+
+
+def load_checkpoint(source: str, dtype: str | None, flag: str = "--model", mesh=None):
     """`gkv_jax.load`, with every way a checkpoint can be unreadable (missing, truncated or
-    malformed files, a config lacking a field) turned into a `CommandError` naming `flag`."""
+    malformed files, a config lacking a field) turned into a `CommandError` naming `flag`.
+    With a mesh each weight goes straight onto its shards."""
     import gkv_jax
 
     try:
-        return gkv_jax.load(source, dtype=dtype)  # None: the checkpoint's own dtype
+        # dtype None: the checkpoint's own dtype
+        return gkv_jax.load(source, dtype=dtype, **({"mesh": mesh} if mesh else {}))
     except (ValueError, OSError, KeyError) as err:
         raise CommandError(f"{flag} {source}: {_load_error_text(err)}") from err
     except Exception as err:

@@ -211,3 +211,44 @@ def test_pallas_kernels_on_local_blocks_of_a_2x4_mesh(policy):
     """implementation="pallas" (interpret mode on CPU) inside `jax.shard_map`."""
     check_same_as_one_device(policy, 2, 4, implementation="pallas")
 
+
+
+# ------------------------------------------------------------------------- command line
+def _exit_status(argv) -> int:
+    from gkv_jax.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as err:  # argparse's own errors
+        return err.code
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("3x1", "--mesh 3x1: make_mesh: data=3 x model=1 = 3, but there are 8 devices"),
+    ("2", "expected DATAxMODEL with two positive integers (e.g. 2x4), got '2'"),
+    ("0x8", "expected DATAxMODEL with two positive integers (e.g. 2x4), got '0x8'"),
+])
+def test_cli_mesh_errors_come_before_the_model_loads(flag, message, capsys, monkeypatch):
+    import gkv_jax
+
+    monkeypatch.setattr(gkv_jax, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    for command in (["generate", "--prompt", "x", "--policy", "full"], ["eval"]):
+        assert _exit_status([*command, "--model", "m", "--mesh", flag]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_generate_on_a_mesh_prints_the_one_device_tokens(capsys):
+    import json
+
+    from gkv_jax.cli import main
+    from gkv_jax.loading import bundled_model_dir
+
+    outputs = []
+    for extra in ([], ["--mesh", "2x4"]):
+        assert main(["generate", "--model", bundled_model_dir(), "--prompt", "A1 B2 C3",
+                     "--max-new-tokens", "12", "--budget", "16", "--divide-length", "4",
+                     "--window", "4", "--json", *extra]) == 0
+        outputs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert outputs[1]["tokens"] == outputs[0]["tokens"]
+    assert outputs[1]["stats"]["devices"] == 8
