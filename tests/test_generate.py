@@ -87,7 +87,8 @@ def test_budget_above_sequence_length_gives_exactly_the_full_cache_tokens(policy
             assert sorted(row[row >= 0].tolist()) == list(range(fed)), policy
 
 
-@pytest.mark.parametrize("policy", ["gkv", "streaming", pytest.param("h2o", marks=pytest.mark.slow),
+@pytest.mark.parametrize("policy", ["gkv", pytest.param("streaming", marks=pytest.mark.slow),
+                                    pytest.param("h2o", marks=pytest.mark.slow),
                                     pytest.param("snapkv", marks=pytest.mark.slow)])
 def test_uneven_batch_equals_each_prompt_alone(policy):
     _, model = tiny()

@@ -143,6 +143,8 @@ def test_held_out_evaluation_decodes_whole_traces(train_reasoner):
     assert result["line_accuracy"] == [1.0] * synthetic.NUM_STEPS
 
 
+# Slow: a second training run from a saved checkpoint.
+@pytest.mark.slow
 def test_init_from_starts_at_the_saved_weights(train_reasoner, tmp_path):
     """--init-from: fine-tuning starts from a saved model's weights (here the bundled one),
     and a directory holding a model of another size is refused with the flag's name."""

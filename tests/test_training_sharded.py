@@ -109,6 +109,8 @@ def test_shard_batch_pads_with_masked_rows_over_data():
         training.shard_batch(batch, None)
 
 
+# Slow: a training step compiled twice (mesh and one device).
+@pytest.mark.slow
 def test_grpo_step_on_a_2x4_mesh_equals_the_single_device_step_dense_masks():
     """3 rows padded to 4 over data=2, under hand-made masks ([L, B, K, T] over data), dense
     attention (the fast case: no replay, no generation)."""

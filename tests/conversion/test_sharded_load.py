@@ -112,6 +112,8 @@ def greedy_tokens(model, prompt: list[int], steps: int) -> list[int]:
     return ids[len(prompt):]
 
 
+# Slow: tests/test_sharding.py runs a mesh-placed model without mesh= in the fast suite.
+@pytest.mark.slow
 def test_generate_uses_the_load_mesh_and_gives_the_one_device_tokens(checkpoint, reference):
     mesh = make_mesh(data=2, model=4)
     sharded, _ = gkv_jax.load(checkpoint, mesh=mesh)

@@ -178,6 +178,8 @@ def test_compact_rows_unfit_for_tma_are_gathered_by_xla():
     check_compact(2, 1, 20, 8, 4, 8, "float32")  # rows of 32 bytes
 
 
+# Slow: each GPU kernel is checked against its reference in the fast suite; this chains them.
+@pytest.mark.slow
 def test_select_on_gpu_kernels_matches_reference():
     """`select_with_ops` (score update, redundancy, top-k) in GPU interpret mode."""
     cfg = config("gkv", 40, 4)

@@ -56,6 +56,9 @@ def test_distill_cli_writes_a_loadable_model_and_its_history(tiny_checkpoint, tm
     assert "already holds a model" in capsys.readouterr().err
 
 
+# Slow: the distill command covers the CLI path in the fast suite; GRPO's steps are
+# tested in test_post_training.
+@pytest.mark.slow
 def test_grpo_cli_runs_and_reports_the_guard(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "grpo"
     assert main(["post-train", "grpo", "--model", tiny_checkpoint, "--output-dir", str(out),
