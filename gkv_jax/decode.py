@@ -27,7 +27,7 @@ from gkv_jax.cache import EMPTY_POSITION, KVCache, init_cache
 from gkv_jax.eviction import EvictionConfig, Ops, select_with_ops
 from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
-from gkv_jax.models.transformer import forward_cached, lm_logits
+from gkv_jax.models.transformer import forward_cached, lm_logits, unstack_layers
 from gkv_jax.sampling import SamplingParams, sample
 from gkv_jax.sharding.local import constrain_cache, per_head_blocks, per_sequence
 
@@ -347,6 +347,17 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
     return state, outputs
 
 
+def decode_params(params: dict) -> dict:
+    """The weights as the decode steps read them: split per layer on CPU, where XLA copies
+    every slice of a stacked weight before its product (`unstack_layers`: one copy per
+    call instead of one per step; the split weights double the weights' memory while the
+    program runs, which host memory affords). Elsewhere the stacked weights, whose slices
+    the accelerator compilers read in place, and which must not be held twice."""
+    if jax.default_backend() != "cpu":
+        return params
+    return unstack_layers(params)
+
+
 def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_tokens: int,
                     params: dict, tokens: Array, positions: Array, sampling: SamplingParams,
                     seed: Array, eos_ids: Array, record: bool = False
@@ -380,6 +391,6 @@ def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_token
         compressions=jnp.any(evicted).astype(jnp.int32), visible_until=visible_until)
     state = DecodeState(cache=cache, last_token=first, next_position=next_position,
                         done=jnp.isin(first, eos_ids), rng=rng, step=jnp.int32(1))
-    state, outputs = run_cycles(config, eviction, params, state, outputs, sampling, eos_ids,
-                                max_new_tokens)
+    state, outputs = run_cycles(config, eviction, decode_params(params), state, outputs,
+                                sampling, eos_ids, max_new_tokens)
     return outputs, state.replace(cache=constrain_cache(state.cache))

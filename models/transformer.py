@@ -325,6 +325,23 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T
     return lm_logits(config, params, hidden)
 
 
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the stacked layer weights ([L, ...] each) split into a tuple of L
+    per-layer dicts, which `forward_cached` runs as an unrolled layer loop.
+
+    Why: XLA:CPU copies every slice of a stacked weight before its matrix product (a dynamic
+    slice inside the layer scan, or a static one), so a decode step read each weight about
+    three times; from separate per-layer arrays it reads each once (measured in
+    benchmarks/RESULTS.md, "Decode against PyTorch"). Inside a jitted program the split
+    copies the weights once per call, not once per step.
+    """
+    stacked = params["layers"]
+    num_layers = next(iter(stacked.values())).shape[0]
+    layers = tuple({name: weight[i] for name, weight in stacked.items()}
+                   for i in range(num_layers))
+    return {**params, "layers": layers}
+
+
 def write_slots(buffer: Array, layer: Array, slots: Int[Array, "B T"],
                 new: Array) -> Array:
     """Writes `new` [B, T, K, ...] into `buffer` [L, B, K, C, ...] at (layer, b, :, slots[b, t])."""
@@ -342,6 +359,9 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
     sequence) is written as an empty slot that nothing attends to. `lengths` advances by T
     for every sequence; the caller must leave room (`lengths + T <= capacity`). The query
     window ring takes the newest W queries of every layer.
+
+    `params["layers"]` may also be a tuple of per-layer dicts (`unstack_layers`): the layers
+    then run as an unrolled Python loop instead of a scan.
 
     Returns:
       hidden: [B, T, D] last hidden states (apply `lm_logits`).
@@ -375,8 +395,14 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
 
     carry = (embed(params, tokens), cache.keys, cache.values, cache.positions,
              cache.query_window)
-    xs = (params["layers"], jnp.arange(config.num_layers))
-    (hidden, keys, values, cache_positions, query_window), _ = jax.lax.scan(layer, carry, xs)
+    if isinstance(params["layers"], list | tuple):  # one weight dict per layer
+        for index, p in enumerate(params["layers"]):
+            carry, _ = layer(carry, (p, index))
+        hidden, keys, values, cache_positions, query_window = carry
+    else:
+        xs = (params["layers"], jnp.arange(config.num_layers))
+        (hidden, keys, values, cache_positions, query_window), _ = jax.lax.scan(
+            layer, carry, xs)
     new_cache = cache.replace(keys=keys, values=values, positions=cache_positions,
                               query_window=query_window, lengths=cache.lengths + T)
     return hidden, new_cache
