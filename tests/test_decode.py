@@ -80,13 +80,15 @@ def masked_reference_logits(model, prompt, generated, records):
     return np.asarray(logits[0, P - 1:])
 
 
-# The fast suite keeps one case per kind of schedule (a global score, a prompt longer than the
-# budget, an accumulated score, a positional policy); the other score variants, whose
+# The fast suite keeps one case per kind of schedule (a global score, an accumulated score, a
+# positional policy); the other score variants, whose
 # selection is checked against a numpy restatement in test_eviction, run under `slow`.
 _SLOW = pytest.mark.slow
 CASES = [
     ("gkv", dict(budget=20, window=4, divide_length=6), 9),
-    ("gkv", dict(budget=20, window=4, divide_length=6), 31),  # prompt longer than budget
+    # A prompt longer than the budget (the prefill evicts): slow here; the fast suite has it
+    # in tests/test_sharding.py and tests/training/test_log_probs.py (gkv-long-prompt).
+    pytest.param("gkv", dict(budget=20, window=4, divide_length=6), 31, marks=_SLOW),
     pytest.param("gkv", dict(budget=20, window=4, divide_length=6, smooth="mean"), 9,
                  marks=_SLOW),
     ("h2o", dict(budget=16, divide_length=5), 9),

@@ -42,7 +42,12 @@ def sampler(knobs):
                                  knobs.get("top_k", 0))
 
 
-@pytest.mark.parametrize("name", CASE_PARAMS)
+# h2o's record is checked in the fast suite by test_record; its log-probs run under `slow`.
+LOG_PROB_PARAMS = [pytest.param(*p.values, marks=pytest.mark.slow) if p.values[0] == "h2o"
+                   else p for p in CASE_PARAMS]
+
+
+@pytest.mark.parametrize("name", LOG_PROB_PARAMS)
 def test_log_probs_under_the_record_equal_generate_and_replay_equals_record(name):
     model = tiny_model()
     for label, knobs in SAMPLERS.items():
