@@ -17,6 +17,15 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
+# Programs sharded over those devices synchronise them at every collective. XLA:CPU aborts the
+# process when a participant waits longer than its default limit, which a 2-core machine
+# running 8 device threads can reach under load; give the waits room (a real deadlock still
+# ends the run, later).
+for _flag in ("--xla_cpu_collective_call_terminate_timeout_seconds=900",
+              "--xla_cpu_collective_timeout_seconds=900"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads when it starts)
 import pytest  # noqa: E402
 
