@@ -96,6 +96,8 @@ def test_generate_reproduces_the_demos_answer_on_a_held_out_problem(capsys):
 # smoke: passes, and says what failed (64 new tokens: gkv@64 compresses once).
 
 
+# Slow: `gkv-jax smoke` end to end (its failure path stays fast below).
+@pytest.mark.slow
 def test_smoke_passes_its_checks(capsys):
     assert main(["smoke", "--max-new-tokens", "64"]) == 0
     printed = capsys.readouterr().out

@@ -59,6 +59,8 @@ def test_dense_masked_forward_equals_the_boolean_mask_forward():
                                atol=1e-5, rtol=0)
 
 
+# Slow: the forward values of the two implementations stay in the fast suite.
+@pytest.mark.slow
 def test_segments_gradients_equal_dense():
     model = tiny_model()
     batch = _batch()

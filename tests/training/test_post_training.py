@@ -164,6 +164,8 @@ def test_distill_options_budgets_full_rows_and_on_policy(tmp_path):
     assert all(np.isfinite(e["loss"]) for e in history)
 
 
+# Slow: the GRPO gradient test keeps the guard in the fast suite.
+@pytest.mark.slow
 def test_grpo_steps_keep_the_guard_and_compile_once(tmp_path):
     model = tiny_model()
     rng = np.random.default_rng(5)
