@@ -101,6 +101,12 @@ def build_config(preset_name: str | None, overrides: list[str]) -> tuple[str, Mo
     """The model config and a name for it: a preset or the small default, with overrides."""
     name, config = ("small qwen2", SMALL_CONFIG) if preset_name is None else (
         preset_name, preset(preset_name))
+    return apply_overrides(name, config, overrides)
+
+
+def apply_overrides(name: str, config: ModelConfig, overrides: list[str]
+                    ) -> tuple[str, ModelConfig]:
+    """`config` with the command line's `FIELD=VALUE` overrides, and `name` naming them."""
     changes = {}
     for item in overrides:
         field, sep, value = item.partition("=")

@@ -72,6 +72,7 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from generate_bench import apply_overrides  # noqa: E402  (this folder is on sys.path)
 from jax.sharding import NamedSharding  # noqa: E402
 
 import gkv_jax  # noqa: E402
@@ -96,29 +97,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------ setup
-def parse_value(text: str) -> Any:
-    """An int, float or bool from the command line, else the string itself."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def build_config(preset_name: str, overrides: list[str]) -> tuple[str, ModelConfig]:
     """The preset's config with `FIELD=VALUE` overrides, and a name for it."""
-    name, config = preset_name, PRESETS[preset_name]["config"]
-    changes = {}
-    for item in overrides:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        changes[field] = parse_value(value)
-    if changes:
-        config = config.replace(**changes)
-        name += ", " + ", ".join(f"{k}={v}" for k, v in changes.items())
-    return name, config
+    return apply_overrides(preset_name, PRESETS[preset_name]["config"], overrides)
 
 
 def auto_mesh_shape(devices: int, num_kv_heads: int) -> tuple[int, int]:

@@ -36,21 +36,11 @@ def tiny_model():
 
 
 def eval_model():
-    """A random 2-layer model over the synthetic task's vocabulary, and its tokenizer."""
-    import jax.numpy as jnp
-    from flax import nnx
+    """The evaluation tests' random 2-layer model over the synthetic vocabulary, and its
+    tokenizer (`tests.test_evaluation.tiny`)."""
+    from tests.test_evaluation import tiny
 
-    from gkv_jax import synthetic
-    from gkv_jax.models import ModelConfig, Transformer
-
-    tokenizer = synthetic.build_tokenizer()
-    config = ModelConfig(family="qwen2", vocab_size=len(tokenizer), hidden_size=64,
-                         intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=16, qkv_bias=True, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id,
-                         eos_token_ids=(tokenizer.eos_token_id,),
-                         pad_token_id=tokenizer.pad_token_id)
-    return Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), tokenizer
+    return tiny()
 
 
 def prompts() -> list[list[int]]:

@@ -39,17 +39,10 @@ def per_head_blocks(fn, num_heads: int, num_kv_heads: int, batch_size: int):
     mesh = active_mesh()
     if mesh is None:
         return fn
-    shapes = {"query_window": (1, batch_size, num_heads, 1, 1),
-              "keys": (1, batch_size, num_kv_heads, 1, 1)}
-    specs = cache_specs(num_heads, num_kv_heads, shapes, mesh)
-    queries = PartitionSpec(*specs["query_window"][1:])
-    buffers = PartitionSpec(*specs["keys"][1:])
-    slots = PartitionSpec(*specs["keys"][1:4])
-    rows = spec(("batch",), (batch_size,), mesh)
-    outputs = (buffers, buffers, slots, slots)
+    queries, buffers, slots, rows = _layer_specs(mesh, num_heads, num_kv_heads, batch_size)
     return jax.shard_map(fn, mesh=mesh,
                          in_specs=(queries, buffers, buffers, slots, slots, rows, rows),
-                         out_specs=outputs, check_vma=False)
+                         out_specs=(buffers, buffers, slots, slots), check_vma=False)
 
 
 def per_sequence(fn, num_heads: int, num_kv_heads: int, batch_size: int):
@@ -60,7 +53,15 @@ def per_sequence(fn, num_heads: int, num_kv_heads: int, batch_size: int):
     mesh = active_mesh()
     if mesh is None:
         return fn
-    shapes = {"keys": (1, batch_size, num_kv_heads, 1, 1)}
-    slots = PartitionSpec(*cache_specs(num_heads, num_kv_heads, shapes, mesh)["keys"][1:4])
-    rows = spec(("batch",), (batch_size,), mesh)
+    _, _, slots, rows = _layer_specs(mesh, num_heads, num_kv_heads, batch_size)
     return jax.shard_map(fn, mesh=mesh, in_specs=(slots,), out_specs=rows, check_vma=False)
+
+
+def _layer_specs(mesh, num_heads: int, num_kv_heads: int, batch_size: int):
+    """One layer's PartitionSpecs by the cache's rules: queries [B, N, W, H], buffers
+    [B, K, S, H], slots [B, K, S] and rows [B]."""
+    shapes = {"query_window": (1, batch_size, num_heads, 1, 1),
+              "keys": (1, batch_size, num_kv_heads, 1, 1)}
+    specs = cache_specs(num_heads, num_kv_heads, shapes, mesh)
+    return (PartitionSpec(*specs["query_window"][1:]), PartitionSpec(*specs["keys"][1:]),
+            PartitionSpec(*specs["keys"][1:4]), spec(("batch",), (batch_size,), mesh))
