@@ -1,24 +1,50 @@
-"""The accelerator verification of the eviction kernels, as one JSON summary.
+"""The one-call accelerator check: the kernels' tests, the eviction and decode benchmarks, the
+targets, as one JSON summary.
 
 Called by `benchmarks/device_check.sh` (which installs what is missing first); two commands:
 
   plan   prints "MODE REQUIREMENT": MODE is "device" when JAX sees (or, once REQUIREMENT is
          installed, will see) a GPU or TPU, else "dry-run"; REQUIREMENT is the pip
          requirement of the accelerator's jaxlib at the installed JAX version ("-": none).
-  run    the `gpu` / `tpu`-marked tests (`pytest -m "gpu or tpu" tests/pallas_kernels`),
-         the eviction benchmark (`eviction_bench.py`: XLA vs Pallas, one layer at
-         R1-Distill-Qwen-7B shapes) and the decode benchmark (`generate_bench.py`: `generate`
-         with the XLA reference and with the kernels), then writes the summary to --output
-         and prints it. `--dry-run` (automatic without an accelerator) runs the same steps at
-         tiny sizes; its numbers only show that the steps work.
+  run    the stages below, in order, each printing a line with the elapsed time as it ends,
+         then writes the summary to --output and prints it.
 
-Exit status of `run`: 0 when every step succeeded (on a device: at least one accelerator
-test ran and none failed), 1 otherwise; the summary is written either way.
+Stages of `run` (on one H100 / H200, within an 8-minute budget counted from the shell
+script's start; the estimated seconds of each row are checked against what is left, and a
+row that would overrun is recorded as {"skipped": "time budget"} instead of run):
+
+  tests         `pytest -m "gpu or tpu" tests/pallas_kernels` (the kernels compiled on the
+                device against the reference), in a subprocess with a timeout.
+  eviction      `eviction_bench.bench`: one layer's eviction at R1-Distill-Qwen-7B shapes,
+                batch 1, 16, 64, 128, XLA reference vs Pallas float32 vs Pallas bfloat16
+                matmuls: median time (also as ms per layer), compile time, the compiled
+                program's memory analysis and the device's peak bytes in use.
+  decode        `decode_device_bench.decode_stage`: `generate` at the whole
+                R1-Distill-Qwen-1.5B preset (random bfloat16 weights), batch 1 and 64, full
+                vs gkv budget 2048, 4,096 and 16,384 new tokens, the roofline fraction, and
+                `transformers` on the same device when torch sees it (see that module).
+  targets       each target's measured value, threshold and verdict ("pass", "fail", or
+                "not-measured": in the dry run, or when its rows did not run):
+                  batch1_decode_roofline_fraction      >= 0.8  (batch 1, full, 4,096 tokens)
+                  eviction_ms_per_layer_batch64        <= 1.5  (fastest implementation)
+                  gkv2048_over_full_speed_batch64_16k  >= 2.5  (tokens/s ratio)
+
+`--dry-run` (automatic without an accelerator) runs the same code at tiny sizes on the CPU
+(seconds, without the tests stage: `tests/test_device_check.py`); its numbers only show that
+the code works. The summary keeps the keys of earlier versions (`tests`, `eviction_benchmark`,
+`decode_benchmark`, `ok`, ...) and adds `decode_setup`, `transformers`, `targets`, `stages`
+and `time_budget`.
+
+Exit status of `run`: 0 when every stage succeeded (on a device: at least one accelerator
+test ran and none failed; no benchmark row failed; skipped rows and the transformers
+comparison, a reference rather than a check of this project, do not count), 1 otherwise; the
+summary is written either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -31,6 +57,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +66,42 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 TEST_COMMAND = ("-m", "pytest", "-m", "gpu or tpu", "tests/pallas_kernels", "-q",
                 "-p", "no:cacheprovider")
-TEST_TIMEOUT_S = {"device": 300, "dry-run": 120}
-# Sizes: on a device, minutes in all on one H100; in the dry run, seconds on CPU.
-EVICTION_RUNS = {  # (batch, implementation, matmul_dtype)
-    "device": [(b, i, d) for b in (1, 16) for i, d in
-               (("xla", "float32"), ("pallas", "float32"), ("pallas", "bfloat16"))],
-    "dry-run": [(1, "xla", "float32"), (1, "pallas", "float32")],
+TEST_TIMEOUT_S = {"device": 180, "dry-run": 120}
+TIME_BUDGET_S = {"device": 480.0, "dry-run": 600.0}
+END_RESERVE_S = 15.0  # left for the summary and the exit
+EVICTION_RUNS = {  # (implementation, matmul_dtype) at each batch, batches ascending (the
+    # device's peak bytes in use is a process-wide high-water mark)
+    "device": dict(batches=(1, 16, 64, 128),
+                   implementations=(("xla", "float32"), ("pallas", "float32"),
+                                    ("pallas", "bfloat16"))),
+    "dry-run": dict(batches=(1,), implementations=(("xla", "float32"), ("pallas", "float32"))),
 }
 EVICTION_REPEATS = {"device": 5, "dry-run": 1}
-DECODE = {
-    "device": dict(preset="deepseek-r1-distill-qwen-1.5b", overrides=["num_layers=4"],
-                   dtype="bfloat16", batch=8, prompt_length=128, max_new_tokens=1024,
-                   budget=512, window=16, divide_length=128),
-    "dry-run": dict(preset=None, overrides=["num_layers=1", "hidden_size=128",
-                                            "intermediate_size=256", "vocab_size=256"],
-                    dtype="float32", batch=2, prompt_length=16, max_new_tokens=48,
-                    budget=32, window=16, divide_length=16),
+EVICTION_COMPILE_ESTIMATE_S = {"device": 15.0, "dry-run": 5.0}  # until one is measured
+EVICTION_TARGET_BATCH = {"device": 64, "dry-run": 1}
+TARGETS = {  # name: (comparison, threshold)
+    "batch1_decode_roofline_fraction": (">=", 0.8),
+    "eviction_ms_per_layer_batch64": ("<=", 1.5),
+    "gkv2048_over_full_speed_batch64_16k": (">=", 2.5),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Clock:
+    """The run's time budget: `started` (epoch seconds, the shell script's start) + budget."""
+
+    started: float
+    budget_seconds: float
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def remaining(self) -> float:
+        """Seconds a stage may still use (the end reserve kept back)."""
+        return self.budget_seconds - END_RESERVE_S - self.elapsed()
+
+    def log(self, message: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {message}", flush=True)
 
 
 # ------------------------------------------------------------------------------ plan
@@ -113,14 +159,22 @@ def parse_junit(xml_text: str) -> dict[str, Any]:
     return {**counts, "failures": failures}
 
 
-def run_tests(mode: str) -> dict[str, Any]:
+def not_run(reason: str) -> dict[str, Any]:
+    return {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [],
+            "not_run": reason}
+
+
+def run_tests(mode: str, clock: Clock) -> dict[str, Any]:
+    timeout = min(TEST_TIMEOUT_S[mode], clock.remaining())
+    if timeout < 30:
+        return not_run(f"time budget ({clock.remaining():.0f} s left)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         command = [sys.executable, *TEST_COMMAND, f"--junitxml={junit}"]
         try:
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                  timeout=TEST_TIMEOUT_S[mode])
+                                  timeout=timeout)
             result = parse_junit(junit.read_text()) if junit.exists() else {
                 "passed": 0, "failed": 0, "errors": 1, "skipped": 0,
                 "failures": ["pytest wrote no report"]}
@@ -128,75 +182,135 @@ def run_tests(mode: str) -> dict[str, Any]:
             result["output_tail"] = (done.stdout + done.stderr)[-3000:]
         except subprocess.TimeoutExpired:
             result = {"passed": 0, "failed": 0, "errors": 1, "skipped": 0,
-                      "failures": [f"timed out after {TEST_TIMEOUT_S[mode]} s"]}
+                      "failures": [f"timed out after {timeout:.0f} s"]}
     result["command"] = " ".join(["python", *TEST_COMMAND])
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
 # ------------------------------------------------------------------------------ benchmarks
-def eviction_benchmark(mode: str) -> list[dict[str, Any]]:
+def eviction_benchmark(mode: str, clock: Clock) -> list[dict[str, Any]]:
+    """Every (batch, implementation) of EVICTION_RUNS[mode]; a row whose estimate (the last
+    compile time of that implementation, or a default, + 2 s) exceeds the time left is
+    skipped."""
     import eviction_bench
 
     shapes = eviction_bench.R1_DISTILL_QWEN_7B if mode == "device" else eviction_bench.TINY
+    runs = EVICTION_RUNS[mode]
+    compile_seconds: dict[tuple[str, str], float] = {}
     rows = []
-    for batch, implementation, matmul_dtype in EVICTION_RUNS[mode]:
-        entry = {"batch": batch, "implementation": implementation,
-                 "matmul_dtype": matmul_dtype}
-        try:
-            row = eviction_bench.bench(shapes, implementation, batch, EVICTION_REPEATS[mode],
-                                       matmul_dtype)
-            entry.update({k: row[k] for k in ("slots", "compile_seconds", "median_seconds",
-                                              "min_seconds", "memory", "device_peak_bytes")})
-            entry["shapes"] = row["shapes"]
-        except Exception as error:  # a kernel that fails to compile is a result too
-            entry["error"] = _describe_error(error)
-        rows.append(entry)
-        print(f"eviction {implementation}/{matmul_dtype} batch {batch}: "
-              f"{entry.get('median_seconds', entry.get('error'))}", flush=True)
+    for batch in runs["batches"]:
+        for implementation, matmul_dtype in runs["implementations"]:
+            key = (implementation, matmul_dtype)
+            entry: dict[str, Any] = {"batch": batch, "implementation": implementation,
+                                     "matmul_dtype": matmul_dtype}
+            estimate = compile_seconds.get(key, EVICTION_COMPILE_ESTIMATE_S[mode]) + 2.0
+            left = clock.remaining()
+            if estimate > left:
+                entry.update(skipped="time budget", estimated_seconds=round(estimate, 1),
+                             remaining_seconds=round(left, 1))
+                rows.append(entry)
+                clock.log(f"eviction {implementation}/{matmul_dtype} batch {batch}: skipped "
+                          "(time budget)")
+                continue
+            try:
+                row = eviction_bench.bench(shapes, implementation, batch,
+                                           EVICTION_REPEATS[mode], matmul_dtype)
+                entry.update({k: row[k] for k in (
+                    "slots", "compile_seconds", "median_seconds", "min_seconds", "repeats",
+                    "memory", "device_peak_bytes")})
+                entry["ms_per_layer"] = 1e3 * row["median_seconds"]
+                entry["shapes"] = row["shapes"]
+                compile_seconds[key] = row["compile_seconds"]
+                peak = (row["memory"] or {}).get("peak_estimate_bytes")
+                done = (f"{entry['ms_per_layer']:.3f} ms per layer, compile "
+                        f"{row['compile_seconds']:.1f} s, peak estimate "
+                        + ("-" if peak is None else f"{peak / 2**20:.0f} MiB"))
+            except Exception as error:  # a kernel that fails to compile is a result too
+                entry["error"] = _describe_error(error)
+                done = f"error: {entry['error'].splitlines()[-1][:200]}"
+            rows.append(entry)
+            clock.log(f"eviction {implementation}/{matmul_dtype} batch {batch}: {done}")
     return rows
 
 
-def decode_benchmark(mode: str) -> list[dict[str, Any]]:
-    import generate_bench
-    import jax.numpy as jnp
-    from flax import nnx
+def decode_benchmark(mode: str, clock: Clock, transformers: bool) -> dict[str, Any]:
+    import decode_device_bench
 
-    from gkv_jax.eviction import EvictionConfig
-    from gkv_jax.models import Transformer
-
-    size = DECODE[mode]
-    name, config = generate_bench.build_config(size["preset"], size["overrides"])
-    model = Transformer(config, dtype=getattr(jnp, size["dtype"]), rngs=nnx.Rngs(0))
-    prompts = generate_bench.random_prompts(config, size["batch"], size["prompt_length"], 0)
-    itemsize = jnp.dtype(size["dtype"]).itemsize
-    rows = []
-    for implementation in ("xla", "pallas"):
-        eviction = EvictionConfig("gkv", budget=size["budget"], window=size["window"],
-                                  divide_length=size["divide_length"],
-                                  implementation=implementation)
-        run = generate_bench.Run(size["batch"], size["max_new_tokens"], eviction)
-        entry = {"model": name, "dtype": size["dtype"], "implementation": implementation,
-                 "eviction": eviction.describe(), "batch": size["batch"],
-                 "prompt_length": size["prompt_length"],
-                 "max_new_tokens": size["max_new_tokens"]}
-        try:
-            calls = generate_bench.measure(model, run, prompts)
-            row = generate_bench.row(config, itemsize, run, size["prompt_length"], calls, None)
-            entry.update({k: row[k] for k in (
-                "tokens_per_second", "step_seconds", "run_seconds",
-                "compile_seconds_first_call", "compressions", "cache_bytes")})
-        except Exception as error:
-            entry["error"] = _describe_error(error)
-        rows.append(entry)
-        print(f"decode {implementation}: {entry.get('tokens_per_second', entry.get('error'))}",
-              flush=True)
-    return rows
+    return decode_device_bench.decode_stage(mode == "dry-run", clock.remaining, clock.log,
+                                            transformers=transformers)
 
 
 def _describe_error(error: Exception) -> str:
     lines = traceback.format_exception_only(type(error), error)
     return "".join(lines).strip()[-2000:]
+
+
+# ------------------------------------------------------------------------------ targets
+def verdict(value: float | None, comparison: str, threshold: float, measured: bool) -> str:
+    """"pass" / "fail", or "not-measured" (no value, or a dry run's value)."""
+    if value is None or not measured:
+        return "not-measured"
+    met = value >= threshold if comparison == ">=" else value <= threshold
+    return "pass" if met else "fail"
+
+
+def _ran(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [row for row in rows if key in row]
+
+
+def target_values(summary: dict[str, Any]) -> dict[str, tuple[float | None, str]]:
+    """Each target's measured value and what it was measured on, from the summary's rows: the
+    roofline on the smallest batch, shortest length, full; the speed ratio on the largest
+    batch and length (gkv tokens/s over full's); the eviction at EVICTION_TARGET_BATCH (the
+    fastest implementation)."""
+    decode = _ran(summary.get("decode_benchmark", []), "tokens_per_second")
+    out: dict[str, tuple[float | None, str]] = {}
+    roofline = None
+    if decode:
+        small = min(r["batch"] for r in decode)
+        short = min(r["max_new_tokens"] for r in decode)
+        roofline = next((r for r in decode if r["batch"] == small and r["policy"] == "full"
+                         and r["max_new_tokens"] == short), None)
+    out["batch1_decode_roofline_fraction"] = (
+        (roofline["roofline_fraction"], f"batch {roofline['batch']}, "
+         f"{roofline['max_new_tokens']} tokens, full") if roofline else (None, "did not run"))
+
+    ratio: tuple[float | None, str] = (None, "did not run")
+    if decode:
+        large = max(r["batch"] for r in decode)
+        long = max(r["max_new_tokens"] for r in decode)
+        pair = {r["policy"]: r for r in decode
+                if r["batch"] == large and r["max_new_tokens"] == long}
+        if "gkv" in pair and "full" in pair:
+            ratio = (pair["gkv"]["tokens_per_second"] / pair["full"]["tokens_per_second"],
+                     f"batch {large}, {long} tokens, {pair['gkv']['label']} "
+                     f"({pair['gkv']['implementation']}) / full")
+    out["gkv2048_over_full_speed_batch64_16k"] = ratio
+
+    batch = EVICTION_TARGET_BATCH[summary["mode"]]
+    eviction = [r for r in _ran(summary.get("eviction_benchmark", []), "ms_per_layer")
+                if r["batch"] == batch]
+    best = min(eviction, key=lambda r: r["ms_per_layer"], default=None)
+    out["eviction_ms_per_layer_batch64"] = (
+        (best["ms_per_layer"], f"batch {batch}, {best['implementation']} "
+         f"({best['matmul_dtype']} matmuls), fastest of "
+         + ", ".join(f"{r['implementation']}/{r['matmul_dtype']} {r['ms_per_layer']:.3f}"
+                     for r in eviction)) if best else (None, "did not run"))
+    return out
+
+
+def targets(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    measured = summary["mode"] == "device"
+    values = target_values(summary)
+    out = {}
+    for name, (comparison, threshold) in TARGETS.items():
+        value, on = values[name]
+        out[name] = {"value": value, "comparison": comparison, "threshold": threshold,
+                     "verdict": verdict(value, comparison, threshold, measured),
+                     "measured_on": on if measured or value is None
+                     else f"{on} (dry run: tiny sizes, the value only shows the code works)"}
+    return out
 
 
 # ------------------------------------------------------------------------------ summary
@@ -216,30 +330,74 @@ def succeeded(summary: dict[str, Any]) -> bool:
             and ran_on_device)
 
 
-def run(dry_run: bool, output: Path, installed: str | None,
-        expect_accelerator: bool = False) -> dict[str, Any]:
+def run_stage(summary: dict[str, Any], name: str, clock: Clock,
+              stage: Callable[[], Any]) -> Any:
+    """Runs one stage, records its seconds in summary["stages"] and prints a line; an
+    exception ends only that stage (returned as {"error": ...})."""
     start = time.perf_counter()
+    try:
+        result = stage()
+    except Exception as error:  # the summary is written whatever a stage does
+        result = {"error": _describe_error(error)}
+    seconds = time.perf_counter() - start
+    summary["stages"].append({"stage": name, "seconds": round(seconds, 2),
+                              "ended_at_seconds": round(clock.elapsed(), 2)})
+    clock.log(f"stage {name} done in {seconds:.1f} s")
+    return result
+
+
+def run(dry_run: bool, output: Path, installed: str | None,
+        expect_accelerator: bool = False, started_at: float | None = None,
+        budget_seconds: float | None = None, with_tests: bool = True,
+        transformers: bool = True) -> dict[str, Any]:
+    """Every stage, the targets, the summary written to `output`. `started_at` (epoch
+    seconds, default now) and `budget_seconds` (default TIME_BUDGET_S[mode]) bound the run;
+    `with_tests=False` leaves the pytest stage out, `transformers=False` the comparison."""
+    clock_start = time.time() if started_at is None else started_at
     import jax
     import jaxlib
 
     backend = jax.default_backend()
     mode = "dry-run" if dry_run or backend not in ("gpu", "tpu") else "device"
-    print(f"device check ({mode}): backend {backend}, {jax.devices()[0].device_kind}",
-          flush=True)
+    clock = Clock(clock_start, TIME_BUDGET_S[mode] if budget_seconds is None
+                  else budget_seconds)
+    clock.log(f"device check ({mode}): backend {backend}, {jax.devices()[0].device_kind}, "
+              f"time budget {clock.budget_seconds:.0f} s")
     summary: dict[str, Any] = {
         "mode": mode, "backend": backend, "device": jax.devices()[0].device_kind,
         "device_count": jax.device_count(), "jax": jax.__version__,
         "jaxlib": jaxlib.__version__, "python": platform.python_version(),
         "host": platform.node(), "installed": installed,
         "expected_accelerator": expect_accelerator,
+        "time_budget": {"budget_seconds": clock.budget_seconds,
+                        "end_reserve_seconds": END_RESERVE_S,
+                        "started_at": clock_start},
+        "stages": [],
     }
-    summary["tests"] = run_tests(mode)
-    print(f"tests: {summary['tests']['passed']} passed, {summary['tests']['failed']} failed, "
-          f"{summary['tests']['errors']} errors, {summary['tests']['skipped']} skipped",
-          flush=True)
-    summary["eviction_benchmark"] = eviction_benchmark(mode)
-    summary["decode_benchmark"] = decode_benchmark(mode)
-    summary["seconds"] = round(time.perf_counter() - start, 2)
+    summary["tests"] = (run_stage(summary, "tests", clock, lambda: run_tests(mode, clock))
+                        if with_tests else not_run("not requested"))
+    if "error" in summary["tests"]:  # the stage itself failed
+        summary["tests"] = {**not_run("stage error"), "errors": 1,
+                            "failures": [summary["tests"]["error"]]}
+    tests = summary["tests"]
+    clock.log(f"tests: {tests['passed']} passed, {tests['failed']} failed, "
+              f"{tests['errors']} errors, {tests['skipped']} skipped"
+              + (f" (not run: {tests['not_run']})" if "not_run" in tests else ""))
+    evictions = run_stage(summary, "eviction", clock, lambda: eviction_benchmark(mode, clock))
+    summary["eviction_benchmark"] = evictions if isinstance(evictions, list) else [evictions]
+    decode = run_stage(summary, "decode", clock,
+                       lambda: decode_benchmark(mode, clock, transformers))
+    if "error" in decode:
+        decode = {"setup": None, "rows": [decode], "transformers": {"skipped": "stage error"}}
+    summary["decode_setup"] = decode["setup"]
+    summary["decode_benchmark"] = decode["rows"]
+    summary["transformers"] = decode["transformers"]
+    summary["targets"] = targets(summary)
+    for name, target in summary["targets"].items():
+        value = target["value"]
+        clock.log(f"target {name}: {'-' if value is None else f'{value:.3f}'} "
+                  f"{target['comparison']} {target['threshold']}: {target['verdict']}")
+    summary["seconds"] = round(clock.elapsed(), 2)
     summary["ok"] = succeeded(summary)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2) + "\n")
@@ -262,14 +420,26 @@ def main(argv: list[str] | None = None) -> int:
                             help="fail unless JAX runs on a GPU / TPU (after an install)")
     run_parser.add_argument("--installed", default=None,
                             help="the requirement device_check.sh installed, if any")
+    run_parser.add_argument("--started-at", type=float, default=None,
+                            help="epoch seconds the time budget counts from (default: now)")
+    run_parser.add_argument("--budget-seconds", type=float, default=None,
+                            help=f"time budget (default: {TIME_BUDGET_S['device']:.0f} s on a "
+                            f"device, {TIME_BUDGET_S['dry-run']:.0f} s in the dry run)")
+    run_parser.add_argument("--skip-tests", action="store_true",
+                            help="leave out the pytest stage")
+    run_parser.add_argument("--no-transformers", action="store_true",
+                            help="leave out the transformers comparison")
     args = parser.parse_args(argv)
     if args.command == "plan":
         mode, requirement = plan()
         print(mode, requirement or "-")
         return 0
+    if args.budget_seconds is not None and args.budget_seconds <= 0:
+        parser.error(f"--budget-seconds must be > 0, got {args.budget_seconds}")
     installed = None if args.installed in (None, "", "-") else args.installed
     summary = run(args.dry_run, args.output or default_output(), installed,
-                  args.expect_accelerator)
+                  args.expect_accelerator, args.started_at, args.budget_seconds,
+                  not args.skip_tests, not args.no_transformers)
     return 0 if summary["ok"] else 1
 
 
