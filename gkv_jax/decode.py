@@ -67,6 +67,23 @@ def cache_capacity(eviction: EvictionConfig, prompt_length: int, max_new_tokens:
     return prompt_length + max_new_tokens - 1
 
 
+# Growing full caches read their live slots in blocks of at least this many slots, and in at
+# most about MAX_LIVE_BLOCKS blocks (fewer, larger trips for long caches).
+MIN_LIVE_BLOCK = 512
+MAX_LIVE_BLOCKS = 16
+
+
+def live_attention_block(eviction: EvictionConfig, capacity: int) -> int | None:
+    """The decode steps' `attention_block` (see `forward_cached`): None (all C slots at once)
+    for evicting policies, whose buffer is full at every step, and for caches of at most
+    2 * MIN_LIVE_BLOCK slots; otherwise the smallest multiple of MIN_LIVE_BLOCK that cuts
+    the capacity into at most MAX_LIVE_BLOCKS blocks."""
+    if eviction.evicts or capacity <= 2 * MIN_LIVE_BLOCK:
+        return None
+    per_block = -(-capacity // MAX_LIVE_BLOCKS)
+    return -(-per_block // MIN_LIVE_BLOCK) * MIN_LIVE_BLOCK
+
+
 def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
     """[B] number of real (non-empty) slots; every layer and KV head holds the same count."""
     return layer_real_token_counts(cache.positions[0])
@@ -236,18 +253,19 @@ class StepOutput:
 
 
 def decode_step(config: ModelConfig, params: dict, state: DecodeState,
-                sampling: SamplingParams, eos_ids: Int[Array, " E"]
-                ) -> tuple[DecodeState, StepOutput]:
+                sampling: SamplingParams, eos_ids: Int[Array, " E"],
+                attention_block: int | None = None) -> tuple[DecodeState, StepOutput]:
     """One decode forward: feeds `state.last_token` and samples the next token.
 
     A finished sequence feeds an empty slot (position -1) and its cache stays frozen; its
     output token is `eos_ids[0]` (or 0 without EOS ids). Compression is not part of a step:
     call `evict` after every `divide_length`-th step, as `run_cycles` does.
+    `attention_block` (static): see `forward_cached` and `live_attention_block`.
     """
     done = state.done
     positions = jnp.where(done, EMPTY_POSITION, state.next_position)[:, None]
     hidden, cache = forward_cached(config, params, state.last_token[:, None], positions,
-                                   state.cache)
+                                   state.cache, attention_block)
     cache = constrain_cache(_freeze_finished(done, cache, state.cache))
     rng, key = jax.random.split(state.rng)
     logits = lm_logits(config, params, hidden)[:, 0]
@@ -281,14 +299,16 @@ class Outputs:
     visible_until: Int[Array, "L B K P"] | None = None
 
 
-def _decode_steps(config, params, state, outputs, sampling, eos_ids, num_steps: int):
+def _decode_steps(config, params, state, outputs, sampling, eos_ids, num_steps: int,
+                  attention_block: int | None):
     """`num_steps` decode steps under `lax.scan`; returns the state, the outputs with the new
     tokens written, and [B] done flags before the last step (who the last forward served)."""
 
     def step(carry, _):
         state, _ = carry
         before = state.done
-        state, emitted = decode_step(config, params, state, sampling, eos_ids)
+        state, emitted = decode_step(config, params, state, sampling, eos_ids,
+                                     attention_block)
         return (state, before), (emitted.tokens, emitted.log_probs)
 
     start = state.step
@@ -309,15 +329,17 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
     Each full cycle ends with one `evict` of the sequences its last forward served (so a
     sequence whose EOS came at a compression step is compressed, then frozen). A final
     partial cycle ends without a compression. The loop stops early, at cycle granularity,
-    once every sequence is done.
+    once every sequence is done. A full cache's steps attend over its live slots only
+    (`live_attention_block`).
     """
     period = eviction.divide_length
+    attention_block = live_attention_block(eviction, state.cache.capacity)
     num_full, remainder = divmod(max_new_tokens - 1, period)
 
     def cycle(carry):
         index, state, outputs = carry
         state, outputs, served = _decode_steps(config, params, state, outputs, sampling,
-                                               eos_ids, period)
+                                               eos_ids, period, attention_block)
         if eviction.evicts:
             cache, evicted = evict(eviction, state.cache, ~served)
             if outputs.visible_until is not None:
@@ -340,7 +362,7 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
         def tail(carry):
             state, outputs = carry
             state, outputs, _ = _decode_steps(config, params, state, outputs, sampling,
-                                              eos_ids, remainder)
+                                              eos_ids, remainder, attention_block)
             return state, outputs
 
         state, outputs = jax.lax.cond(jnp.all(state.done), lambda c: c, tail, (state, outputs))

@@ -103,6 +103,77 @@ def grouped_attention(
     return out.reshape(B, T, N, H).astype(queries.dtype)
 
 
+def _online_softmax_step(carry, grouped: Array, keys: Array, values: Array,
+                         visible: Array, scale: float):
+    """Folds one block of keys into the running (max, sum, weighted values) of a softmax.
+
+    grouped [B, T, K, G, H]; keys, values [B, K, S, H]; visible [B, K, 1, T, S]; the carry
+    is [B, K, G, T], [B, K, G, T], [B, K, G, T, H] in float32.
+    """
+    running_max, running_sum, weighted = carry
+    logits = jnp.einsum("btkgh,bksh->bkgts", grouped, keys,
+                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(visible, logits, MASKED_LOGIT)
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+    decay = jnp.exp(running_max - new_max)
+    probs = jnp.where(visible, jnp.exp(logits - new_max[..., None]), 0.0)
+    running_sum = running_sum * decay + jnp.sum(probs, axis=-1)
+    weighted = weighted * decay[..., None] + jnp.einsum(
+        "bkgts,bksh->bkgth", probs.astype(values.dtype), values,
+        preferred_element_type=jnp.float32)
+    return new_max, running_sum, weighted
+
+
+def live_block_attention(
+    queries: Float[Array, "B T N H"],
+    keys: Float[Array, "L B K C H"],
+    values: Float[Array, "L B K C H"],
+    query_positions: Int[Array, "B T"],
+    key_positions: Int[Array, "L B K C"],
+    layer: int | Int[Array, ""],
+    live_slots: Int[Array, ""],
+    block: int,
+) -> Float[Array, "B T N H"]:
+    """`grouped_attention` under the causal mask over the first `live_slots` slots of layer
+    `layer` of the stacked cache buffers.
+
+    Equal (up to float rounding) to attending over all C slots when the slots at and past
+    `live_slots` are empty (position -1; e.g. the unfilled tail of a growing full cache):
+    skipping them changes nothing but the cost, which follows the tokens actually cached
+    instead of the buffer's capacity C. The live slots are read in blocks of `block`,
+    folded into one online softmax (running max, sum and weighted values, in float32) by a
+    loop of ceil(live_slots / block) trips. The last block is shifted back to end at C when
+    C is not a multiple of `block`, its already-counted slots masked out. Blocks are sliced
+    straight from the [L, ...] buffers: XLA:CPU copies a slice before reading it.
+    """
+    B, T, N, H = queries.shape
+    K, C = keys.shape[2], keys.shape[3]
+    G = N // K
+    block = min(block, C)
+    grouped = queries.reshape(B, T, K, G, H)
+    scale = 1.0 / math.sqrt(H)
+
+    def one_block(index, carry):
+        first = index * block
+        start = jnp.minimum(first, C - block)
+        corner = (layer, 0, 0, start)
+        block_keys = jax.lax.dynamic_slice(keys, (*corner, 0), (1, B, K, block, H))[0]
+        block_values = jax.lax.dynamic_slice(values, (*corner, 0), (1, B, K, block, H))[0]
+        block_positions = jax.lax.dynamic_slice(key_positions, corner, (1, B, K, block))[0]
+        fresh = start + jnp.arange(block) >= first  # not counted by an earlier block
+        visible = (attention_mask(query_positions, block_positions)
+                   & fresh)[:, :, None, :, :]  # [B, K, 1, T, block]
+        return _online_softmax_step(carry, grouped, block_keys, block_values, visible, scale)
+
+    init = (jnp.full((B, K, G, T), MASKED_LOGIT, jnp.float32),
+            jnp.zeros((B, K, G, T), jnp.float32), jnp.zeros((B, K, G, T, H), jnp.float32))
+    num_blocks = (jnp.minimum(live_slots, C) + block - 1) // block
+    _, total, weighted = jax.lax.fori_loop(0, num_blocks, one_block, init)
+    # Rows with no visible key (pad queries) output zeros, as in `grouped_attention`.
+    out = jnp.where(total[..., None] > 0, weighted / jnp.maximum(total, 1e-30)[..., None], 0.0)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(queries.dtype)
+
+
 def swiglu(x: Array, gate: Array, up: Array, down: Array) -> Array:
     """down(silu(x @ gate) * (x @ up)); gate/up [D, F], down [F, D]."""
     hidden = jax.nn.silu(x @ gate) * (x @ up)

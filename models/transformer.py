@@ -349,8 +349,17 @@ def write_slots(buffer: Array, layer: Array, slots: Int[Array, "B T"],
     return buffer.at[layer, batch, :, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
+def write_all_layers(buffer: Array, slots: Int[Array, "B T"], new: Array) -> Array:
+    """Writes `new` [L, B, T, K, ...] into `buffer` [L, B, K, C, ...] at slots[b, t]."""
+    batch = jnp.arange(slots.shape[0])[:, None]
+    # Advanced indices (batch, slots) split by a slice put their [B, T] axes first.
+    new = jnp.moveaxis(new, 0, 2)  # [B, T, L, K, ...]
+    return buffer.at[:, batch, :, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
 def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
-                   positions: Int[Array, "B T"], cache: KVCache
+                   positions: Int[Array, "B T"], cache: KVCache,
+                   attention_block: int | None = None
                    ) -> tuple[Float[Array, "B T D"], KVCache]:
     """Cached forward: appends T tokens per sequence at slot `cache.lengths[b]` and attends
     over every filled slot whose position is not in the future.
@@ -363,6 +372,10 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
     `params["layers"]` may also be a tuple of per-layer dicts (`unstack_layers`): the layers
     then run as an unrolled Python loop instead of a scan.
 
+    `attention_block` (static): None attends over all C slots at once; an integer reads
+    only the slots in use (below `max(lengths) + T`) in blocks of that many
+    (`layers.live_block_attention`), so a growing full cache costs what it holds.
+
     Returns:
       hidden: [B, T, D] last hidden states (apply `lm_logits`).
       cache: the updated cache (`global_score` untouched).
@@ -374,6 +387,13 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
     slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
     slot_positions = jnp.broadcast_to(positions[:, :, None],
                                       (*positions.shape, config.num_kv_heads))
+    live_slots = jnp.max(cache.lengths) + T  # slots at and past it are empty in every row
+    cache_positions = cache.positions
+    if attention_block is not None:
+        # Every layer's positions at once, before any read: a per-layer write that no read
+        # depends on made XLA copy the whole buffer to order it after the previous reads.
+        cache_positions = write_all_layers(cache_positions, slots, jnp.broadcast_to(
+            slot_positions, (config.num_layers, *slot_positions.shape)))
 
     def layer(carry, xs):
         x, keys, values, cache_positions, query_window = carry
@@ -382,9 +402,14 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
         q, k, v = _project_qkv(config, p, h, positions)
         keys = write_slots(keys, index, slots, k)
         values = write_slots(values, index, slots, v)
-        cache_positions = write_slots(cache_positions, index, slots, slot_positions)
-        mask = layers.attention_mask(positions, cache_positions[index])
-        attended = layers.grouped_attention(q, keys[index], values[index], mask)
+        if attention_block is None:
+            cache_positions = write_slots(cache_positions, index, slots, slot_positions)
+            mask = layers.attention_mask(positions, cache_positions[index])
+            attended = layers.grouped_attention(q, keys[index], values[index], mask)
+        else:
+            attended = layers.live_block_attention(q, keys, values, positions,
+                                                   cache_positions, index, live_slots,
+                                                   attention_block)
         x = x + _attention_output(p, attended)
         if W:
             recent = jnp.concatenate(
@@ -393,7 +418,7 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
             query_window = query_window.at[index].set(recent)
         return (_residual_mlp(config, p, x), keys, values, cache_positions, query_window), None
 
-    carry = (embed(params, tokens), cache.keys, cache.values, cache.positions,
+    carry = (embed(params, tokens), cache.keys, cache.values, cache_positions,
              cache.query_window)
     if isinstance(params["layers"], list | tuple):  # one weight dict per layer
         for index, p in enumerate(params["layers"]):

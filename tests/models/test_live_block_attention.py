@@ -1,0 +1,119 @@
+"""A growing full cache attends over its live slots only (`layers.live_block_attention`): the
+same attention, logits and greedy tokens as attending over the whole static buffer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gkv_jax import decode
+from gkv_jax.cache import init_cache
+from gkv_jax.decode import generate_tokens, live_attention_block
+from gkv_jax.eviction import EvictionConfig
+from gkv_jax.models import ModelConfig, Transformer, layers
+from gkv_jax.models.transformer import forward_cached
+from gkv_jax.sampling import SamplingParams
+
+CONFIG = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+                     max_position_embeddings=512)
+
+
+def ragged_cache_attention_inputs(seed: int, B=3, T=2, N=4, K=2, C=37, H=8):
+    """Queries and a 2-layer cache whose rows hold none, some and all of the first `live`
+    slots (pads and holes included), every slot from `live` on empty."""
+    rng = np.random.default_rng(seed)
+    queries = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(2, B, K, C, H)), jnp.float32)
+    values = jnp.asarray(rng.normal(size=(2, B, K, C, H)), jnp.float32)
+    live = C - 6
+    slot_positions = np.where(np.arange(C) < live, np.arange(C), -1)
+    key_positions = np.broadcast_to(slot_positions, (2, B, K, C)).copy()
+    key_positions[:, 0] = -1  # an empty row
+    key_positions[:, 1, :, 3:9] = -1  # pads / holes
+    query_positions = np.array([[live, live + 1], [20, 21], [-1, live]])  # a pad query
+    return dict(queries=queries, keys=keys, values=values,
+                query_positions=jnp.asarray(query_positions, jnp.int32),
+                key_positions=jnp.asarray(key_positions, jnp.int32), live=live)
+
+
+def live_attention(inputs, layer, live, block, **changes):
+    x = {**inputs, **changes}
+    return jax.jit(layers.live_block_attention, static_argnums=7)(
+        x["queries"], x["keys"], x["values"], x["query_positions"], x["key_positions"],
+        layer, jnp.int32(live), block)
+
+
+@pytest.mark.parametrize("block", [1, 4, 8, 31, 64])
+def test_live_blocks_equal_attention_over_every_slot(block):
+    inputs = ragged_cache_attention_inputs(0)
+    mask = layers.attention_mask(inputs["query_positions"], inputs["key_positions"][1])
+    expected = layers.grouped_attention(inputs["queries"], inputs["keys"][1],
+                                        inputs["values"][1], mask)
+    got = live_attention(inputs, 1, inputs["live"], block)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[2, 0], 0.0)  # the pad query sees nothing
+    np.testing.assert_array_equal(got[0], 0.0)  # nor does any query of an empty row
+
+
+def test_live_blocks_skip_the_empty_tail_entirely():
+    """What lies past `live_slots` is never read: garbage there changes nothing."""
+    inputs = ragged_cache_attention_inputs(1)
+    live = inputs["live"]
+    clean = live_attention(inputs, 1, live, 8)
+    dirty = live_attention(  # visible if read; live + 1 rounds up to 32 slots read
+        inputs, 1, live + 1, 8, values=inputs["values"].at[1, :, :, live:].set(1e6),
+        key_positions=inputs["key_positions"].at[1, :, :, live + 2:].set(0))
+    np.testing.assert_array_equal(clean, dirty)
+
+
+def test_the_cached_forward_with_live_blocks_equals_the_dense_one():
+    params = Transformer(CONFIG, rngs=nnx.Rngs(0)).params()
+    cache = init_cache(CONFIG, 2, 40)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    prompt_positions = jnp.asarray([[-1, -1, 0, 1, 2, 3, 4, 5, 6], list(range(9))], jnp.int32)
+    forward = jax.jit(forward_cached, static_argnums=(0, 5))
+    _, cache = forward(CONFIG, params, prompt, prompt_positions, cache, None)
+    token = jnp.asarray([[5], [7]], jnp.int32)
+    positions = jnp.asarray([[7], [9]], jnp.int32)
+    dense_hidden, dense_cache = forward(CONFIG, params, token, positions, cache, None)
+    for block in (4, 16):
+        hidden, new_cache = forward(CONFIG, params, token, positions, cache, block)
+        np.testing.assert_allclose(hidden, dense_hidden, rtol=1e-5, atol=1e-5)
+        # Layer 1's keys come from layer 0's output: equal up to float rounding.
+        for a, b in zip(jax.tree.leaves(new_cache), jax.tree.leaves(dense_cache), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_block_is_chosen_for_growing_full_caches_only():
+    full, gkv = EvictionConfig(policy="full"), EvictionConfig(policy="gkv", budget=2048)
+    assert live_attention_block(full, 1024) is None  # small: one block is the whole buffer
+    assert live_attention_block(full, 1025) == 512
+    assert live_attention_block(full, 4159) == 512
+    assert live_attention_block(full, 16447) == 1536  # 16447 / 16 = 1028, in 512s
+    assert live_attention_block(gkv, 16447) is None  # an evicting buffer is always full
+
+
+def test_full_cache_generation_is_unchanged_by_live_blocks(monkeypatch):
+    """Greedy tokens and log-probs of `full` over 150 tokens, with live blocks of 16 slots
+    (a 166-slot buffer: from 2 blocks at the start to 11 at the end) and with none."""
+    params = Transformer(CONFIG, rngs=nnx.Rngs(1)).params()
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 17)), jnp.int32)
+    positions = jnp.asarray([[-1] * 5 + list(range(12)), list(range(17))], jnp.int32)
+    args = (params, tokens, positions, SamplingParams.create(), jnp.int32(0),
+            jnp.zeros((0,), jnp.int32))
+    full = EvictionConfig(policy="full", divide_length=32)
+    results = {}
+    for name, (min_block, max_blocks) in {"dense": (10**6, 16), "blocks": (16, 100)}.items():
+        monkeypatch.setattr(decode, "MIN_LIVE_BLOCK", min_block)
+        monkeypatch.setattr(decode, "MAX_LIVE_BLOCKS", max_blocks)
+        outputs, _ = jax.jit(generate_tokens, static_argnums=(0, 1, 2))(CONFIG, full, 150,
+                                                                       *args)
+        results[name] = outputs
+    assert live_attention_block(full, 166) == 16  # 11 blocks by the end
+    np.testing.assert_array_equal(results["blocks"].tokens, results["dense"].tokens)
+    np.testing.assert_allclose(results["blocks"].log_probs, results["dense"].log_probs,
+                               rtol=1e-5, atol=1e-5)
