@@ -51,12 +51,12 @@ PROMPT_LENGTH = 64
 @contextlib.contextmanager
 def dense_attention():
     """The previous full-cache decode step: every step attends over the whole buffer."""
-    original = decode.MIN_LIVE_BLOCK
-    decode.MIN_LIVE_BLOCK = 1 << 40
+    original = decode.live_attention_block
+    decode.live_attention_block = lambda *_: None
     try:
         yield
     finally:
-        decode.MIN_LIVE_BLOCK = original
+        decode.live_attention_block = original
 
 
 def filled_state(config, batch: int, capacity: int, live: int, seed: int = 0):

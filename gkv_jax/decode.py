@@ -73,13 +73,13 @@ MIN_LIVE_BLOCK = 512
 MAX_LIVE_BLOCKS = 16
 
 
-def live_attention_block(eviction: EvictionConfig, capacity: int) -> int | None:
-    """The decode steps' `attention_block` (see `forward_cached`): None (all C slots at once)
-    for evicting policies, whose buffer is full at every step, and for caches of at most
-    2 * MIN_LIVE_BLOCK slots; otherwise the smallest multiple of MIN_LIVE_BLOCK that cuts
-    the capacity into at most MAX_LIVE_BLOCKS blocks."""
+def live_attention_block(eviction: EvictionConfig, capacity: int) -> int:
+    """The decode steps' `attention_block` (see `forward_cached`): the whole buffer in one
+    pass for evicting policies, whose buffer is full at every step, and for caches of at
+    most 2 * MIN_LIVE_BLOCK slots; otherwise the smallest multiple of MIN_LIVE_BLOCK that
+    cuts the capacity into at most MAX_LIVE_BLOCKS blocks, read up to the longest row."""
     if eviction.evicts or capacity <= 2 * MIN_LIVE_BLOCK:
-        return None
+        return capacity
     per_block = -(-capacity // MAX_LIVE_BLOCKS)
     return -(-per_block // MIN_LIVE_BLOCK) * MIN_LIVE_BLOCK
 

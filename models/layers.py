@@ -144,7 +144,8 @@ def live_block_attention(
     folded into one online softmax (running max, sum and weighted values, in float32) by a
     loop of ceil(live_slots / block) trips. The last block is shifted back to end at C when
     C is not a multiple of `block`, its already-counted slots masked out. Blocks are sliced
-    straight from the [L, ...] buffers: XLA:CPU copies a slice before reading it.
+    straight from the [L, ...] buffers: XLA:CPU copies a slice before reading it. With
+    `block >= C` it is one pass over the whole buffer, without a loop.
     """
     B, T, N, H = queries.shape
     K, C = keys.shape[2], keys.shape[3]
@@ -167,8 +168,11 @@ def live_block_attention(
 
     init = (jnp.full((B, K, G, T), MASKED_LOGIT, jnp.float32),
             jnp.zeros((B, K, G, T), jnp.float32), jnp.zeros((B, K, G, T, H), jnp.float32))
-    num_blocks = (jnp.minimum(live_slots, C) + block - 1) // block
-    _, total, weighted = jax.lax.fori_loop(0, num_blocks, one_block, init)
+    if block == C:  # one block: no loop (`live_slots` >= 1, the new tokens included)
+        _, total, weighted = one_block(0, init)
+    else:
+        num_blocks = (jnp.minimum(live_slots, C) + block - 1) // block
+        _, total, weighted = jax.lax.fori_loop(0, num_blocks, one_block, init)
     # Rows with no visible key (pad queries) output zeros, as in `grouped_attention`.
     out = jnp.where(total[..., None] > 0, weighted / jnp.maximum(total, 1e-30)[..., None], 0.0)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(queries.dtype)

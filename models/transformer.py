@@ -388,12 +388,10 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
     slot_positions = jnp.broadcast_to(positions[:, :, None],
                                       (*positions.shape, config.num_kv_heads))
     live_slots = jnp.max(cache.lengths) + T  # slots at and past it are empty in every row
-    cache_positions = cache.positions
-    if attention_block is not None:
-        # Every layer's positions at once, before any read: a per-layer write that no read
-        # depends on made XLA copy the whole buffer to order it after the previous reads.
-        cache_positions = write_all_layers(cache_positions, slots, jnp.broadcast_to(
-            slot_positions, (config.num_layers, *slot_positions.shape)))
+    # Every layer's positions at once, before any read: a per-layer write that no read
+    # depends on made XLA copy the whole buffer to order it after the previous reads.
+    cache_positions = write_all_layers(cache.positions, slots, jnp.broadcast_to(
+        slot_positions, (config.num_layers, *slot_positions.shape)))
 
     def layer(carry, xs):
         x, keys, values, cache_positions, query_window = carry
@@ -403,7 +401,6 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
         keys = write_slots(keys, index, slots, k)
         values = write_slots(values, index, slots, v)
         if attention_block is None:
-            cache_positions = write_slots(cache_positions, index, slots, slot_positions)
             mask = layers.attention_mask(positions, cache_positions[index])
             attended = layers.grouped_attention(q, keys[index], values[index], mask)
         else:

@@ -90,30 +90,38 @@ def test_the_cached_forward_with_live_blocks_equals_the_dense_one():
 
 def test_the_block_is_chosen_for_growing_full_caches_only():
     full, gkv = EvictionConfig(policy="full"), EvictionConfig(policy="gkv", budget=2048)
-    assert live_attention_block(full, 1024) is None  # small: one block is the whole buffer
+    assert live_attention_block(full, 1024) == 1024  # small: one pass over the buffer
     assert live_attention_block(full, 1025) == 512
     assert live_attention_block(full, 4159) == 512
     assert live_attention_block(full, 16447) == 1536  # 16447 / 16 = 1028, in 512s
-    assert live_attention_block(gkv, 16447) is None  # an evicting buffer is always full
+    assert live_attention_block(gkv, 2176) == 2176  # an evicting buffer is always full
 
 
-def test_full_cache_generation_is_unchanged_by_live_blocks(monkeypatch):
-    """Greedy tokens and log-probs of `full` over 150 tokens, with live blocks of 16 slots
-    (a 166-slot buffer: from 2 blocks at the start to 11 at the end) and with none."""
+@pytest.mark.parametrize("policy", ["full", "gkv"])
+def test_generation_is_unchanged_by_live_blocks(monkeypatch, policy):
+    """Greedy tokens, log-probs and kept positions over 150 tokens with the decode steps'
+    attention as before (all C slots, `grouped_attention`) and as now: `full` in live
+    blocks of 16 slots (a 166-slot buffer: from 2 blocks at the start to 11 at the end),
+    gkv in one pass over its 48-slot buffer."""
     params = Transformer(CONFIG, rngs=nnx.Rngs(1)).params()
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 17)), jnp.int32)
     positions = jnp.asarray([[-1] * 5 + list(range(12)), list(range(17))], jnp.int32)
     args = (params, tokens, positions, SamplingParams.create(), jnp.int32(0),
             jnp.zeros((0,), jnp.int32))
-    full = EvictionConfig(policy="full", divide_length=32)
+    eviction = (EvictionConfig(policy="full", divide_length=16) if policy == "full" else
+                EvictionConfig(policy="gkv", divide_length=16, budget=32, window=8))
+    chosen = live_attention_block
+    monkeypatch.setattr(decode, "MIN_LIVE_BLOCK", 16)
+    monkeypatch.setattr(decode, "MAX_LIVE_BLOCKS", 100)
+    assert chosen(eviction, 166) == (16 if policy == "full" else 166)
     results = {}
-    for name, (min_block, max_blocks) in {"dense": (10**6, 16), "blocks": (16, 100)}.items():
-        monkeypatch.setattr(decode, "MIN_LIVE_BLOCK", min_block)
-        monkeypatch.setattr(decode, "MAX_LIVE_BLOCKS", max_blocks)
-        outputs, _ = jax.jit(generate_tokens, static_argnums=(0, 1, 2))(CONFIG, full, 150,
-                                                                       *args)
-        results[name] = outputs
-    assert live_attention_block(full, 166) == 16  # 11 blocks by the end
-    np.testing.assert_array_equal(results["blocks"].tokens, results["dense"].tokens)
-    np.testing.assert_allclose(results["blocks"].log_probs, results["dense"].log_probs,
-                               rtol=1e-5, atol=1e-5)
+    for name, choose in {"before": lambda *_: None, "now": chosen}.items():
+        monkeypatch.setattr(decode, "live_attention_block", choose)
+        outputs, state = jax.jit(generate_tokens, static_argnums=(0, 1, 2))(
+            CONFIG, eviction, 150, *args)
+        results[name] = outputs, state.cache.positions
+    (before, kept_before), (now, kept_now) = results["before"], results["now"]
+    np.testing.assert_array_equal(now.tokens, before.tokens)
+    np.testing.assert_allclose(now.log_probs, before.log_probs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(kept_now, kept_before)
+    assert int(now.compressions) == int(before.compressions)
