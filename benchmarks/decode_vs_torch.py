@@ -4,9 +4,9 @@ The same random weights (a `transformers` Qwen2 model, float32, converted with
 `gkv_jax.conversion.from_hf`), the same prompts, greedy, no EOS, so both generate exactly
 `--max-new-tokens` tokens per row; ours must produce the same tokens as `transformers` under
 the full cache (checked, reported). Runs are interleaved (transformers, ours full, ours full
-with the decode steps over the stacked [L, ...] weights as before the per-layer split (our
-own baseline), ours gkv, then again) and the median of `--repeats` is reported, with the
-spread.
+with the decode steps as before issue 18: over the stacked [L, ...] weights and attending
+over the whole buffer (our own baseline), ours gkv, then again) and the median of
+`--repeats` is reported, with the spread.
 
 Next to it, a bare chain of the decode step's weight reads: for every layer the q/k/v/o and
 MLP matrix-vector products and the LM head, with nothing else, in XLA (jit, the weights in
@@ -79,23 +79,26 @@ def torch_generate(model, prompts: np.ndarray, max_new_tokens: int):
 
 
 def ours_generate(model, prompts: np.ndarray, max_new_tokens: int, eviction,
-                  stacked: bool = False):
-    """`generate`; `stacked` runs the decode steps over the stacked [L, ...] weights (the
-    layer scan, what every backend did before per-layer weights on CPU): our own baseline."""
+                  before: bool = False):
+    """`generate`; `before` runs the decode steps as before issue 18 (our own baseline): over
+    the stacked [L, ...] weights (the layer scan) and attending over the whole buffer
+    (`grouped_attention` over all C slots) instead of `live_block_attention`."""
     from gkv_jax import decode, generate
 
-    if stacked:  # a distinct program: `decode_params` is read when the program is traced
+    if before:  # a distinct program: both choices are read when the program is traced
         eviction = eviction or __import__("gkv_jax").EvictionConfig(policy="full")
         eviction = dataclasses.replace(eviction, divide_length=eviction.divide_length + 1)
-    original = decode.decode_params
-    decode.decode_params = (lambda params: params) if stacked else original
+    originals = decode.decode_params, decode.live_attention_block
+    if before:
+        decode.decode_params = lambda params: params
+        decode.live_attention_block = lambda *_: None
     try:
         start = time.perf_counter()
         out = generate(model, prompts.tolist(), eviction=eviction,
                        max_new_tokens=max_new_tokens, eos_token_id=[])
         seconds = time.perf_counter() - start
     finally:
-        decode.decode_params = original
+        decode.decode_params, decode.live_attention_block = originals
     return np.asarray(out.tokens), seconds, out.stats
 
 
@@ -217,9 +220,11 @@ def run_shape(shape: str, batches: list[int], max_new_tokens: int, prompt_length
         prompts = np.random.default_rng(batch).integers(
             0, SHAPES[shape]["vocab_size"], (batch, prompt_length)).astype(np.int64)
         ours_generate(model, prompts, max_new_tokens, None)  # compile
-        ours_generate(model, prompts, max_new_tokens, None, stacked=True)
+        ours_generate(model, prompts, max_new_tokens, None, before=True)
         ours_generate(model, prompts, max_new_tokens, gkv)
-        times = {"transformers": [], "full": [], "full_stacked": [], "gkv": []}
+        ours_generate(model, prompts, max_new_tokens, gkv, before=True)
+        times = {"transformers": [], "full": [], "full_before": [], "gkv": [],
+                 "gkv_before": []}
         same = True
         for _ in range(repeats):
             reference, seconds = torch_generate(hf, prompts, max_new_tokens)
@@ -228,11 +233,13 @@ def run_shape(shape: str, batches: list[int], max_new_tokens: int, prompt_length
             times["full"].append(seconds)
             same &= bool(np.array_equal(tokens, reference))
             tokens, seconds, _ = ours_generate(model, prompts, max_new_tokens, None,
-                                               stacked=True)
-            times["full_stacked"].append(seconds)
+                                               before=True)
+            times["full_before"].append(seconds)
             same &= bool(np.array_equal(tokens, reference))
             _, seconds, _ = ours_generate(model, prompts, max_new_tokens, gkv)
             times["gkv"].append(seconds)
+            _, seconds, _ = ours_generate(model, prompts, max_new_tokens, gkv, before=True)
+            times["gkv_before"].append(seconds)
         tok = batch * max_new_tokens
         speed = {k: tok / statistics.median(v) for k, v in times.items()}
         spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
@@ -249,17 +256,18 @@ def run_shape(shape: str, batches: list[int], max_new_tokens: int, prompt_length
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| shape | batch | transformers tok/s | ours full, before (stacked weights) | "
-             "ours full | ours gkv | same tokens | "
+    lines = ["| shape | batch | transformers tok/s | ours full, before | "
+             "ours full | ours gkv, before | ours gkv | same tokens | "
              "matvec chain XLA per-layer / XLA stacked / torch (ms) | roofline tok/s |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         s = r["tokens_per_s"]
         t = s["transformers"]
         lines.append(
             f"| {r['shape']} | {r['batch']} | {t:.1f} | "
-            f"{s['full_stacked']:.1f} ({s['full_stacked'] / t:.2f}x) "
+            f"{s['full_before']:.1f} ({s['full_before'] / t:.2f}x) "
             f"| {s['full']:.1f} ({s['full'] / t:.2f}x) "
+            f"| {s['gkv_before']:.1f} ({s['gkv_before'] / t:.2f}x) "
             f"| {s['gkv']:.1f} ({s['gkv'] / t:.2f}x, budget {r['budget']}) | "
             f"{'yes' if r['same_tokens_as_transformers'] else 'NO'} | "
             f"{r['matvec_chain_ms']['xla_ms']:.1f} / "

@@ -67,21 +67,25 @@ def cache_capacity(eviction: EvictionConfig, prompt_length: int, max_new_tokens:
     return prompt_length + max_new_tokens - 1
 
 
-# Growing full caches read their live slots in blocks of at least this many slots, and in at
-# most about MAX_LIVE_BLOCKS blocks (fewer, larger trips for long caches).
-MIN_LIVE_BLOCK = 512
-MAX_LIVE_BLOCKS = 16
+# Growing full caches read their live slots in blocks of at least MIN_LIVE_BLOCK slots, in
+# at most about MAX_LIVE_BLOCKS blocks (fewer, larger trips for long caches). Measured on
+# CPU (benchmarks/full_cache_bench.py). On accelerators each trip launches its own kernels,
+# so blocks are larger there (not yet measured: no device has been lent).
+MIN_LIVE_BLOCK, MAX_LIVE_BLOCKS = 512, 16
+ACCELERATOR_MIN_LIVE_BLOCK, ACCELERATOR_MAX_LIVE_BLOCKS = 2048, 8
 
 
 def live_attention_block(eviction: EvictionConfig, capacity: int) -> int:
     """The decode steps' `attention_block` (see `forward_cached`): the whole buffer in one
     pass for evicting policies, whose buffer is full at every step, and for caches of at
-    most 2 * MIN_LIVE_BLOCK slots; otherwise the smallest multiple of MIN_LIVE_BLOCK that
-    cuts the capacity into at most MAX_LIVE_BLOCKS blocks, read up to the longest row."""
-    if eviction.evicts or capacity <= 2 * MIN_LIVE_BLOCK:
+    most two minimum blocks; otherwise the smallest multiple of the minimum block that cuts
+    the capacity into at most the backend's most blocks, read up to the longest row."""
+    smallest, most = ((MIN_LIVE_BLOCK, MAX_LIVE_BLOCKS) if jax.default_backend() == "cpu"
+                      else (ACCELERATOR_MIN_LIVE_BLOCK, ACCELERATOR_MAX_LIVE_BLOCKS))
+    if eviction.evicts or capacity <= 2 * smallest:
         return capacity
-    per_block = -(-capacity // MAX_LIVE_BLOCKS)
-    return -(-per_block // MIN_LIVE_BLOCK) * MIN_LIVE_BLOCK
+    per_block = -(-capacity // most)
+    return -(-per_block // smallest) * smallest
 
 
 def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
