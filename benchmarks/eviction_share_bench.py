@@ -69,7 +69,7 @@ def share_row(config, model, batch: int, budget: int, divide_length: int, max_ne
     program = jax.jit(decode.generate_tokens, static_argnums=(0, 1, 2))
     args = (params, tokens, positions, SamplingParams.create(), jnp.int32(0),
             jnp.zeros((0,), jnp.int32))
-    outputs, state = program(config, eviction, max_new, *args)  # compile + warm up
+    jax.block_until_ready(program(config, eviction, max_new, *args))  # compile, warm up
     start = time.perf_counter()
     outputs, state = jax.block_until_ready(program(config, eviction, max_new, *args))
     generate_seconds = time.perf_counter() - start
@@ -104,7 +104,7 @@ def share_row(config, model, batch: int, budget: int, divide_length: int, max_ne
            "end_to_end_share": compressions * evict_seconds / generate_seconds,
            "subnormal_global_scores": tiny}
     print(f"budget {budget}: step {row['step_ms']:.2f} ms, evict {row['evict_ms']:.2f} ms, "
-          f"share {row['share']:.1%} (end to end {row['end_to_end_share']:.1%}, "
+          f"share {row['share']:.2%} (end to end {row['end_to_end_share']:.2%}, "
           f"{compressions} compressions in {generate_seconds:.1f} s)", flush=True)
     return row
 
@@ -115,8 +115,8 @@ def markdown(rows) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['budget']} | {r['capacity']} | {r['max_new_tokens']} | "
-                     f"{r['step_ms']:.2f} | {r['evict_ms']:.2f} | {r['share']:.1%} | "
-                     f"{r['end_to_end_share']:.1%} | {r['subnormal_global_scores']:.1%} |")
+                     f"{r['step_ms']:.2f} | {r['evict_ms']:.2f} | {r['share']:.2%} | "
+                     f"{r['end_to_end_share']:.2%} | {r['subnormal_global_scores']:.1%} |")
     return "\n".join(lines)
 
 
