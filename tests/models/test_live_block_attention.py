@@ -47,7 +47,7 @@ def live_attention(inputs, layer, live, block, **changes):
         layer, jnp.int32(live), block)
 
 
-@pytest.mark.parametrize("block", [1, 4, 8, 31, 64])
+@pytest.mark.parametrize("block", [1, 8, 31, 64])
 def test_live_blocks_equal_attention_over_every_slot(block):
     inputs = ragged_cache_attention_inputs(0)
     mask = layers.attention_mask(inputs["query_positions"], inputs["key_positions"][1])
