@@ -38,6 +38,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_cpu_matvec_bench  # noqa: E402  (a sibling script)
+
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
@@ -130,7 +133,6 @@ def matvec_chain(model, batch: int, repeats: int = 5) -> dict[str, float]:
     norms), in XLA with our layouts and in torch with its own."""
     import jax
     import jax.numpy as jnp
-    import torch
 
     params = model.params()
     layers, head = params["layers"], params["lm_head"]
@@ -156,13 +158,7 @@ def matvec_chain(model, batch: int, repeats: int = 5) -> dict[str, float]:
         return x @ head
 
     def timed(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
+        return xla_cpu_matvec_bench.timed(lambda: jax.block_until_ready(fn(*args)), repeats)
 
     x = jnp.ones((batch, head.shape[0]), head.dtype)
     split = jax.block_until_ready(
@@ -171,37 +167,13 @@ def matvec_chain(model, batch: int, repeats: int = 5) -> dict[str, float]:
     xla_ms = timed(per_layer_chain, x, split, head)
     del split
 
-    def t(a):  # torch's layout: [out, in]
-        return torch.as_tensor(np.ascontiguousarray(np.asarray(a)))
-
-    weights = []
-    for i in range(L):
-        D = layers["q_proj"].shape[1]
-        weights.append(dict(
-            q=t(np.asarray(layers["q_proj"][i]).reshape(D, -1).T),
-            k=t(np.asarray(layers["k_proj"][i]).reshape(D, -1).T),
-            v=t(np.asarray(layers["v_proj"][i]).reshape(D, -1).T),
-            o=t(np.asarray(layers["o_proj"][i]).reshape(-1, D).T),
-            gate=t(np.asarray(layers["gate_proj"][i]).T), up=t(np.asarray(layers["up_proj"][i]).T),
-            down=t(np.asarray(layers["down_proj"][i]).T)))
-    torch_head = t(np.asarray(head).T)
-    F = torch.nn.functional
-    xt = torch.ones((batch, head.shape[0]))
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            x_ = xt
-            for w in weights:
-                q = F.linear(x_, w["q"])
-                F.linear(x_, w["k"]), F.linear(x_, w["v"])
-                o = F.linear(q, w["o"])
-                h = F.silu(F.linear(o, w["gate"])) * F.linear(o, w["up"])
-                x_ = x_ + F.linear(h, w["down"])
-            F.linear(x_, torch_head)
-            times.append(time.perf_counter() - start)
+    D = layers["q_proj"].shape[1]
+    weights = [{name: np.asarray(layers[f"{name}_proj"][i]).reshape(shape) for name, shape in
+                (("q", (D, -1)), ("k", (D, -1)), ("v", (D, -1)), ("o", (-1, D)),
+                 ("gate", (D, -1)), ("up", (D, -1)), ("down", (-1, D)))}
+               for i in range(L)] + [{"head": np.asarray(head)}]
     return {"xla_ms": xla_ms, "xla_stacked_ms": xla_stacked_ms,
-            "torch_ms": 1e3 * statistics.median(times[1:])}
+            "torch_ms": xla_cpu_matvec_bench.torch_chain_ms(weights, batch, repeats)}
 
 
 def run_shape(shape: str, batches: list[int], max_new_tokens: int, prompt_length: int,

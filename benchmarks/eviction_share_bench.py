@@ -50,16 +50,6 @@ from gkv_jax.sampling import SamplingParams  # noqa: E402
 PROMPT_LENGTH = 64
 
 
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def share_row(config, model, batch: int, budget: int, divide_length: int, max_new: int,
               repeats: int) -> dict:
     eviction = EvictionConfig(policy="gkv", budget=budget, divide_length=divide_length)
@@ -84,17 +74,13 @@ def share_row(config, model, batch: int, budget: int, divide_length: int, max_ne
     steps = full_cache_bench.step_seconds(config, decode.decode_params(params), state,
                                           divide_length, block, repeats) * divide_length
 
-    def fill(params, state):  # the cycle's steps, whose cache the compression gets
-        def body(state, _):
-            return decode.decode_step(config, params, state, SamplingParams.create(),
-                                      jnp.zeros((0,), jnp.int32), block)[0], None
-        return jax.lax.scan(body, state, None, length=divide_length)[0]
-
-    full = jax.jit(fill)(decode.decode_params(params), state).cache
+    # The cycle's steps, whose cache the compression gets.
+    fill = jax.jit(full_cache_bench.decode_steps(config, divide_length, block))
+    full = fill(decode.decode_params(params), state)[0].cache
     assert int(jnp.min(full.lengths)) == capacity
     active = jnp.ones((batch,), bool)
     evict = jax.jit(lambda cache: decode.evict(eviction, cache, active)).lower(full).compile()
-    evict_seconds = median_seconds(lambda: evict(full), repeats)
+    evict_seconds = full_cache_bench.median_seconds(lambda: evict(full), repeats)
     scores = full.global_score[jnp.isfinite(full.global_score)]
     tiny = float(np.mean(np.abs(np.asarray(scores)) < np.finfo(np.float32).tiny))
     compressions = int(outputs.compressions)

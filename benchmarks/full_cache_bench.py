@@ -78,26 +78,38 @@ def filled_state(config, batch: int, capacity: int, live: int, seed: int = 0):
         rng=jax.random.PRNGKey(0), step=jnp.int32(1))
 
 
-def step_seconds(config, params, state, steps: int, attention_block, repeats: int) -> float:
-    """Median seconds per decode step over `steps` steps run by one jitted scan."""
-    sampling = SamplingParams.create()
-    eos = jnp.zeros((0,), jnp.int32)
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of `fn()` (its result awaited) over `repeats` calls, after one
+    warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def decode_steps(config, steps: int, attention_block):
+    """A function (params, state) -> (state, tokens [steps, B]): `steps` greedy decode steps
+    under one scan, no EOS."""
+    sampling, eos = SamplingParams.create(), jnp.zeros((0,), jnp.int32)
 
     def run(params, state):
         def body(state, _):
             state, out = decode.decode_step(config, params, state, sampling, eos,
                                             attention_block)
             return state, out.tokens
-        return jax.lax.scan(body, state, None, length=steps)[1]
+        return jax.lax.scan(body, state, None, length=steps)
 
-    program = jax.jit(run).lower(params, state).compile()
-    jax.block_until_ready(program(params, state))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(program(params, state))
-        times.append((time.perf_counter() - start) / steps)
-    return float(np.median(times))
+    return run
+
+
+def step_seconds(config, params, state, steps: int, attention_block, repeats: int) -> float:
+    """Median seconds per decode step over `steps` steps run by one jitted scan."""
+    program = jax.jit(decode_steps(config, steps, attention_block)).lower(
+        params, state).compile()
+    return median_seconds(lambda: program(params, state), repeats) / steps
 
 
 def step_rows(config, model, batch, capacity_for, lives, steps, repeats):

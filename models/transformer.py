@@ -351,10 +351,8 @@ def write_slots(buffer: Array, layer: Array, slots: Int[Array, "B T"],
 
 def write_all_layers(buffer: Array, slots: Int[Array, "B T"], new: Array) -> Array:
     """Writes `new` [L, B, T, K, ...] into `buffer` [L, B, K, C, ...] at slots[b, t]."""
-    batch = jnp.arange(slots.shape[0])[:, None]
-    # Advanced indices (batch, slots) split by a slice put their [B, T] axes first.
-    new = jnp.moveaxis(new, 0, 2)  # [B, T, L, K, ...]
-    return buffer.at[:, batch, :, slots].set(new.astype(buffer.dtype), mode="drop")
+    # Indexing every layer, the advanced (batch, slots) axes come first: [B, T, L, K, ...].
+    return write_slots(buffer, slice(None), slots, jnp.moveaxis(new, 0, 2))
 
 
 def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Array, "B T"],
