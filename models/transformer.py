@@ -378,6 +378,11 @@ def forward_cached(config: ModelConfig, params: dict[str, Any], tokens: Int[Arra
       hidden: [B, T, D] last hidden states (apply `lm_logits`).
       cache: the updated cache (`global_score` untouched).
     """
+    if attention_block is not None and (isinstance(attention_block, bool)
+                                        or not isinstance(attention_block, int)
+                                        or attention_block < 1):
+        raise ValueError(f"attention_block must be None or an integer >= 1, got "
+                         f"{attention_block!r}")
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     T = tokens.shape[1]

@@ -88,6 +88,14 @@ def test_the_cached_forward_with_live_blocks_equals_the_dense_one():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [0, -3, 2.5, True, "16"])
+def test_a_bad_attention_block_is_refused_naming_it(block):
+    params = Transformer(CONFIG, rngs=nnx.Rngs(0)).params()
+    with pytest.raises(ValueError, match="attention_block must be None or an integer >= 1"):
+        forward_cached(CONFIG, params, jnp.zeros((1, 1), jnp.int32),
+                       jnp.zeros((1, 1), jnp.int32), init_cache(CONFIG, 1, 8), block)
+
+
 def test_the_block_is_chosen_for_growing_full_caches_only():
     full, gkv = EvictionConfig(policy="full"), EvictionConfig(policy="gkv", budget=2048)
     assert live_attention_block(full, 1024) == 1024  # small: one pass over the buffer
