@@ -28,6 +28,7 @@ vocab 4096) and `r1-1.5b-4l` (DeepSeek-R1-Distill-Qwen-1.5B widths with 4 layers
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,7 +40,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import xla_cpu_matvec_bench  # noqa: E402  (a sibling script)
+import generate_bench  # noqa: E402  (sibling scripts)
+import xla_cpu_matvec_bench  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -86,22 +88,16 @@ def ours_generate(model, prompts: np.ndarray, max_new_tokens: int, eviction,
     """`generate`; `before` runs the decode steps as before issue 18 (our own baseline): over
     the stacked [L, ...] weights (the layer scan) and attending over the whole buffer
     (`grouped_attention` over all C slots) instead of `live_block_attention`."""
-    from gkv_jax import decode, generate
+    from gkv_jax import generate
 
-    if before:  # a distinct program: both choices are read when the program is traced
+    if before:  # a distinct program: `decode_as_before` acts when a program is traced
         eviction = eviction or __import__("gkv_jax").EvictionConfig(policy="full")
         eviction = dataclasses.replace(eviction, divide_length=eviction.divide_length + 1)
-    originals = decode.decode_params, decode.live_attention_block
-    if before:
-        decode.decode_params = lambda params: params
-        decode.live_attention_block = lambda *_: None
-    try:
+    with generate_bench.decode_as_before() if before else contextlib.nullcontext():
         start = time.perf_counter()
         out = generate(model, prompts.tolist(), eviction=eviction,
                        max_new_tokens=max_new_tokens, eos_token_id=[])
         seconds = time.perf_counter() - start
-    finally:
-        decode.decode_params, decode.live_attention_block = originals
     return np.asarray(out.tokens), seconds, out.stats
 
 

@@ -38,6 +38,8 @@ Usage:
   python benchmarks/generate_bench.py --no-full
   # smoke test, seconds:
   python benchmarks/generate_bench.py --quick
+  # our own baseline: the decode step as it was before issue 18
+  python benchmarks/generate_bench.py --no-full --before
   # GPU, R1-Distill-Qwen-1.5B architecture (random bf16 weights), H100 SXM at 3350 GB/s:
   python benchmarks/generate_bench.py --preset deepseek-r1-distill-qwen-1.5b \\
       --dtype bfloat16 --batch 1 64 --max-new-tokens 4096 16384 --budgets 2048 \\
@@ -47,6 +49,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gkv_jax import decode
 from gkv_jax.eviction import DEFAULT_DIVIDE_LENGTH, EvictionConfig
 from gkv_jax.generation import generate
 from gkv_jax.models import ModelConfig, Transformer, preset
@@ -130,6 +134,21 @@ def sweep(batches: list[int], max_new: list[int], budgets: list[int], divide_len
     policies += [EvictionConfig(policy="gkv", budget=b, divide_length=divide_length)
                  for b in budgets]
     return [Run(b, m, e) for b in batches for m in max_new for e in policies]
+
+
+@contextlib.contextmanager
+def decode_as_before():
+    """`generate`'s decode steps as they were before issue 18, our own baseline: over the
+    stacked [L, ...] weights (the layer scan) and attending over the whole cache buffer
+    (`grouped_attention` over all C slots). Both are read when a program is traced: call
+    it for configurations not compiled yet in this process."""
+    originals = decode.decode_params, decode.live_attention_block
+    decode.decode_params = lambda params: params
+    decode.live_attention_block = lambda *_: None
+    try:
+        yield
+    finally:
+        decode.decode_params, decode.live_attention_block = originals
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -238,6 +257,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budgets", nargs="+", type=int, default=list(DEFAULT_BUDGETS))
     parser.add_argument("--divide-length", type=int, default=DEFAULT_DIVIDE_LENGTH)
     parser.add_argument("--no-full", action="store_true", help="run only the gkv budgets")
+    parser.add_argument("--before", action="store_true",
+                        help="decode as before issue 18 (stacked weights, whole-buffer "
+                        "attention): our own baseline")
     parser.add_argument("--roofline-gbps", type=float, default=None,
                         help="memory bandwidth in GB/s; adds the roofline fraction")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -261,7 +283,8 @@ def main(argv=None) -> None:
     for run in sweep(args.batch, args.max_new_tokens, args.budgets, args.divide_length,
                      with_full=not args.no_full):
         prompts = random_prompts(config, run.batch, args.prompt_length, args.seed)
-        calls = measure(model, run, prompts)
+        with decode_as_before() if args.before else contextlib.nullcontext():
+            calls = measure(model, run, prompts)
         rows.append(row(config, itemsize, run, args.prompt_length, calls, args.roofline_gbps))
         print(f"done: batch {run.batch}, {run.max_new_tokens} tokens, {run.label}: "
               f"{rows[-1]['tokens_per_second']:.1f} tokens/s", flush=True)
@@ -272,7 +295,7 @@ def main(argv=None) -> None:
                   "config": dataclasses.asdict(config),
                   "dtype": args.dtype, "prompt_length": args.prompt_length,
                   "divide_length": args.divide_length, "quick": args.quick,
-                  "seed": args.seed, "backend": jax.default_backend(),
+                  "seed": args.seed, "before": args.before, "backend": jax.default_backend(),
                   "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                   "host": platform.node(), "cpus": os.cpu_count(), "rows": rows}
         with open(args.results, "a") as f:
