@@ -56,10 +56,9 @@ DEMO_SUBDIRS = ("bundled_extra", "distilled")
 
 
 def eviction_from_args(args: argparse.Namespace) -> EvictionConfig:
-    """The `EvictionConfig` named by --policy and its knobs (unset knobs: policy defaults)."""
+    """The `EvictionConfig` named by --policy and its knobs (unset knobs: policy defaults; a
+    knob the policy does not use is refused, naming its flag)."""
     knobs = {"budget": args.budget, "window": args.window, "divide_length": args.divide_length}
-    if not get_policy(args.policy).evicts:
-        knobs = {"divide_length": args.divide_length}
     return EvictionConfig(policy=args.policy, **{k: v for k, v in knobs.items() if v is not None})
 
 

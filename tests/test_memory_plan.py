@@ -122,7 +122,7 @@ def test_capacity_follows_decode():
 
 def test_evicting_cache_is_independent_of_length_and_full_grows_with_it():
     config = CONFIG
-    short, long = (memory_plan(config, (2, 4), 4, GKV, n) for n in (100, 10_000))
+    short, long = (memory_plan(config, (2, 4), 4, GKV, n) for n in (100, 500))
     assert short.cache == long.cache and short.eviction_temporaries > 0
     full = [memory_plan(config, (2, 4), 4, None, n, prompt_length=1).cache for n in (100, 200)]
     L, b, k, H = config.num_layers, 4 // 2, SPEC.kv_heads // 4, SPEC.head_dim
@@ -199,6 +199,9 @@ def test_mesh_shape_forms_agree():
     (dict(batch=True), ValueError, "batch"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
     (dict(prompt_length=-1), ValueError, "prompt_length"),
+    (dict(max_new_tokens=10**7, prompt_length=512), ValueError,
+     r"prompt_length 512 \+ max_new_tokens 10000000 = 10000512 exceeds the model's context"),
+    (dict(max_new_tokens=CONFIG.max_position_embeddings), ValueError, "exceeds the model's"),
     (dict(dtype="int8"), ValueError, "dtype"),
     (dict(eviction="gkv"), TypeError, "eviction"),
     (dict(config={"num_layers": 2}), TypeError, "config"),

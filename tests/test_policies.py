@@ -65,14 +65,88 @@ def test_registration_errors(toy_policy):
         register_policy("toy")
     with pytest.raises(ValueError, match="window_role"):
         Policy("bad", newest_first_score, window_role="sideways")
-    register_policy(Policy("odd", newest_first_score, knobs={"temperature": 1.0}))
-    try:
-        with pytest.raises(ValueError, match="EvictionConfig lacks"):
-            EvictionConfig("odd", budget=5)
-    finally:
-        unregister_policy("odd")
     with pytest.raises(ValueError, match="policy must be one of"):
         EvictionConfig("nope", budget=5)
+
+
+def test_knobs_and_names_are_checked_when_the_policy_is_built():
+    # An unknown knob fails at Policy(...), before registration (it used to fail only when
+    # an EvictionConfig was built).
+    with pytest.raises(ValueError, match=r"knobs \['gamma'\] are not EvictionConfig knobs"):
+        Policy("myknob", newest_first_score, knobs={"window": 8, "gamma": 0.3})
+    with pytest.raises(ValueError, match="default of knob 'window' must be an integer"):
+        Policy("myknob", newest_first_score, knobs={"window": 2.5})
+    with pytest.raises(ValueError, match="default of knob 'smooth' must be an string"):
+        Policy("myknob", newest_first_score, knobs={"smooth": 1})
+    with pytest.raises(TypeError, match="knobs must be a mapping"):
+        Policy("myknob", newest_first_score, knobs=["window"])
+    assert "myknob" not in POLICIES
+    # Names the CLI's comma-separated --policies can name.
+    for name in ("a,b", 123, "", " toy", "my policy", None):
+        with pytest.raises(ValueError, match="non-empty string without commas"):
+            Policy(name, newest_first_score)
+    with pytest.raises(TypeError, match="score must be callable"):
+        Policy("uncallable", "not a function")
+
+
+def test_full_refuses_a_budget():
+    assert EvictionConfig("full").budget is None
+    with pytest.raises(ValueError, match="budget is not used by policy 'full'"):
+        EvictionConfig("full", budget=24)
+
+
+def _policy_returning(name, make, carries=False):
+    def score(cfg, ops, queries, keys, valid, global_score):
+        local = ops.score_update(queries, keys, valid, normalise=False)
+        return make(local)
+    return register_policy(Policy(name, score, knobs={"window": 2},
+                                  carries_global_score=carries))
+
+
+SELECT_INPUTS = dict(
+    queries=jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 8)), jnp.float32),
+    keys=jnp.asarray(np.random.default_rng(1).normal(size=(1, 1, 18, 8)), jnp.float32),
+    valid=jnp.ones((1, 18), bool).at[0, :2].set(False))
+
+
+@pytest.mark.parametrize("make, carries, message", [
+    (lambda a: (a, a), False, "registered with carries_global_score=False"),
+    (lambda a: (a, None), True, "returned None for it"),
+    (lambda a: (a, a[..., :-1]), True, r"got float32\[1, 1, 16\], float32\[1, 1, 15\]"),
+    (lambda a: a, False, "must return a pair"),
+])
+def test_a_policys_carried_score_is_checked_like_its_scores(make, carries, message):
+    _policy_returning("checked", make, carries)
+    try:
+        for implementation in ("xla", "pallas"):
+            cfg = EvictionConfig("checked", budget=8, implementation=implementation)
+            with pytest.raises(ValueError, match=message):
+                select(cfg, **SELECT_INPUTS)
+    finally:
+        unregister_policy("checked")
+
+
+def test_nan_scores_never_win_a_place_through_select():
+    """A policy scoring NaN on even candidates: on both backends every real score is kept
+    before any NaN one; an all-NaN policy keeps valid rows (oldest first), never pads."""
+    def nan_on_even(a):
+        return jnp.where(jnp.arange(a.shape[-1]) % 2 == 0, jnp.nan, a), None
+
+    _policy_returning("nan-even", nan_on_even)
+    _policy_returning("nan-all", lambda a: (jnp.full_like(a, jnp.nan), None))
+    try:
+        for implementation in ("xla", "pallas"):
+            kept, _ = select(EvictionConfig("nan-even", budget=8, implementation=implementation),
+                             **SELECT_INPUTS)
+            kept = np.asarray(kept)[0, 0]
+            # 7 real (odd, valid) candidates for 6 places: only real ones are kept.
+            assert len(kept) == 6 and set(kept) <= {3, 5, 7, 9, 11, 13, 15}, implementation
+            kept, _ = select(EvictionConfig("nan-all", budget=8, implementation=implementation),
+                             **SELECT_INPUTS)
+            assert np.asarray(kept).tolist() == [[[2, 3, 4, 5, 6, 7]]], implementation
+    finally:
+        unregister_policy("nan-even")
+        unregister_policy("nan-all")
 
 
 def test_ops_resolve_once():

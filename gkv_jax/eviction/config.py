@@ -12,16 +12,13 @@ import numbers
 
 from gkv_jax.pallas_kernels._common import IMPLEMENTATIONS, MATMUL_DTYPES
 from gkv_jax.policies import Policy, get_policy
+from gkv_jax.policies.registry import KNOBS
 from gkv_jax.policies.registry import check_int as _check_int
 
 __all__ = ["DEFAULT_DIVIDE_LENGTH", "KNOBS", "SMOOTH_MODES", "EvictionConfig"]
 
 SMOOTH_MODES = ("max", "mean", "sum")
 
-# The knobs a policy may declare (`Policy.knobs`); budget, divide_length, implementation and
-# matmul_dtype are common to every policy.
-KNOBS = ("window", "alpha", "mix_lambda", "similarity_threshold", "pool_kernel", "sink",
-         "recent", "smooth")
 DEFAULT_DIVIDE_LENGTH = 128
 
 
@@ -36,7 +33,7 @@ class EvictionConfig:
       policy: a registered policy name (`POLICIES`): "full" (never evicts), "streaming",
         "snapkv", "rkv", "h2o", "gkv", or one added with `register_policy`.
       budget: number of cache rows kept per (layer, sequence, KV head) after a compression;
-        required by every policy but "full" (which ignores it).
+        required by every policy but "full", which never evicts and refuses one.
       window: W, the always-kept, never-scored tail (16; h2o 1; streaming: = recent).
       divide_length: decode steps between compression attempts (128).
       alpha: decay of the global score (gkv, h2o: 0.8).
@@ -72,11 +69,10 @@ class EvictionConfig:
 
     def __post_init__(self):
         policy = get_policy(self.policy)
-        defaults = policy.knobs
-        unknown = sorted(set(defaults) - set(KNOBS))
-        if unknown:  # a registered policy's knobs must be fields of this config
-            raise ValueError(f"policy {self.policy!r} declares knobs {unknown} that "
-                             f"EvictionConfig lacks; its knobs are among {KNOBS}")
+        defaults = policy.knobs  # names checked when the Policy was built
+        if not policy.evicts and self.budget is not None:
+            raise ValueError(f"budget is not used by policy {self.policy!r}, which never "
+                             f"evicts; leave it None")
         for name in KNOBS:
             if name not in defaults and getattr(self, name) is not None:
                 raise ValueError(f"{name} is not used by policy {self.policy!r}; leave it None")

@@ -16,6 +16,8 @@ Conventions chosen where the specification is silent:
     a row >= C = budget - W (G = Â, which is also what `sum` gives with zero history).
   * `smooth="sum"` is G = alpha * G_prev + Â (the reference's H2O rule; rows without history
     get G = Â).
+  * A NaN score ranks below every real score (-inf included) and above invalid rows
+    (`gkv_jax.pallas_kernels.topk_retention.keep_top`).
   * Score ties are broken towards the lowest slot index (`jax.lax.top_k` keeps the
     lower-index element first among equal values).
   * When fewer valid candidates than `budget - W` exist, the extra kept entries point at the
@@ -82,16 +84,33 @@ def validate_inputs(
 
 
 def _check_policy_output(cfg: EvictionConfig, scores, carried, candidates_shape) -> None:
-    """A policy's score must cover the candidates ([B, K, S - W] float; carried alike or
-    None): checked here, since the selection op no longer validates what it is handed."""
+    """A policy's score must cover the candidates ([B, K, S - W] float), and so must its
+    carried score, which a policy returns exactly when it `carries_global_score`: checked
+    here, since the selection op no longer validates what it is handed. (NaN scores are
+    allowed: they rank below every real score.)"""
     def fits(x):
-        return x.shape == candidates_shape and jnp.issubdtype(x.dtype, jnp.floating)
+        return (hasattr(x, "shape") and hasattr(x, "dtype") and x.shape == candidates_shape
+                and jnp.issubdtype(x.dtype, jnp.floating))
 
+    def shown(x):
+        return None if x is None else (f"{x.dtype}{list(x.shape)}" if hasattr(x, "dtype")
+                                       else type(x).__name__)
+
+    carries = cfg.has_global_score
     if not fits(scores) or (carried is not None and not fits(carried)):
-        got = [None if x is None else f"{x.dtype}{list(x.shape)}" for x in (scores, carried)]
         raise ValueError(f"policy {cfg.policy!r} must score the candidates as floating "
                          f"{list(candidates_shape)} arrays (scores, carried or None), got "
-                         f"{got[0]}, {got[1]}")
+                         f"{shown(scores)}, {shown(carried)}")
+    if carries and carried is None:
+        raise ValueError(f"policy {cfg.policy!r} carries a global score "
+                         f"(carries_global_score=True) but its score returned None for it; "
+                         f"return (scores, carried) with carried a floating "
+                         f"{list(candidates_shape)} array")
+    if not carries and carried is not None:
+        raise ValueError(f"policy {cfg.policy!r} returned a carried score, but it was "
+                         f"registered with carries_global_score=False, so the score would be "
+                         f"dropped; return (scores, None), or register the policy with "
+                         f"carries_global_score=True")
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -161,7 +180,11 @@ def select_with_ops(
     interpret mode or matmul dtype of one's choice); same contract, not jitted."""
     validate_inputs(cfg, queries, keys, valid, global_score)
     ops = ops.trusted()  # validated once, above
-    scores, carried = policy_scores(cfg, ops, queries, keys, valid, global_score)
+    output = policy_scores(cfg, ops, queries, keys, valid, global_score)
+    if not isinstance(output, tuple) or len(output) != 2:
+        raise ValueError(f"policy {cfg.policy!r} must return a pair (scores, carried or "
+                         f"None), got {type(output).__name__}")
+    scores, carried = output
     B, K, S, _ = keys.shape
     candidates = S - cfg.window
     _check_policy_output(cfg, scores, carried, (B, K, candidates))

@@ -28,6 +28,14 @@ from gkv_jax.pallas_kernels.ops import Ops
 #   "none": never evicts (full).
 WINDOW_ROLES = ("observation", "current_query", "recent", "none")
 
+# The knobs a policy may declare (`Policy.knobs`), each an `EvictionConfig` field, with the
+# kind of default it takes (None = derived by the policy's `resolve`); budget, divide_length,
+# implementation and matmul_dtype are common to every policy.
+KNOB_KINDS = {"window": "integer", "alpha": "number", "mix_lambda": "number",
+              "similarity_threshold": "number", "pool_kernel": "integer", "sink": "integer",
+              "recent": "integer", "smooth": "string"}
+KNOBS = tuple(KNOB_KINDS)
+
 Score = Callable[
     [Any, Ops, Float[Array, "B N W H"] | None, Float[Array, "B K S H"], Bool[Array, "B S"],
      Float[Array, "B K kept"] | None],
@@ -39,7 +47,8 @@ class Policy:
     """One eviction policy.
 
     Attributes:
-      name: what `EvictionConfig(policy=...)` and the CLI call it.
+      name: what `EvictionConfig(policy=...)` and the CLI call it: a non-empty string
+        without commas or whitespace (the CLI takes policies as a comma-separated list).
       score: `score(cfg, ops, queries, keys, valid, global_score) -> (scores, carried)`:
         scores [B, K, S - W] float32 of the candidate rows (higher is kept; invalid rows are
         masked afterwards) and carried [B, K, S - W] (the global score to carry) or None.
@@ -48,8 +57,10 @@ class Policy:
         score reading keys itself must too); `global_score` [B, K, budget - W] (None at the
         first compression or unless `carries_global_score`). None for a policy that never
         evicts.
-      knobs: the `EvictionConfig` knobs the policy reads, with their defaults (None = derived
-        by `resolve`). A knob absent here must be left None by the user.
+      knobs: the `EvictionConfig` knobs the policy reads (names from `KNOBS`), with their
+        defaults (None = derived by `resolve`). A knob absent here must be left None by the
+        user. Checked when the `Policy` is built: an unknown knob raises then, not at first
+        use.
       needs_queries: scores with the last W queries (the cache keeps a query ring of W).
       carries_global_score: keeps a per-row score across compressions (`carried`).
       window_role: what `window` means to it (see `WINDOW_ROLES`).
@@ -68,6 +79,11 @@ class Policy:
     about: str = ""
 
     def __post_init__(self):
+        _check_name(self.name)
+        if self.score is not None and not callable(self.score):
+            raise TypeError(f"policy {self.name!r}: score must be callable or None, got "
+                            f"{type(self.score).__name__}")
+        _check_knobs(self.name, self.knobs)
         if self.window_role not in WINDOW_ROLES:
             raise ValueError(f"window_role must be one of {WINDOW_ROLES}, "
                              f"got {self.window_role!r}")
@@ -75,6 +91,34 @@ class Policy:
     @property
     def evicts(self) -> bool:
         return self.score is not None
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or name != name.strip() or any(
+            c == "," or c.isspace() for c in name):
+        raise ValueError(f"Policy name must be a non-empty string without commas or "
+                         f"whitespace (the CLI's --policies is a comma-separated list), got "
+                         f"{name!r}")
+
+
+def _check_knobs(name: str, knobs: Any) -> None:
+    """A policy's knobs: a mapping from `KNOBS` names to defaults of the knob's kind."""
+    if not isinstance(knobs, Mapping):
+        raise TypeError(f"policy {name!r}: knobs must be a mapping of knob name to default, "
+                        f"got {type(knobs).__name__}")
+    unknown = sorted(str(k) for k in knobs if k not in KNOB_KINDS)
+    if unknown:
+        raise ValueError(f"policy {name!r}: knobs {unknown} are not EvictionConfig knobs; a "
+                         f"policy's knobs are among {KNOBS}")
+    for knob, default in knobs.items():
+        kind = KNOB_KINDS[knob]
+        fits = default is None or {
+            "integer": isinstance(default, numbers.Integral) and not isinstance(default, bool),
+            "number": isinstance(default, numbers.Real) and not isinstance(default, bool),
+            "string": isinstance(default, str)}[kind]
+        if not fits:
+            raise ValueError(f"policy {name!r}: the default of knob {knob!r} must be an "
+                             f"{kind} or None, got {default!r}")
 
 
 _REGISTRY: dict[str, Policy] = {}

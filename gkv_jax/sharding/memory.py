@@ -256,7 +256,9 @@ def memory_plan(config: ModelConfig, mesh_shape, batch: int,
     Raises:
       ValueError / TypeError: naming the parameter: a config that is not a `ModelConfig`,
         a mesh_shape that is not 2 positive integers, batch < 1, max_new_tokens < 1,
-        prompt_length < 0, an unknown dtype, an eviction that is not an `EvictionConfig`.
+        prompt_length < 0, prompt_length (at least 1) + max_new_tokens beyond the model's
+        context (`generate` refuses such a call), an unknown dtype, an eviction that is not
+        an `EvictionConfig`.
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a gkv_jax ModelConfig, got {type(config).__name__}")
@@ -271,6 +273,13 @@ def memory_plan(config: ModelConfig, mesh_shape, batch: int,
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not _is_int(prompt_length) or prompt_length < 0:
         raise ValueError(f"prompt_length must be an integer >= 0, got {prompt_length!r}")
+    longest = max(int(prompt_length), 1)  # generate needs a prompt of at least one token
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"max_new_tokens: prompt_length {longest} + max_new_tokens {max_new_tokens} = "
+            f"{longest + max_new_tokens} exceeds the model's context "
+            f"(max_position_embeddings={config.max_position_embeddings}); generate refuses "
+            f"such a call")
     dtype = resolve_dtype(dtype)  # ValueError naming dtype and the allowed names
     itemsize = dtype.itemsize
 

@@ -6,10 +6,10 @@ buffers), `pallas_gpu.py` the Mosaic GPU kernels (the same threshold search, a p
 compaction; TMA row gathers into aliased buffers). Both functions validate once and dispatch
 on `implementation` (see `_common.resolve_implementation`).
 
-Ties: among equal scores the lowest slot index is kept first, in both implementations.
-Scores are ranked in the IEEE total order, as `jax.lax.top_k` does (so -0.0 ranks below 0.0).
-Invalid candidates score -inf and are kept, lowest index first, only when fewer valid
-candidates than `count` exist.
+Order (`reference.ranking_key`, shared by every implementation): scores in the IEEE total
+order (so -0.0 ranks below 0.0), -inf included; then valid candidates scored NaN, below every
+score, whatever the NaN's sign; then invalid candidates, kept only when fewer valid
+candidates than `count` exist. Among equal keys the lowest slot index is kept first.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def keep_top(
     """The `count` best candidates of each (sequence, KV head), in temporal order.
 
     Args:
-      scores: [B, K, P] float (higher is better; NaN not allowed at valid candidates).
+      scores: [B, K, P] float (higher is better; NaN ranks below every score).
       carried: [B, K, P] float gathered at the kept candidates (the global score), or None.
-      candidate_valid: [B, P] bool; invalid candidates score -inf and carry NaN.
+      candidate_valid: [B, P] bool; invalid candidates rank last and carry NaN.
       count: how many to keep, 1 <= count <= P (static).
       implementation: "xla" (reference), "pallas", or None (auto: Pallas on a backend of
         `_common.VERIFIED_BACKENDS`, the reference elsewhere).

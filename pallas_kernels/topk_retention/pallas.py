@@ -2,9 +2,9 @@
 
 Selection (`keep_top`, grid (B, K), one candidate row per step, laid out [P / 128, 128]):
 
-  1. Scores become order-preserving int32 keys (float bits, negatives flipped: the IEEE total
-     order of `jax.lax.top_k`, so -0.0 ranks below 0.0); invalid candidates score -inf;
-     padding gets INT32_MIN, below every score.
+  1. The kernel ranks the int32 keys of `reference.ranking_key` (scores in the IEEE total
+     order, -0.0 below 0.0; NaN scores below -inf; invalid candidates below those); padding
+     gets INT32_MIN, below every key.
   2. A 32-step bitwise search finds the threshold t = the count-th largest key: the largest t
      with #{key >= t} >= count.
   3. keep = key > t, plus the first (count - #{key > t}) keys equal to t in slot order: ties
@@ -43,7 +43,6 @@ from gkv_jax.pallas_kernels.topk_retention import reference
 
 _LANES = _common.LANES
 _INT32_MIN = np.int32(np.iinfo(np.int32).min)
-_INT32_MAX = np.int32(np.iinfo(np.int32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,23 +82,17 @@ def _total(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def _sortable_key(scores):
-    """float32 -> int32 in the IEEE total order that `jax.lax.top_k` uses (-0.0 < 0.0)."""
-    bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
-    return jnp.where(bits < 0, bits ^ _INT32_MAX, bits)
-
-
-def _select_kernel(scores_ref, *rest, P: int, count: int, out_blocks: int, window_rows: int,
+def _select_kernel(keys_ref, *rest, P: int, count: int, out_blocks: int, window_rows: int,
                    with_carried: bool):
     if with_carried:
         carried_ref, kept_ref, carried_out_ref, cs_ref, keep_ref = rest
     else:
         kept_ref, cs_ref, keep_ref = rest
         carried_ref = carried_out_ref = None
-    R = scores_ref.shape[0]
+    R = keys_ref.shape[0]
     slot = (jax.lax.broadcasted_iota(jnp.int32, (R, _LANES), 0) * _LANES
             + jax.lax.broadcasted_iota(jnp.int32, (R, _LANES), 1))
-    key = jnp.where(slot < P, _sortable_key(scores_ref[...]), _INT32_MIN)
+    key = jnp.where(slot < P, keys_ref[...], _INT32_MIN)
 
     # Threshold: bit by bit from the top, in the unsigned order (key ^ INT32_MIN).
     found = jnp.zeros((1, 1), jnp.int32)
@@ -155,9 +148,6 @@ def keep_top(scores, carried, candidate_valid, count: int, *, interpret=False):
     # Whole [128, 128] tiles: the prefix-sum products stay MXU-aligned.
     rows = _common.round_up(pl.cdiv(P, _LANES), _LANES)
     out_blocks = pl.cdiv(count, _LANES)
-    valid = candidate_valid[:, None, :]
-    masked = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
-
     def layout(x, fill):  # [B, K, P] -> [B, K, rows, 128]
         x = jnp.pad(x, ((0, 0), (0, 0), (0, rows * _LANES - P)), constant_values=fill)
         return x.reshape(B, K, rows, _LANES)
@@ -165,11 +155,12 @@ def keep_top(scores, carried, candidate_valid, count: int, *, interpret=False):
     row_spec = pl.BlockSpec((None, None, rows, _LANES), lambda b, k: (b, k, 0, 0))
     col_spec = pl.BlockSpec((None, None, out_blocks * _LANES, 1), lambda b, k: (b, k, 0, 0))
     col_shape = (B, K, out_blocks * _LANES, 1)
-    args, in_specs = [layout(masked, -jnp.inf)], [row_spec]
+    keys = reference.ranking_key(scores, candidate_valid)
+    args, in_specs = [layout(keys, _INT32_MIN)], [row_spec]
     out_specs, out_shape = [col_spec], [jax.ShapeDtypeStruct(col_shape, jnp.int32)]
     with_carried = carried is not None
     if with_carried:
-        args.append(layout(jnp.where(valid, carried.astype(jnp.float32), jnp.nan), jnp.nan))
+        args.append(layout(reference.masked_carried(carried, candidate_valid), jnp.nan))
         in_specs.append(row_spec)
         out_specs.append(col_spec)
         out_shape.append(jax.ShapeDtypeStruct(col_shape, jnp.float32))

@@ -3,9 +3,9 @@
 Selection (`keep_top`, grid (B, K), one CTA = one warpgroup per candidate row), with the
 candidates in chunks of `block_p` (flat `strided` layout):
 
-  1. Scores become order-preserving int32 keys (float bits, negatives flipped: the IEEE total
-     order of `jax.lax.top_k`, so -0.0 ranks below 0.0); invalid candidates score -inf;
-     padding gets INT32_MIN, below every score.
+  1. The kernel ranks the int32 keys of `reference.ranking_key` (scores in the IEEE total
+     order, -0.0 below 0.0; NaN scores below -inf; invalid candidates below those); padding
+     gets INT32_MIN, below every key.
   2. A 32-step bitwise search finds the threshold t = the count-th largest key: the largest t
      with #{key >= t} >= count (whole-vector counts).
   3. keep = key > t, plus the first (count - #{key > t}) keys equal to t in slot order (ties to
@@ -54,7 +54,6 @@ from gkv_jax.pallas_kernels import _gpu_common as gc
 from gkv_jax.pallas_kernels.topk_retention import reference
 
 _INT32_MIN = np.int32(np.iinfo(np.int32).min)
-_INT32_MAX = np.int32(np.iinfo(np.int32).max)
 _OUT = gc.TILE_ROWS  # output ranks per block, slots per input tile of step 4
 
 
@@ -83,12 +82,6 @@ def _check_block_sizes(block_sizes) -> BlockSizes:
 
 
 # ---------------------------------------------------------------------------------- selection
-def _sortable_key(scores):
-    """float32 -> int32 in the IEEE total order that `jax.lax.top_k` uses (-0.0 < 0.0)."""
-    bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
-    return jnp.where(bits < 0, bits ^ _INT32_MAX, bits)
-
-
 def _over_chunks(chunks: int, body, init):
     """fori_loop over the chunks (a plain call when there is one)."""
     return body(0, init) if chunks == 1 else jax.lax.fori_loop(0, chunks, body, init)
@@ -116,7 +109,7 @@ def _threshold(count_where, count: int):
     return found ^ _INT32_MIN
 
 
-def _select_kernel(scores_ref, *rest, P: int, C: int, chunks: int, count: int,
+def _select_kernel(keys_ref, *rest, P: int, C: int, chunks: int, count: int,
                    window_tiles: int, with_carried: bool, emit: gc.Emit):
     if with_carried:
         carried_ref, kept_ref, carried_out_ref, hit_ref, above_buf, tie_buf = rest
@@ -128,9 +121,9 @@ def _select_kernel(scores_ref, *rest, P: int, C: int, chunks: int, count: int,
     slot_tiles = chunks * C // _OUT
 
     def load_keys(c):  # [C] int32 keys of chunk c
-        scores = emit.load(scores_ref, (b, k, pl.ds(c * C, C)), layout)
+        keys = emit.load(keys_ref, (b, k, pl.ds(c * C, C)), layout)
         slots = c * C + emit.iota(C, layout)
-        return jnp.where(slots < P, _sortable_key(scores), _INT32_MIN)
+        return jnp.where(slots < P, keys, _INT32_MIN)
 
     if chunks == 1:
         only = load_keys(0)
@@ -204,16 +197,15 @@ def keep_top(scores, carried, candidate_valid, count: int, *,
     C = min(block_sizes.block_p, _common.round_up(P, gc.WARPGROUP))
     P_pad = _common.round_up(P, C)
     count_pad = _common.round_up(count, _OUT)
-    valid = candidate_valid[:, None, :]
 
     def pad(x, fill):
         return jnp.pad(x, ((0, 0), (0, 0), (0, P_pad - P)), constant_values=fill)
 
-    args = [pad(jnp.where(valid, scores.astype(jnp.float32), -jnp.inf), -jnp.inf)]
+    args = [pad(reference.ranking_key(scores, candidate_valid), _INT32_MIN)]
     out_type = [jax.ShapeDtypeStruct((B, K, count_pad), jnp.int32)]
     with_carried = carried is not None
     if with_carried:
-        args.append(pad(jnp.where(valid, carried.astype(jnp.float32), jnp.nan), jnp.nan))
+        args.append(pad(reference.masked_carried(carried, candidate_valid), jnp.nan))
         out_type.append(jax.ShapeDtypeStruct((B, K, count_pad), jnp.float32))
     out_type.append(jax.ShapeDtypeStruct((B, K, P_pad), jnp.float32))  # hit (scratch)
     params = gc.interpret_params(interpret)

@@ -6,9 +6,43 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 EMPTY_POSITION = -1
+
+_INT32_MAX = np.int32(np.iinfo(np.int32).max)
+
+
+def sortable_key(scores: Float[Array, "..."]) -> Int[Array, "..."]:
+    """float32 -> int32 keys in the IEEE total order (-0.0 ranks below 0.0): float bits,
+    negatives' magnitude bits flipped."""
+    bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ _INT32_MAX, bits)
+
+
+# Keys below every score's (-inf's key is NEG_INF_KEY): a valid candidate scored NaN ranks
+# just below -inf, an invalid candidate below that. Both stay well above INT32_MIN, which the
+# kernels give their padding.
+NEG_INF_KEY = int(np.float32(-np.inf).view(np.int32) ^ _INT32_MAX)
+NAN_KEY = NEG_INF_KEY - 1
+INVALID_KEY = NEG_INF_KEY - 2
+
+
+def ranking_key(scores: Float[Array, "B K P"], candidate_valid: Bool[Array, "B P"]
+                ) -> Int[Array, "B K P"]:
+    """The order `keep_top` ranks candidates in, as int32 keys (higher is kept first): every
+    score of a valid candidate in the IEEE total order, -inf included, then valid candidates
+    scored NaN (whatever its sign or payload), then invalid candidates. Every implementation
+    ranks these keys, so a policy's NaN never wins a place over a real score."""
+    key = jnp.where(jnp.isnan(scores), NAN_KEY, sortable_key(scores))
+    return jnp.where(candidate_valid[:, None, :], key, INVALID_KEY)
+
+
+def masked_carried(carried: Float[Array, "B K P"], candidate_valid: Bool[Array, "B P"]
+                   ) -> Float[Array, "B K P"]:
+    """`carried` as float32, NaN (no history) at invalid candidates."""
+    return jnp.where(candidate_valid[:, None, :], carried.astype(jnp.float32), jnp.nan)
 
 
 def keep_top(
@@ -19,16 +53,15 @@ def keep_top(
 ) -> tuple[Int[Array, "B K count"], Float[Array, "B K count"] | None]:
     """The `count` best candidates in temporal order, and `carried` gathered at them.
 
-    Invalid candidates score -inf (so they are kept only when too few valid ones exist) and
-    carry NaN. Ties go to the lowest index (`jax.lax.top_k` is stable).
+    Candidates rank by `ranking_key`: valid scores, then valid NaN scores, then invalid
+    candidates (kept only when too few valid ones exist; they carry NaN). Ties go to the
+    lowest index (`jax.lax.top_k` is stable).
     """
-    valid = candidate_valid[:, None, :]
-    _, index = jax.lax.top_k(jnp.where(valid, scores.astype(jnp.float32), -jnp.inf), count)
+    _, index = jax.lax.top_k(ranking_key(scores, candidate_valid), count)
     index = jnp.sort(index, axis=-1).astype(jnp.int32)
     if carried is None:
         return index, None
-    carried = jnp.where(valid, carried.astype(jnp.float32), jnp.nan)
-    return index, jnp.take_along_axis(carried, index, axis=-1)
+    return index, jnp.take_along_axis(masked_carried(carried, candidate_valid), index, axis=-1)
 
 
 def row_map(kept_index: Int[Array, "B K count"], S: int, window: int,

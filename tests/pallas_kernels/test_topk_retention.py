@@ -69,6 +69,60 @@ def test_ties_go_to_the_lowest_index_in_both_implementations():
         assert np.asarray(kept).tolist() == [[[0, 1, 2, 3, 4]]], implementation
 
 
+def numpy_keep_top(scores, valid, count):
+    """The documented order, written independently: valid real scores (-inf included; -0.0
+    below 0.0), then valid NaN scores, then invalid candidates; ties to the lowest slot."""
+    B, K, P = scores.shape
+    kept = np.zeros((B, K, count), np.int64)
+    for b in range(B):
+        for k in range(K):
+            def rank(j, b=b, k=k):
+                x = float(scores[b, k, j])
+                if not valid[b, j]:
+                    return (0, 0.0, 0, j)
+                if np.isnan(x):
+                    return (1, 0.0, 0, j)
+                return (2, -x, 1 if np.signbit(x) else 0, j)
+            order = sorted(range(P), key=lambda j: (-rank(j)[0], *rank(j)[1:]))
+            kept[b, k] = sorted(order[:count])
+    return kept
+
+
+def nan_scores(rng, B, K, P):
+    """Scores with NaN of both signs and payloads at valid rows, -inf, and ties."""
+    scores = scores_with_ties(rng, B, K, P)
+    scores[..., 3::4] = np.nan
+    scores[..., 6::9] = -np.nan
+    scores[..., 10::11] = np.float32(np.uint32(0x7FC0_0123).view(np.float32))  # a payload
+    scores[..., 8::13] = -np.inf
+    return scores
+
+
+@pytest.mark.parametrize("mode", ["xla", "tpu", "generic", "gpu"])
+def test_nan_scores_rank_below_every_real_score(mode):
+    rng = np.random.default_rng(7)
+    B, K, P = 2, 2, 150
+    scores = nan_scores(rng, B, K, P)
+    carried = rng.uniform(size=(B, K, P)).astype(np.float32)
+    valid = np.arange(P)[None, :] >= np.array([0, 40])[:, None]
+    interpret = {"tpu": TPU_INTERPRET, "generic": True, "gpu": "gpu"}.get(mode)
+    implementation = "xla" if mode == "xla" else "pallas"
+    real = (~np.isnan(scores)).sum(-1).min()
+    for count in (5, int(real) - 40, int(real) - 10, P - 5):  # cut in the real, NaN, invalid
+        kept, got_carried = keep_top(scores, carried, valid, count,
+                                     implementation=implementation, interpret=interpret)
+        want = numpy_keep_top(scores, valid, count)
+        np.testing.assert_array_equal(np.asarray(kept), want, err_msg=f"count {count}")
+        want_carried = np.where(valid[:, None, :], carried, np.nan)
+        np.testing.assert_array_equal(np.asarray(got_carried),
+                                      np.take_along_axis(want_carried, want, -1))
+    # All NaN: the valid rows first, then the invalid ones, lowest slots first.
+    kept, _ = keep_top(np.full((1, 1, 6), np.nan, np.float32), None,
+                       np.array([[False, True, True, False, True, True]]), 5,
+                       implementation=implementation, interpret=interpret)
+    assert np.asarray(kept).tolist() == [[[0, 1, 2, 4, 5]]]
+
+
 def cache(rng, B, K, S, H, dtype):
     keys = rng.normal(size=(B, K, S, H)).astype(np.float32)
     positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, K, S)).copy()
