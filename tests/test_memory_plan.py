@@ -143,7 +143,8 @@ def test_a_prompt_beyond_the_budget_adds_the_prefill_cache():
 def test_r1_distill_qwen_7b_on_1x8_by_hand():
     L, D, F, N, K, H, V = 28, 3584, 18944, 28, 4, 128, 152064
     config = ModelConfig(family="qwen2", vocab_size=V, hidden_size=D, intermediate_size=F,
-                         num_layers=L, num_heads=N, num_kv_heads=K, head_dim=H, qkv_bias=True)
+                         num_layers=L, num_heads=N, num_kv_heads=K, head_dim=H, qkv_bias=True,
+                         max_position_embeddings=131072)
     bf16, model = 2, 8
     # 8 divides neither the 28 query heads nor the 4 KV heads: attention is whole on every
     # device; the MLP width and the vocabulary (embedding, LM head) split 8 ways.
