@@ -173,9 +173,10 @@ def _add_generate_parser(commands) -> None:
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """Everything `eval` can check without the model: policies, budgets and knobs, sampling
-    values, seeds, and the dataset (its name, or the file's lines)."""
+    values, seeds, the dataset (its name, or the file's lines) and --output-dir (new, empty
+    or an evaluation's own)."""
     from gkv_jax.datasets import load_dataset
-    from gkv_jax.evaluation import eviction_configs
+    from gkv_jax.evaluation import eviction_configs, output_dir_problem
 
     eviction_configs(args.policies, args.budgets, args.window, args.divide_length)
     check_sampling(args)
@@ -186,6 +187,9 @@ def check_eval_args(args: argparse.Namespace) -> None:
         load_dataset(args.dataset, args.num_problems)
     except UnicodeDecodeError as err:
         raise CommandError(f"--dataset: {args.dataset} is not UTF-8 text ({err})") from err
+    problem = output_dir_problem(args.output_dir)
+    if problem is not None:
+        raise CommandError(f"--output-dir: {problem}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -247,18 +251,27 @@ def _add_eval_parser(commands) -> None:
 
 
 def demo_files(output_dir: str) -> list[str]:
-    """Every file a demo writes into `output_dir` (its marker aside)."""
-    from gkv_jax.evaluation import PLOT_FILE, RESULTS_FILE, SETTINGS_FILE, SUMMARY_FILE
+    """Every file a demo writes into `output_dir` (its marker aside): its evaluations' files
+    and markers."""
+    from gkv_jax.evaluation import (
+        EVAL_MARKER,
+        PLOT_FILE,
+        RESULTS_FILE,
+        SETTINGS_FILE,
+        SUMMARY_FILE,
+    )
 
     directories = [output_dir] + [os.path.join(output_dir, d) for d in DEMO_SUBDIRS]
     return [os.path.join(d, name) for d in directories
-            for name in (RESULTS_FILE, SUMMARY_FILE, PLOT_FILE, SETTINGS_FILE)]
+            for name in (RESULTS_FILE, SUMMARY_FILE, PLOT_FILE, SETTINGS_FILE, EVAL_MARKER)]
 
 
 def prepare_demo_dir(output_dir: str) -> None:
     """Makes `output_dir` ready for a fresh demo: a new or empty directory, or one a demo
     wrote before (it holds DEMO_MARKER), from which only the demo's own files are removed.
     Anything else is refused: a user's directory is never cleared."""
+    from gkv_jax.evaluation import mark_evaluation_dir
+
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CommandError(f"--output-dir: {output_dir} is a file; give a directory")
     marker = os.path.join(output_dir, DEMO_MARKER)
@@ -278,6 +291,7 @@ def prepare_demo_dir(output_dir: str) -> None:
     with open(marker, "w") as f:
         f.write("Written by `gkv-jax demo`: a demo run into this directory replaces the "
                 "demo's own files here (results, summary, settings, plot) and nothing else.\n")
+    mark_evaluation_dir(output_dir)  # the demo's evaluation writes here
 
 
 def demo_policies(args: argparse.Namespace) -> list[str]:
@@ -517,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Library messages start with the parameter's Python name; `name_flag` prefixes the flag.
-_PARAMETER = re.compile(r"^([a-z][a-z0-9_]*)(?=[\s:\[])")
+# Library messages start with the parameter's Python name, or a config's field
+# ("DistillConfig.steps must be ..."); `name_flag` puts the flag in front of (or in place of) it.
+_PARAMETER = re.compile(r"^(?:[A-Z][A-Za-z]*Config\.)?([a-z][a-z0-9_]*)(?=[\s:\[.])")
 _FLAG_OF = {"budget": "budgets", "policy": "policies", "prompts": "prompt"}  # eval's plurals
 _NOT_FLAGS = ("command", "func", "method")
 
@@ -533,7 +548,10 @@ def name_flag(message: str, args: argparse.Namespace) -> str:
     dest = name if name in names else _FLAG_OF.get(name)
     if dest not in names:
         return message
-    return f"--{dest.replace('_', '-')}: {message}"
+    flag = f"--{dest.replace('_', '-')}"
+    if match.group(0) != name:  # a config's field: the flag replaces it
+        return flag + message[match.end():]
+    return f"{flag}: {message}"
 
 
 def interrupted_note(args: argparse.Namespace) -> str:

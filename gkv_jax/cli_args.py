@@ -83,9 +83,17 @@ def mesh_from_args(args: argparse.Namespace):
     any model loads."""
     if getattr(args, "mesh", None) is None:
         return None
+    import jax
+
     from gkv_jax.sharding import make_mesh
 
     data, model = args.mesh
+    count = jax.device_count()
+    if data * model != count:  # the library's message suggests an argument the CLI lacks
+        raise CommandError(
+            f"--mesh {data}x{model}: asks for {data * model} devices, but there are {count}; "
+            f"give DATAxMODEL with DATA x MODEL = {count} (e.g. --mesh {count}x1), or make only "
+            f"the devices to use visible (e.g. CUDA_VISIBLE_DEVICES, TPU_VISIBLE_CHIPS)")
     try:
         return make_mesh(data=data, model=model)
     except ValueError as err:

@@ -10,7 +10,6 @@ recompiles.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,8 @@ from gkv_jax.sampling import SamplingParams
 from gkv_jax.sharding import mesh as mesh_lib
 from gkv_jax.sharding.placement import placed_mesh, shard_model
 from gkv_jax.sharding.rules import batch_spec
+from gkv_jax.token_ids import check_vocabulary, token_ids
+from gkv_jax.token_ids import is_int as _is_int
 
 MIN_BUCKET = 16
 SEED_LIMIT = 2**32  # seeds are uint32 PRNG seeds
@@ -87,11 +88,6 @@ def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
     return fitting[0]
 
 
-def _is_int(value) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_seed(seed) -> np.int32:
     """The seed as the int32 the compiled program takes: seeds in [2**31, 2**32) wrap to
     negative int32 values with the same 32 bits, which `jax.random.PRNGKey` reads as the
@@ -99,20 +95,6 @@ def _check_seed(seed) -> np.int32:
     if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     return np.uint32(seed).view(np.int32)
-
-
-def _token_ids(i: int, prompt) -> list[int]:
-    """prompts[i] as a list of Python ints (numpy integer arrays accepted)."""
-    if isinstance(prompt, np.ndarray):
-        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
-            raise ValueError(f"prompts[{i}] must hold integer token ids (a 1-D integer "
-                             f"array), got a {prompt.ndim}-D {prompt.dtype} array")
-        return prompt.tolist()
-    for t in prompt:
-        if not _is_int(t):
-            raise ValueError(f"prompts[{i}] must hold integer token ids (ints or numpy "
-                             f"integers), got {t!r} ({type(t).__name__})")
-    return [int(t) for t in prompt]
 
 
 def _tokenize(prompts, tokenizer, chat_template: bool, system_prompt: str | None,
@@ -131,7 +113,7 @@ def _tokenize(prompts, tokenizer, chat_template: bool, system_prompt: str | None
         if add_special_tokens is not None:
             raise ValueError("add_special_tokens applies to string prompts; token-id "
                              "prompts are fed as given (leave it None)")
-        ids = [_token_ids(i, p) for i, p in enumerate(prompts)]
+        ids = [token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
     else:
         raise ValueError("prompts must be all strings or all lists of token ids")
     for i, p in enumerate(ids):
@@ -391,8 +373,7 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
             f"{longest + max_new_tokens} exceeds the model's context "
             f"(max_position_embeddings={config.max_position_embeddings})")
     for i, p in enumerate(ids):
-        if min(p) < 0 or max(p) >= config.vocab_size:
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {config.vocab_size})")
+        check_vocabulary(f"prompts[{i}]", p, config.vocab_size)
     width = bucket_length(longest, prompt_buckets)
     eos = _eos_ids(eos_token_id, tokenizer, config)
     mesh = resolve_mesh(model, mesh)

@@ -60,8 +60,9 @@ def synthetic_pairs(tokenizer, count: int, seed: int = SYNTHETIC_TRAIN_SEED
 
 def _jsonl_pairs(path: str, tokenizer, count: int | None):
     """(prompt, completion) pairs of a JSON-lines file: `prompt_ids` / `completion_ids`
-    lists, or `prompt` / `completion` texts (tokenized with the model's tokenizer)."""
-    pairs = []
+    lists, or `prompt` / `completion` texts (tokenized with the model's tokenizer), and the
+    line number of each."""
+    pairs, line_numbers = [], []
     for number, line in _numbered_lines(path):
         if not line.strip():
             continue
@@ -78,9 +79,10 @@ def _jsonl_pairs(path: str, tokenizer, count: int | None):
         else:
             raise ValueError(f"--dataset: {path} line {number} needs a JSON object with "
                              f"prompt/completion (texts) or prompt_ids/completion_ids")
+        line_numbers.append(number)
         if count is not None and len(pairs) == count:
             break
-    return pairs
+    return pairs, line_numbers
 
 
 def _numbered_lines(path: str):
@@ -102,13 +104,72 @@ def _eviction(args) -> EvictionConfig:
                                                  if v is not None})
 
 
-def _check_output_dir(output_dir: str) -> tuple[str, str]:
-    """OUT/model must not hold a model yet (never overwritten); OUT/run resumes."""
-    model_dir = os.path.join(output_dir, "model")
-    if os.path.isdir(model_dir) and os.listdir(model_dir):
-        raise ValueError(f"--output-dir: {model_dir} already holds a model; choose another "
-                         f"--output-dir (nothing is overwritten)")
-    return model_dir, os.path.join(output_dir, "run")
+def _check_output_dir(output_dir: str, steps: int) -> tuple[str, str, bool]:
+    """(OUT/model, OUT/run, whether the run there is already complete), checked before the
+    model loads. OUT/model is never overwritten: it may hold a model only as the export of a
+    finished run in OUT/run, which the same command then reports as complete."""
+    for path in (output_dir, os.path.join(output_dir, "run")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise CommandError(f"--output-dir: {path} is a file; give a directory")
+    model_dir, run_dir = os.path.join(output_dir, "model"), os.path.join(output_dir, "run")
+    if not (os.path.isdir(model_dir) and os.listdir(model_dir)):
+        return model_dir, run_dir, False
+    done = _finished_steps(run_dir)
+    if done is None:
+        raise CommandError(f"--output-dir: {model_dir} already holds a model; choose another "
+                           f"--output-dir (nothing is overwritten)")
+    if done < steps:
+        raise CommandError(f"--output-dir: {model_dir} already holds a model, but the run in "
+                           f"{run_dir} ended at step {done}, not {steps}; choose another "
+                           f"--output-dir (nothing is overwritten)")
+    return model_dir, run_dir, True
+
+
+def _finished_steps(run_dir: str) -> int | None:
+    """The last step a run logged in `run_dir`'s history (0 if none), None without a run."""
+    from gkv_jax.training.run_dir import HISTORY_FILE, IDENTITY_FILE
+
+    if not os.path.isfile(os.path.join(run_dir, IDENTITY_FILE)):
+        return None
+    steps = [0]
+    history = os.path.join(run_dir, HISTORY_FILE)
+    if os.path.isfile(history):
+        with open(history, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and "eval" not in entry:
+                    steps.append(int(entry.get("step", 0)))
+    return max(steps)
+
+
+def _train(run, args, run_dir: str, lines: list[int] | None = None):
+    """`run()` (a `distill` / `grpo` call) with the library's errors worded for the command
+    line: a bad example names its --dataset line, a run directory holding another run names
+    the flags that differ."""
+    from gkv_jax import training
+    from gkv_jax.training.run_dir import describe_differences
+
+    try:
+        return run()
+    except training.DataError as err:
+        where = f"{args.dataset} line {lines[err.index]}: " if lines else ""
+        raise CommandError(f"--dataset: {where}{err}") from err
+    except training.RunDirError as err:
+        if not err.differences:
+            raise CommandError(f"--output-dir: {err}") from err
+        flags = describe_differences(
+            err.differences, lambda name: f"--{name.replace('_', '-')}"
+            if name in vars(args) else name)
+        raise CommandError(f"--output-dir: {run_dir} holds a different run ({flags}); use "
+                           f"another --output-dir to start fresh, or the same flags to "
+                           f"resume") from err
+
+
+def _report_complete(model_dir: str, steps: int) -> None:
+    print(f"this run is already complete ({steps} steps); its model is in {model_dir}")
 
 
 def _export(model, tokenizer, model_dir: str) -> None:
@@ -153,7 +214,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         budgets=tuple(args.budgets) if args.budgets else None,
         full_attention_share=args.full_attention_share, on_policy=args.on_policy,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
-    model_dir, run_dir = _check_output_dir(args.output_dir)
+    model_dir, run_dir, complete = _check_output_dir(args.output_dir, args.steps)
     if args.dataset != "synthetic" and not os.path.isfile(args.dataset):
         raise CommandError(f"--dataset must be 'synthetic' or a .jsonl file of "
                            f"prompt/completion pairs, got {args.dataset!r}")
@@ -161,15 +222,21 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     teacher = student
     if args.teacher is not None:
         teacher, _ = load_checkpoint(args.teacher, args.dtype, flag="--teacher")
+    lines = None
     if args.dataset == "synthetic":
         require_tokenizer(tokenizer, args, "cannot encode synthetic problems")
         data = synthetic_pairs(tokenizer, args.num_examples, args.data_seed)
     else:
-        data = _jsonl_pairs(args.dataset, tokenizer, args.num_examples)
+        data, lines = _jsonl_pairs(args.dataset, tokenizer, args.num_examples)
     print(f"distill: {len(data)} examples, {eviction.describe()}, {args.steps} steps of "
           f"{args.batch_size}")
-    trained, history = training.distill(student, teacher, data, config, run_dir=run_dir,
-                                        eval_fn=_eval_fn(args, tokenizer, "synthetic"))
+    trained, history = _train(
+        lambda: training.distill(student, teacher, data, config, run_dir=run_dir,
+                                 eval_fn=_eval_fn(args, tokenizer, "synthetic")),
+        args, run_dir, lines)
+    if complete:
+        _report_complete(model_dir, args.steps)
+        return 0
     _export(trained, tokenizer, model_dir)
     _summary(history, model_dir, run_dir)
     return 0
@@ -178,7 +245,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_grpo(args: argparse.Namespace) -> int:
     from gkv_jax import grading, training
     from gkv_jax.datasets import load_dataset
-    from gkv_jax.evaluation import format_prompt
+    from gkv_jax.evaluation import format_prompts
 
     eviction = _eviction(args)
     config = training.GRPOConfig(
@@ -189,12 +256,12 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
         clip_norm=args.clip_norm, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every)
-    model_dir, run_dir = _check_output_dir(args.output_dir)
+    model_dir, run_dir, complete = _check_output_dir(args.output_dir, args.steps)
     seed = args.data_seed if args.dataset == "synthetic" else 0
     examples = load_dataset(args.dataset, args.num_problems, seed=seed)
     model, tokenizer = load_checkpoint(args.model, args.dtype)
     require_tokenizer(tokenizer, args, "cannot encode the dataset's questions")
-    prompts = [format_prompt(e, tokenizer) for e in examples]
+    prompts = format_prompts(examples, tokenizer)
     answers = [(e.kind, e.answer) for e in examples]
 
     def grade(text, answer):
@@ -202,9 +269,14 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
 
     print(f"grpo: {len(prompts)} prompts, {eviction.describe()}, {args.steps} steps of "
           f"{args.prompts_per_step} x {args.group_size} rollouts")
-    trained, history = training.grpo(model, prompts, answers, grade, config, run_dir=run_dir,
-                                     tokenizer=tokenizer,
-                                     eval_fn=_eval_fn(args, tokenizer, args.dataset))
+    trained, history = _train(
+        lambda: training.grpo(model, prompts, answers, grade, config, run_dir=run_dir,
+                              tokenizer=tokenizer,
+                              eval_fn=_eval_fn(args, tokenizer, args.dataset)),
+        args, run_dir)
+    if complete:
+        _report_complete(model_dir, args.steps)
+        return 0
     _export(trained, tokenizer, model_dir)
     rewards = [e["reward"] for e in history if "reward" in e]
     guards = [e["guard"] for e in history if "guard" in e]

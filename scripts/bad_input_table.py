@@ -10,6 +10,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The tests' XLA flags (8 CPU host devices), so that the table is what the tests print.
+import tests.conftest  # noqa: E402, F401
 from tests.bad_input_cases import CASES, TABLE_END, TABLE_START, make_fixtures, render_table  # noqa: E402
 
 

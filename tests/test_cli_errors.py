@@ -100,13 +100,13 @@ def test_demo_over_its_own_output_removes_only_its_files(tmp_path, capsys, load_
     assert not any(path.exists() for path in demo_files)
     assert not (directory / "distilled").exists()  # emptied, so removed
     assert (directory / "my_notes.txt").read_text() == "mine"
-    assert (directory / cli.DEMO_MARKER).exists()
+    assert (directory / cli.DEMO_MARKER).exists() and (directory / ".gkv-jax-eval").exists()
 
 
 def test_demo_marks_a_new_directory_as_its_own(tmp_path, load_interrupted):
     directory = tmp_path / "new" / "demo"
     assert main(["demo", "--output-dir", str(directory)]) == 130
-    assert sorted(os.listdir(directory)) == [cli.DEMO_MARKER]
+    assert sorted(os.listdir(directory)) == [cli.DEMO_MARKER, ".gkv-jax-eval"]
 
 
 def test_demo_policies_default_to_every_registered_policy():
@@ -250,6 +250,10 @@ def test_unexpected_errors_are_not_swallowed(monkeypatch):
      "--top-p: top_p must be"),
     ("generate", ["--prompt", "x", "--budget", "4"], "--budget: budget must be > window"),
     ("generate", ["--prompt", "x"], "--budget: budget is required"),
+    ("generate", ["--prompt", "x", "--policy", "full", "--budget", "64"],
+     "--budget: budget is not used by policy 'full', which never evicts"),
+    ("generate", ["--prompt", "x", "--policy", "full", "--window", "8"],
+     "--window: window is not used by policy 'full'"),
 ])
 def test_flags_are_checked_before_the_model_loads(command, flags, message, capsys,
                                                   no_model_load):
@@ -369,6 +373,11 @@ def test_bos_flag():
     (["generate", "--model", "m", "--prompt", "x"], "something else went wrong",
      "something else went wrong"),
     (["demo"], "command is not a flag", "command is not a flag"),
+    (["post-train", "distill", "--model", "m", "--output-dir", "o", "--budget", "8",
+      "--steps", "1"], "DistillConfig.steps must be an integer in [1, 2147483647], got -3",
+     "--steps must be an integer in [1, 2147483647], got -3"),
+    (["post-train", "grpo", "--model", "m", "--output-dir", "o", "--budget", "8", "--steps",
+      "1"], "GRPOConfig.prompt_width must be", "GRPOConfig.prompt_width must be"),
 ])
 def test_name_flag_puts_the_flag_before_library_messages(argv, message, expected):
     assert cli.name_flag(message, build_parser().parse_args(argv)) == expected
@@ -406,3 +415,21 @@ def test_smoke_checks_report_each_mismatch():
                for text in failed)
     assert any("capacity budget + divide_length = 96, got 97" in text for text in failed)
     assert any("compresses" in text for text in failed)
+
+
+@pytest.mark.parametrize("make", ["user files", "a file"])
+def test_eval_refuses_an_output_dir_it_does_not_own_before_the_model_loads(
+        make, tmp_path, capsys, no_model_load):
+    target = tmp_path / "out"
+    if make == "a file":
+        target.write_text("mine")
+    else:
+        target.mkdir()
+        (target / "settings.json").write_text('{"editor.fontSize": 14}')
+        (target / "summary.csv").write_text("my,data\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["eval", "--model", "never/loaded", "--output-dir", str(target)]) == 2
+    line = _error_line(capsys, "eval")
+    assert "--output-dir: output_dir: " in line
+    assert ("is a file" if make == "a file" else "is not an evaluation's output") in line
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

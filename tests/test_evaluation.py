@@ -236,6 +236,10 @@ def test_eviction_configs_apply_knobs_where_used():
     (dict(top_p=0.0), "top_p must be"),
     (dict(max_new_tokens=250), "max_new_tokens"),
     (dict(dataset="nope"), "aime24"),
+    # Math text through a 28-symbol tokenizer: mostly its unknown token (ran silently).
+    (dict(dataset="aime24", max_new_tokens=8),
+     r"dataset: the tokenizer cannot encode these problems: \d+ of their \d+ prompt tokens "
+     r"\(\d+%\) are its unknown token '<pad>' \(first in problem 'aime24-"),
 ])
 def test_bad_arguments_fail_before_any_generation(tmp_path, monkeypatch, kwargs, message):
     model, tokenizer = tiny()
@@ -255,6 +259,54 @@ def test_output_dir_of_another_run_is_refused(tmp_path, monkeypatch):
     evaluate(model, tokenizer, **common)
     with pytest.raises(ValueError, match="temperature: 0.0 there, 0.5 now"):
         evaluate(model, tokenizer, temperature=0.5, **common)
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("users_files", [
+    {"summary.csv": b"my,data\n", "accuracy_vs_budget.png": b"my plot", "notes.txt": b"n"},
+    {"settings.json": b'{"editor.fontSize": 14}'},
+    {"results.jsonl": b'{"my": "rows"}\n'},
+])
+def test_a_directory_of_the_users_files_is_refused_and_left_as_it_was(tmp_path, monkeypatch,
+                                                                       users_files):
+    # These files were replaced (summary, plot, settings) before: data loss.
+    model, tokenizer = tiny()
+    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: pytest.fail("generated"))
+    for name, content in users_files.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=r"is not empty and is not an evaluation's output "
+                                         r"\(no .gkv-jax-eval file\); evaluate never replaces"):
+        evaluate(model, tokenizer, policies="full", num_problems=2, output_dir=str(tmp_path),
+                 progress=False)
+    assert _files(tmp_path) == users_files
+    afile = tmp_path / "notes.txt"
+    afile.write_bytes(b"n")
+    with pytest.raises(ValueError, match="is a file; give a directory"):
+        evaluate(model, tokenizer, policies="full", num_problems=2, output_dir=str(afile),
+                 progress=False)
+
+
+def test_an_evaluations_directory_is_marked_and_resumed(tmp_path, monkeypatch):
+    model, tokenizer = tiny()
+    examples = load_dataset("synthetic", 2)
+    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
+    common = dict(policies="full", num_problems=2, seed=100, progress=False)
+    new = tmp_path / "new"
+    first = evaluate(model, tokenizer, output_dir=str(new), **common)
+    assert (new / evaluation.EVAL_MARKER).is_file()
+    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: pytest.fail("generated"))
+    assert evaluate(model, tokenizer, output_dir=str(new), **common).rows == first.rows
+    # A directory written before the marker existed: its settings.json is an evaluation's,
+    # so it resumes (and is marked now).
+    (new / evaluation.EVAL_MARKER).unlink()
+    assert evaluate(model, tokenizer, output_dir=str(new), **common).rows == first.rows
+    assert (new / evaluation.EVAL_MARKER).is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert evaluation.output_dir_problem(str(empty)) is None
 
 
 def test_plan_batches_one_bucket_per_batch_and_padded_shapes():

@@ -224,7 +224,8 @@ def _exit_status(argv) -> int:
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("3x1", "--mesh 3x1: make_mesh: data=3 x model=1 = 3, but there are 8 devices"),
+    ("3x1", "--mesh 3x1: asks for 3 devices, but there are 8; give DATAxMODEL with DATA x "
+            "MODEL = 8 (e.g. --mesh 8x1)"),
     ("2", "expected DATAxMODEL with two positive integers (e.g. 2x4), got '2'"),
     ("0x8", "expected DATAxMODEL with two positive integers (e.g. 2x4), got '0x8'"),
 ])

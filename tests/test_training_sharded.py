@@ -21,6 +21,8 @@ from gkv_jax.sampling import SamplingParams
 from gkv_jax.sharding import make_mesh, shard_model, shard_params
 from gkv_jax.sharding.placement import param_shardings, placed_mesh
 from gkv_jax.training import loops
+from gkv_jax.training.configs import optimizer_config
+from gkv_jax.training.run_dir import RunDir, fingerprint, run_identity
 from tests.helpers import TinySpec, tiny_hf_model
 
 SPEC = TinySpec("shard-h8-kv4", "qwen2", heads=8, kv_heads=4, head_dim=16, tied=False,
@@ -241,9 +243,10 @@ def test_distill_on_a_mesh_checkpoints_and_resumes_exactly(tmp_path):
     with pytest.raises(Interrupt):  # after the checkpoint of step 1
         training.distill(student, teacher, data, config, run_dir=str(tmp_path / "b"),
                          eval_fn=interrupt, mesh=mesh, progress=False)
-    run = loops._Run(str(tmp_path / "b"), loops._run_identity(
-        "distill", config, loops._fingerprint(data), student.config))
-    optimizer = training.make_optimizer(loops._optimizer_config(config), config.steps)
+    run = RunDir(str(tmp_path / "b"), run_identity("distill", config, fingerprint(data),
+                                                   student.config))
+    run.open()
+    optimizer = training.make_optimizer(optimizer_config(config), config.steps)
     params = shard_params(student.config, _copy(student.params()), mesh)
     step, restored, opt_state = run.restore(params, loops._init_opt_state(optimizer, params,
                                                                            mesh))

@@ -25,7 +25,10 @@ from gkv_jax.evaluation.configs import config_name, eviction_configs
 from gkv_jax.evaluation.prompts import (
     DEFAULT_MAX_NEW_TOKENS,
     R1_SYSTEM_PROMPT,
+    UNKNOWN_SHARE_LIMIT,
+    check_encodable,
     format_prompt,
+    format_prompts,
     resolve_max_new_tokens,
 )
 from gkv_jax.evaluation.run import (
@@ -37,10 +40,14 @@ from gkv_jax.evaluation.run import (
     report_keys,
 )
 from gkv_jax.evaluation.store import (
+    EVAL_MARKER,
     RESULTS_FILE,
     SETTINGS_FILE,
     append_results,
     check_settings,
+    claim_output_dir,
+    mark_evaluation_dir,
+    output_dir_problem,
     problem_fingerprints,
     read_results,
     row_key,
@@ -59,10 +66,12 @@ from gkv_jax.evaluation.summary import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_NEW_TOKENS", "PLOT_FILE", "R1_SYSTEM_PROMPT", "RESULTS_FILE", "SETTINGS_FILE",
-    "SUMMARY_FILE", "Batch", "EvalReport", "accuracy_figure", "append_results", "batch_rows",
-    "check_settings", "config_name", "evaluate", "eviction_configs", "format_prompt",
-    "format_table", "pass_at_k", "plan_batches", "plot_accuracy", "plot_title",
-    "problem_fingerprints", "read_results", "report_keys", "resolve_max_new_tokens",
-    "row_key", "summarize", "weights_fingerprint", "write_summary_csv",
+    "DEFAULT_MAX_NEW_TOKENS", "EVAL_MARKER", "PLOT_FILE", "R1_SYSTEM_PROMPT", "RESULTS_FILE",
+    "SETTINGS_FILE", "SUMMARY_FILE", "UNKNOWN_SHARE_LIMIT", "Batch", "EvalReport",
+    "accuracy_figure", "append_results", "batch_rows", "check_encodable", "check_settings",
+    "claim_output_dir", "config_name", "evaluate", "eviction_configs", "format_prompt",
+    "format_prompts", "format_table", "mark_evaluation_dir", "output_dir_problem",
+    "pass_at_k", "plan_batches", "plot_accuracy", "plot_title", "problem_fingerprints",
+    "read_results", "report_keys", "resolve_max_new_tokens", "row_key", "summarize",
+    "weights_fingerprint", "write_summary_csv",
 ]

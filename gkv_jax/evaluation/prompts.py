@@ -14,6 +14,36 @@ from gkv_jax.generation import _encode
 R1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 # max_new_tokens=None: this per dataset kind, capped at the model's context.
 DEFAULT_MAX_NEW_TOKENS = {"synthetic": 520, "math": 16384}
+# More of the prompts' tokens than this share being the tokenizer's unknown token means it
+# cannot encode the dataset (e.g. math problems for a model with a 28-symbol vocabulary).
+UNKNOWN_SHARE_LIMIT = 0.05
+
+
+def format_prompts(examples: Sequence[Example], tokenizer, chat_template: bool | None = None,
+                   system_prompt: str | None = None) -> list[list[int]]:
+    """`format_prompt` of every example, checked to be encodable (`check_encodable`)."""
+    prompts = [format_prompt(e, tokenizer, chat_template, system_prompt) for e in examples]
+    check_encodable(tokenizer, examples, prompts)
+    return prompts
+
+
+def check_encodable(tokenizer, examples: Sequence[Example],
+                    prompts: Sequence[Sequence[int]]) -> None:
+    """Raises ValueError naming the dataset when more than `UNKNOWN_SHARE_LIMIT` of the
+    prompts' tokens are the tokenizer's unknown token: the model would see placeholders
+    instead of the problems."""
+    unknown_id = getattr(tokenizer, "unk_token_id", None)
+    if unknown_id is None:
+        return
+    total = sum(len(p) for p in prompts)
+    unknown = sum(list(p).count(unknown_id) for p in prompts)
+    if total and unknown > UNKNOWN_SHARE_LIMIT * total:
+        first = next(e.id for e, p in zip(examples, prompts, strict=True) if unknown_id in p)
+        raise ValueError(
+            f"dataset: the tokenizer cannot encode these problems: {unknown} of their {total} "
+            f"prompt tokens ({unknown / total:.0%}) are its unknown token "
+            f"{getattr(tokenizer, 'unk_token', None)!r} (first in problem {first!r}); use a "
+            f"model whose tokenizer covers the dataset's text")
 
 
 def format_prompt(example: Example, tokenizer, chat_template: bool | None = None,

@@ -19,11 +19,12 @@ from gkv_jax import grading
 from gkv_jax.datasets import Example
 from gkv_jax.distributed import is_main_process
 from gkv_jax.evaluation.configs import check_positive, config_name, eviction_configs
-from gkv_jax.evaluation.prompts import format_prompt, load_examples, resolve_max_new_tokens
+from gkv_jax.evaluation.prompts import format_prompts, load_examples, resolve_max_new_tokens
 from gkv_jax.evaluation.store import (
     RESULTS_FILE,
     append_results,
     check_settings,
+    claim_output_dir,
     problem_fingerprints,
     read_results,
     row_key,
@@ -116,13 +117,16 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         Without a chat template it is prepended to the question, a blank line between.
       prompt_buckets: padded prompt lengths, as in `generate`.
       output_dir: where results.jsonl, summary.csv, accuracy_vs_budget.png and
-        settings.json go; rows already in results.jsonl are not generated again, provided
-        settings.json shows they were made with these settings, these weights (a checksum
-        of every parameter) and these problems (a hash of each problem's id, question,
-        answer and prompt tokens); otherwise ValueError, before any generation. In a
-        multi-process job (`gkv_jax.distributed`) every process makes the same call; process
-        0 alone reads and writes output_dir (its own disk: the directory need not be
-        shared) and hands every process its rows, so all return the same report.
+        settings.json go: a new or empty directory (marked as an evaluation's by a
+        `.gkv-jax-eval` file), or a previous evaluation's; any other directory is refused
+        (ValueError), so no file of the user's is replaced. Rows already in results.jsonl
+        are not generated again, provided settings.json shows they were made with these
+        settings, these weights (a checksum of every parameter) and these problems (a hash
+        of each problem's id, question, answer and prompt tokens); otherwise ValueError,
+        before any generation. In a multi-process job (`gkv_jax.distributed`) every process
+        makes the same call; process 0 alone reads and writes output_dir (its own disk: the
+        directory need not be shared) and hands every process its rows, so all return the
+        same report.
       progress: show a progress bar over batches and print the table and paths at the end
         (process 0 only).
       model_name: the model's name in the plot's title (None = its family and size).
@@ -134,8 +138,9 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
     Raises:
       ValueError: naming the parameter, before any generation: an unknown policy or
         dataset, a bad budget or knob, samples/batch_size/pass_k < 1, bad sampling values,
-        a prompt plus max_new_tokens beyond the context, an output_dir holding a run with
-        other settings, or a model sharded over another mesh than `mesh`.
+        a prompt plus max_new_tokens beyond the context, a dataset the tokenizer cannot
+        encode, an output_dir that is a file, holds files that are not an evaluation's, or
+        holds a run with other settings, or a model sharded over another mesh than `mesh`.
     """
     configs = eviction_configs(policies, budgets, window, divide_length)
     mesh = resolve_mesh(model, mesh)
@@ -146,14 +151,13 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         check_positive("pass_k", k)
     SamplingParams.create(temperature, top_p, top_k)
     examples, label = load_examples(dataset, num_problems)
-    prompts = [format_prompt(e, tokenizer, chat_template, system_prompt) for e in examples]
+    prompts = format_prompts(examples, tokenizer, chat_template, system_prompt)
     max_new_tokens = resolve_max_new_tokens(max_new_tokens, examples, prompts, model)
     batches = plan_batches([len(p) for p in prompts], configs, samples, batch_size,
                            prompt_buckets)
 
     main = is_main_process()
-    if main:
-        os.makedirs(output_dir, exist_ok=True)
+    claim_output_dir(output_dir)  # new, empty or an evaluation's own; nothing else is written
     results_path = os.path.join(output_dir, RESULTS_FILE)
     done = {row_key(r): r for r in read_results(results_path)}
     check_settings(output_dir, has_results=bool(done), settings={

@@ -2,6 +2,10 @@
 problem, sample), appended and flushed after each batch, and `settings.json`, the settings,
 weights fingerprint and problem fingerprints a resumed run must match.
 
+The directory is an evaluation's own: it is new or empty when an evaluation first writes
+there and gets a marker file (`EVAL_MARKER`); a directory holding anything else is refused
+before anything is written, so no file of the user's is ever replaced.
+
 In a multi-process job (`gkv_jax.distributed`) only process 0 touches the directory: it
 reads the files and every process gets their contents from it (`broadcast_bytes`), and it
 alone writes. Every process thus sees the same rows and settings and makes the same
@@ -25,6 +29,63 @@ from gkv_jax.distributed import broadcast_bytes, is_main_process
 
 RESULTS_FILE = "results.jsonl"
 SETTINGS_FILE = "settings.json"
+EVAL_MARKER = ".gkv-jax-eval"  # marks a directory whose evaluation files evaluate may replace
+# Settings every evaluation's settings.json holds: how a directory written before the marker
+# existed is still recognised (and resumed).
+_SETTINGS_KEYS = ("dataset", "max_new_tokens", "weights", "problems")
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    """Why `output_dir` cannot take an evaluation's files, or None: it must be new, empty,
+    or an evaluation's own (its `EVAL_MARKER`, or a `settings.json` that an evaluation wrote
+    before markers existed). Reads only."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return f"output_dir: {output_dir} is a file; give a directory"
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return None
+    if os.path.isfile(os.path.join(output_dir, EVAL_MARKER)) or _has_evaluation_settings(
+            output_dir):
+        return None
+    return (f"output_dir: {output_dir} is not empty and is not an evaluation's output (no "
+            f"{EVAL_MARKER} file); evaluate never replaces files it did not write: give a "
+            f"new or empty directory, or a previous evaluation's")
+
+
+def claim_output_dir(output_dir: str) -> None:
+    """Makes `output_dir` an evaluation's (created, marked) after `output_dir_problem` found
+    nothing against it; process 0 checks and writes, every process raises alike.
+
+    Raises:
+      ValueError: `output_dir_problem`'s reason.
+    """
+    problem = output_dir_problem(output_dir) if is_main_process() else None
+    problem = broadcast_bytes(None if problem is None else problem.encode("utf-8"))
+    if problem is not None:
+        raise ValueError(problem.decode("utf-8"))
+    if is_main_process():
+        mark_evaluation_dir(output_dir)
+
+
+def mark_evaluation_dir(output_dir: str) -> None:
+    """Creates `output_dir` if needed and writes its `EVAL_MARKER` (process 0 only)."""
+    if not is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    marker = os.path.join(output_dir, EVAL_MARKER)
+    if not os.path.isfile(marker):
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("Written by gkv_jax.evaluate: an evaluation run into this directory "
+                    "resumes from results.jsonl and replaces its own files here (summary.csv, "
+                    "settings.json, the plot) and nothing else.\n")
+
+
+def _has_evaluation_settings(output_dir: str) -> bool:
+    try:
+        with open(os.path.join(output_dir, SETTINGS_FILE), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and all(key in saved for key in _SETTINGS_KEYS)
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, int]:

@@ -72,10 +72,10 @@ class EvictionConfig:
         defaults = policy.knobs  # names checked when the Policy was built
         if not policy.evicts and self.budget is not None:
             raise ValueError(f"budget is not used by policy {self.policy!r}, which never "
-                             f"evicts; leave it None")
+                             f"evicts; leave it unset")
         for name in KNOBS:
             if name not in defaults and getattr(self, name) is not None:
-                raise ValueError(f"{name} is not used by policy {self.policy!r}; leave it None")
+                raise ValueError(f"{name} is not used by policy {self.policy!r}; leave it unset")
         if self.divide_length is None:
             object.__setattr__(self, "divide_length", DEFAULT_DIVIDE_LENGTH)
         for name, value in defaults.items():
@@ -144,6 +144,20 @@ class EvictionConfig:
     def capacity(self) -> int | None:
         """budget + divide_length, the cache slots a sequence ever needs; None for "full"."""
         return self.budget + self.divide_length if self.evicts else None
+
+    def peak_tokens(self, prompt_length: int, new_tokens: int) -> int:
+        """The most real tokens a sequence's cache holds at a compression, when `new_tokens`
+        tokens (generated, or teacher-forced in training) follow a prompt of
+        `prompt_length`: compressions come after the prefill and after every
+        `divide_length`-th decode forward, and decode forward k holds prompt_length + k
+        tokens (`gkv_jax.decode`). An evicting policy drops a token of the sequence iff this
+        exceeds `budget`.
+
+        >>> EvictionConfig("gkv", budget=64, divide_length=16).peak_tokens(40, 41)
+        80
+        """
+        last_compression = (new_tokens - 1) // self.divide_length * self.divide_length
+        return prompt_length + last_compression
 
     def describe(self) -> str:
         """One line with the policy and every resolved field that is set."""

@@ -22,6 +22,7 @@ from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import param_shapes, resolve_dtype
 from gkv_jax.sharding.mesh import AXES, DATA, MODEL, axis_size
 from gkv_jax.sharding.rules import cache_specs, kv_heads_split, param_specs
+from gkv_jax.token_ids import is_int as _is_int
 
 if TYPE_CHECKING:
     from gkv_jax.eviction.config import EvictionConfig
@@ -149,10 +150,6 @@ def cache_shapes(config: ModelConfig, batch: int, capacity: int, window: int,
         "query_window": ((L, batch, N, window, H), itemsize),
         "lengths": ((batch,), _INT32),
     }
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _shard_bytes(shape, spec, mesh, itemsize: int) -> int:

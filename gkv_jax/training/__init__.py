@@ -9,8 +9,9 @@ distillation and GRPO losses, steps and loops built on them.
   `generate`'s `logprobs`).
 * `replay_evictions(model, eviction, batch)`: the masks a policy gives any token sequence,
   re-derived layer by layer with the code generation compresses with.
-* `distill_loss`, `group_advantages`, `grpo_loss`; `distill_step`, `grpo_step`;
-  `distill(...)`, `grpo(...)` with `DistillConfig` / `GRPOConfig`.
+* `distill_loss`, `group_advantages`, `grpo_loss`; `distill_step`, `grpo_step` (`steps`);
+  `distill(...)`, `grpo(...)` (`loops`) with `DistillConfig` / `GRPOConfig` (`configs`), their
+  inputs checked by `inputs` and their run directories kept by `run_dir`.
 """
 
 from gkv_jax.training.batch import (
@@ -19,19 +20,16 @@ from gkv_jax.training.batch import (
     batch_from_generation,
     shard_batch,
 )
-from gkv_jax.training.log_probs import token_log_probs, token_log_probs_from_params
-from gkv_jax.training.loops import (
+from gkv_jax.training.configs import (
+    MAX_STEPS,
     DistillConfig,
     GRPOConfig,
     OptimizerConfig,
-    RunDirError,
-    distill,
-    distill_step,
-    evaluation_callback,
-    grpo,
-    grpo_step,
     make_optimizer,
 )
+from gkv_jax.training.inputs import DataError
+from gkv_jax.training.log_probs import token_log_probs, token_log_probs_from_params
+from gkv_jax.training.loops import distill, evaluation_callback, grpo
 from gkv_jax.training.losses import (
     distill_loss,
     distill_loss_from_params,
@@ -40,8 +38,12 @@ from gkv_jax.training.losses import (
     grpo_loss_from_params,
 )
 from gkv_jax.training.replay import replay_evictions, replay_from_params
+from gkv_jax.training.run_dir import RunDirError
+from gkv_jax.training.steps import distill_step, grpo_step
 
 __all__ = [
+    "MAX_STEPS",
+    "DataError",
     "DistillConfig",
     "GRPOConfig",
     "OptimizerConfig",

@@ -51,9 +51,16 @@ def test_distill_cli_writes_a_loadable_model_and_its_history(tiny_checkpoint, tm
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "model"))
     assert sum(p.numel() for p in hf.parameters()) == model.config.num_parameters()
     assert len(tokenizer) == model.config.vocab_size
-    # Nothing is overwritten: the same output directory again is refused.
-    assert main(args) == 2
-    assert "already holds a model" in capsys.readouterr().err
+    # The same command again: the run is complete, nothing is trained or written again.
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    assert main(args) == 0
+    assert f"this run is already complete (2 steps); its model is in {out / 'model'}" in (
+        capsys.readouterr().out)
+    # Another setting into the same directory: refused, naming the flags and both values.
+    assert main([*args, "--budget", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a different run (--budget: 40 there, 32 now)" in err, err
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
 
 
 # Slow: the distill command covers the CLI path in the fast suite; GRPO's steps are
@@ -72,9 +79,11 @@ def test_grpo_cli_runs_and_reports_the_guard(tiny_checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--learning-rate", "0"], "learning_rate must be a number in (0.0, 1.0]"),
-    (["--group-size", "1"], "group_size must be an integer >= 2"),
+    (["--learning-rate", "0"], "--learning-rate must be a number in (0.0, 1.0]"),
+    (["--group-size", "1"], "--group-size must be an integer >= 2"),
     (["--budget", "4"], "budget must be > window"),
+    (["--steps", "99999999999999999999"], "--steps must be an integer in [1, 2147483647]"),
+    (["--budget", "2000"], "--budget: budget 2000 never evicts"),
 ])
 def test_post_train_cli_bad_flags_exit_2_naming_the_parameter(tiny_checkpoint, tmp_path,
                                                                capsys, flags, message):
@@ -82,6 +91,40 @@ def test_post_train_cli_bad_flags_exit_2_naming_the_parameter(tiny_checkpoint, t
     assert main(["post-train", method, "--model", tiny_checkpoint, "--output-dir",
                  str(tmp_path / "x"), *COMMON, *flags]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
     with pytest.raises(SystemExit):
         main(["post-train", "distill", "--model", tiny_checkpoint, "--output-dir",
               str(tmp_path / "y"), *COMMON, "--policy", "full"])
+
+
+def test_bad_dataset_lines_and_output_files_are_named_before_anything_is_written(
+        tiny_checkpoint, tmp_path, capsys):
+    good = {"prompt_ids": [1, 25, 8, 16, 17], "completion_ids": [3, 3, 16, 4, 2] * 6}
+    dataset = tmp_path / "oov.jsonl"
+    rows = [good, good, {**good, "completion_ids": [3, 3, 16, 99, 4, 2] * 5}, good]
+    dataset.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    out = tmp_path / "oov_out"
+    base = ["post-train", "distill", "--model", tiny_checkpoint, "--num-examples", "4",
+            "--batch-size", "2", *COMMON]
+    # Ids outside the vocabulary trained an all-NaN model and exited 0.
+    assert main([*base, "--dataset", str(dataset), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"--dataset: {dataset} line 3: data[2] completion_ids has token ids outside "
+            f"[0, 28): 99 at index 3") in err, err
+    assert not out.exists()
+    # --output-dir naming a regular file: a clear line before the model loads.
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    assert main([*base, "--output-dir", str(afile)]) == 2
+    assert f"--output-dir: {afile} is a file; give a directory" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+def test_a_refused_start_leaves_the_output_dir_usable(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "g"
+    base = ["post-train", "grpo", "--model", tiny_checkpoint, "--output-dir", str(out),
+            "--num-problems", "4", "--prompts-per-step", "1", "--group-size", "2", *COMMON]
+    assert main([*base, "--max-new-tokens", "5000"]) == 2
+    assert "--max-new-tokens: max_new_tokens: prompts[0]: prompt length" in (
+        capsys.readouterr().err)
+    assert not (out / "run" / "run.json").exists()

@@ -160,3 +160,21 @@ def test_full_policy_record_is_never_and_the_flag_compiles_once():
     assert compiled_programs() == before, "same shapes and flag: nothing new to compile"
     assert again.stats["compile_seconds"] == 0.0
     assert again.eviction_record.visible_until.shape == first.eviction_record.visible_until.shape
+
+
+def test_peak_tokens_says_exactly_which_sequences_evict():
+    """`EvictionConfig.peak_tokens(P, M) > budget` iff generate's record shows an eviction,
+    for prompts on both sides of the boundary (the check post-training uses to refuse a budget
+    under which nothing is ever evicted)."""
+    eviction = EvictionConfig("gkv", budget=20, window=4, divide_length=6)
+    max_new = 9  # compressions after the prefill and after decode forward 6: P and P + 6
+    lengths = (13, 14, 15, 20, 21)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, SPEC.vocab, n).tolist() for n in lengths]
+    out = generate(tiny_model(), prompts, eviction=eviction, max_new_tokens=max_new,
+                   eos_token_id=[], return_eviction_record=True)
+    evicted = (np.asarray(out.eviction_record.visible_until) != NEVER).any(axis=(0, 2, 3))
+    predicted = [eviction.peak_tokens(n, max_new) > eviction.budget for n in lengths]
+    assert predicted == [False, False, True, True, True]
+    assert evicted.tolist() == predicted
+    assert eviction.peak_tokens(14, 6) == 14 and eviction.peak_tokens(14, 7) == 20
