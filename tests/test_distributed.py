@@ -114,7 +114,8 @@ def test_only_process_0_touches_output_dir(tmp_path, monkeypatch):
     main = evaluation_run.evaluate(model, tokenizer, output_dir=str(tmp_path / "main"),
                                    **kwargs)
     assert sorted(os.listdir(tmp_path / "main")) == sorted(
-        ["accuracy_vs_budget.png", "results.jsonl", "settings.json", "summary.csv"])
+        [".gkv-jax-eval", "accuracy_vs_budget.png", "results.jsonl", "settings.json",
+         "summary.csv"])
     monkeypatch.setattr(jax, "process_index", lambda *args: 1)
     other = evaluation_run.evaluate(model, tokenizer, output_dir=str(tmp_path / "other"),
                                     **kwargs)

@@ -211,8 +211,8 @@ def test_a_model_on_another_mesh_is_refused_before_anything_moves(tmp_path):
     assert not (tmp_path / "d").exists()
     with pytest.raises(ValueError, match="sharded over another mesh"):
         training.grpo(elsewhere, [[1, 2]], [1], lambda c, a: True,
-                      training.GRPOConfig(eviction=GKV, steps=1), run_dir=str(tmp_path / "g"),
-                      mesh=mesh_2x4(), progress=False)
+                      training.GRPOConfig(eviction=GKV, steps=1, max_new_tokens=32),
+                      run_dir=str(tmp_path / "g"), mesh=mesh_2x4(), progress=False)
 
 
 def _distill_config(**changes):

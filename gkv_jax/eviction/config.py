@@ -154,7 +154,7 @@ class EvictionConfig:
         exceeds `budget`.
 
         >>> EvictionConfig("gkv", budget=64, divide_length=16).peak_tokens(40, 41)
-        80
+        72
         """
         last_compression = (new_tokens - 1) // self.divide_length * self.divide_length
         return prompt_length + last_compression
