@@ -71,11 +71,9 @@ def filled_state(config, batch: int, capacity: int, live: int, seed: int = 0):
                           values=cache.values.at[:, :, :, :live].set(values),
                           positions=cache.positions.at[:, :, :, :live].set(positions),
                           lengths=jnp.full((batch,), live, jnp.int32))
-    return decode.DecodeState(
-        cache=cache, last_token=jnp.asarray(rng.integers(0, config.vocab_size, batch),
-                                            jnp.int32),
-        next_position=jnp.full((batch,), live, jnp.int32), done=jnp.zeros((batch,), bool),
-        rng=jax.random.PRNGKey(0), step=jnp.int32(1))
+    return decode.initial_state(
+        cache, jnp.asarray(rng.integers(0, config.vocab_size, batch), jnp.int32),
+        jnp.full((batch,), live, jnp.int32))
 
 
 def median_seconds(fn, repeats: int) -> float:

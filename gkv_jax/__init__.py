@@ -11,6 +11,7 @@ from gkv_jax import (
     datasets,
     decode,
     distributed,
+    engine,
     eviction,
     grading,
     policies,
@@ -18,6 +19,7 @@ from gkv_jax import (
     training,
 )
 from gkv_jax.cache import KVCache, init_cache
+from gkv_jax.engine import Engine, RequestOutput
 from gkv_jax.evaluation import EvalReport, evaluate
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.eviction_record import EvictionRecord
@@ -28,17 +30,20 @@ from gkv_jax.models import ModelConfig, Transformer
 __version__ = "0.1.0"
 
 __all__ = [
+    "Engine",
     "EvalReport",
     "EvictionConfig",
     "EvictionRecord",
     "GenerateOutput",
     "KVCache",
     "ModelConfig",
+    "RequestOutput",
     "Transformer",
     "conversion",
     "datasets",
     "decode",
     "distributed",
+    "engine",
     "evaluate",
     "eviction",
     "generate",

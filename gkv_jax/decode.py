@@ -28,7 +28,7 @@ from gkv_jax.eviction import EvictionConfig, Ops, select_with_ops
 from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits, unstack_layers
-from gkv_jax.sampling import SamplingParams, sample
+from gkv_jax.sampling import SamplingParams, sample, seed_keys, token_keys
 from gkv_jax.sharding.local import constrain_cache, per_head_blocks, per_sequence
 
 
@@ -40,16 +40,23 @@ class DecodeState:
       cache: the `KVCache`.
       last_token: [B] int32, the token the next forward feeds.
       next_position: [B] int32, its true position (prompt length + tokens generated before it).
-      done: [B] bool, the sequence produced an EOS; its cache is frozen.
-      rng: PRNG key of the sampler.
-      step: [] int32 index of the next forward (1 right after the prefill).
+      done: [B] bool, the sequence produced an EOS or its last token; its cache is frozen.
+      keys: [B, 2] uint32, each sequence's base key (`sampling.seed_keys` of its seed): token
+        j is drawn with `fold_in(keys[b], j)`, so a sequence's tokens never depend on its row
+        or its neighbours.
+      token_index: [B] int32, j of the token the next forward samples (1 after the prefill).
+      max_tokens: [B] int32, tokens the sequence generates at most (done after token
+        max_tokens - 1).
+      step: [] int32 index of the next forward of the batch (1 right after the prefill).
     """
 
     cache: KVCache
     last_token: Int[Array, " B"]
     next_position: Int[Array, " B"]
     done: Bool[Array, " B"]
-    rng: Array
+    keys: Array
+    token_index: Int[Array, " B"]
+    max_tokens: Int[Array, " B"]
     step: Int[Array, ""]
 
 
@@ -98,9 +105,10 @@ def layer_real_token_counts(positions: Int[Array, "B K S"]) -> Int[Array, " B"]:
     return jnp.sum(positions[:, 0, :] >= 0, axis=-1).astype(jnp.int32)
 
 
-__all__ = ["NEVER", "DecodeState", "Outputs", "StepOutput", "cache_capacity", "compress_layer",
-           "decode_step", "evict", "generate_tokens", "init_record", "prefill",
-           "query_window_size", "record_evictions", "run_cycles"]
+__all__ = ["NEVER", "NO_LIMIT", "DecodeState", "Outputs", "StepOutput", "cache_capacity",
+           "compress_layer", "compress_served", "decode_step", "decode_steps", "evict",
+           "generate_tokens", "init_record", "initial_state", "is_eos", "prefill",
+           "query_window_size", "record_evictions", "run_cycles", "start_state"]
 
 
 # ------------------------------------------------------------------------------ eviction
@@ -256,32 +264,86 @@ class StepOutput:
     logits: Float[Array, "B V"]
 
 
+def is_eos(tokens: Int[Array, " B"], eos_ids: Int[Array, "*B E"]) -> Bool[Array, " B"]:
+    """[B] whether each token is one of the EOS ids: `eos_ids` [E] for every row, or [B, E]
+    per row (padded with -1, which no token equals); E may be 0."""
+    ids = eos_ids if eos_ids.ndim == 2 else eos_ids[None, :]
+    return jnp.any(tokens[:, None] == ids, axis=-1)
+
+
+NO_LIMIT = 2**31 - 1  # max_tokens of a sequence that only stops at an EOS (or the loop's end)
+
+
+def initial_state(cache: KVCache, last_token: Int[Array, " B"],
+                  next_position: Int[Array, " B"], *, seeds: Int[Array, " B"] | None = None,
+                  done: Bool[Array, " B"] | None = None,
+                  max_tokens: Int[Array, " B"] | None = None) -> DecodeState:
+    """A `DecodeState` after a prefill whose token 0 is `last_token` (for decode loops of
+    one's own): seeds [B] (default 0 each), done [B] (default none), max_tokens [B] (default
+    no limit)."""
+    B = last_token.shape[0]
+    seeds = jnp.zeros((B,), jnp.int32) if seeds is None else jnp.asarray(seeds, jnp.int32)
+    return DecodeState(
+        cache=cache, last_token=jnp.asarray(last_token, jnp.int32),
+        next_position=jnp.broadcast_to(jnp.asarray(next_position, jnp.int32), (B,)),
+        done=jnp.zeros((B,), bool) if done is None else jnp.asarray(done, bool),
+        keys=seed_keys(seeds), token_index=jnp.ones((B,), jnp.int32),
+        max_tokens=jnp.full((B,), NO_LIMIT, jnp.int32) if max_tokens is None
+        else jnp.asarray(max_tokens, jnp.int32), step=jnp.int32(1))
+
+
+def start_state(cache: KVCache, logits: Float[Array, "B V"], next_position: Int[Array, " B"],
+                keys: Array, max_tokens: Int[Array, " B"], sampling: SamplingParams,
+                eos_ids: Int[Array, "*B E"]) -> tuple[DecodeState, StepOutput]:
+    """The state after the prefill: token 0 drawn from the prompts' last logits with
+    `fold_in(keys[b], 0)`; done where it is an EOS or `max_tokens` is 1."""
+    B = logits.shape[0]
+    first, first_log_prob = sample(logits, token_keys(keys, jnp.zeros((B,), jnp.int32)),
+                                   sampling)
+    state = DecodeState(cache=cache, last_token=first, next_position=next_position,
+                        done=is_eos(first, eos_ids) | (max_tokens <= 1), keys=keys,
+                        token_index=jnp.ones((B,), jnp.int32), max_tokens=max_tokens,
+                        step=jnp.int32(1))
+    return state, StepOutput(tokens=first, log_probs=first_log_prob, logits=logits)
+
+
 def decode_step(config: ModelConfig, params: dict, state: DecodeState,
-                sampling: SamplingParams, eos_ids: Int[Array, " E"],
+                sampling: SamplingParams, eos_ids: Int[Array, "*B E"],
                 attention_block: int | None = None) -> tuple[DecodeState, StepOutput]:
-    """One decode forward: feeds `state.last_token` and samples the next token.
+    """One decode forward: feeds `state.last_token` and samples the next token of every
+    sequence with its own key (`fold_in(keys[b], token_index[b])`).
 
     A finished sequence feeds an empty slot (position -1) and its cache stays frozen; its
-    output token is `eos_ids[0]` (or 0 without EOS ids). Compression is not part of a step:
-    call `evict` after every `divide_length`-th step, as `run_cycles` does.
-    `attention_block` (static): see `forward_cached` and `live_attention_block`.
+    output token is a filler (its first EOS id, or 0). A sequence is done after an EOS
+    (`eos_ids` [E], or [B, E] per row) or after its `max_tokens`-th token. Compression is
+    not part of a step: call `evict` after every `divide_length`-th step, as `run_cycles`
+    does. `attention_block` (static): see `forward_cached` and `live_attention_block`.
     """
     done = state.done
     positions = jnp.where(done, EMPTY_POSITION, state.next_position)[:, None]
     hidden, cache = forward_cached(config, params, state.last_token[:, None], positions,
                                    state.cache, attention_block)
     cache = constrain_cache(_freeze_finished(done, cache, state.cache))
-    rng, key = jax.random.split(state.rng)
     logits = lm_logits(config, params, hidden)[:, 0]
-    tokens, log_probs = sample(logits, key, sampling)
-    filler = eos_ids[0] if eos_ids.shape[0] else 0
-    tokens = jnp.where(done, filler, tokens)
+    tokens, log_probs = sample(logits, token_keys(state.keys, state.token_index), sampling)
+    tokens = jnp.where(done, _filler(eos_ids, tokens.shape[0]), tokens)
     log_probs = jnp.where(done, 0.0, log_probs)
-    new_state = DecodeState(
+    finished = is_eos(tokens, eos_ids) | (state.token_index + 1 >= state.max_tokens)
+    new_state = state.replace(
         cache=cache, last_token=tokens,
         next_position=jnp.where(done, state.next_position, state.next_position + 1),
-        done=done | jnp.isin(tokens, eos_ids), rng=rng, step=state.step + 1)
+        done=done | finished, token_index=jnp.where(done, state.token_index,
+                                                    state.token_index + 1),
+        step=state.step + 1)
     return new_state, StepOutput(tokens=tokens, log_probs=log_probs, logits=logits)
+
+
+def _filler(eos_ids: Int[Array, "*B E"], B: int) -> Int[Array, " B"]:
+    """The token a finished sequence repeats: its first EOS id (>= 0), else 0."""
+    if eos_ids.shape[-1] == 0:
+        return jnp.zeros((B,), jnp.int32)
+    first = eos_ids[..., 0] if eos_ids.ndim == 2 else jnp.broadcast_to(eos_ids[0], (B,))
+    return jnp.maximum(first, 0).astype(jnp.int32)
 
 
 @chex.dataclass(frozen=True)
@@ -303,10 +365,17 @@ class Outputs:
     visible_until: Int[Array, "L B K P"] | None = None
 
 
-def _decode_steps(config, params, state, outputs, sampling, eos_ids, num_steps: int,
-                  attention_block: int | None):
-    """`num_steps` decode steps under `lax.scan`; returns the state, the outputs with the new
-    tokens written, and [B] done flags before the last step (who the last forward served)."""
+def decode_steps(config: ModelConfig, params: dict, state: DecodeState,
+                 sampling: SamplingParams, eos_ids: Int[Array, "*B E"], num_steps: int,
+                 attention_block: int | None = None
+                 ) -> tuple[DecodeState, Int[Array, "B n"], Float[Array, "B n"], Bool[Array, " B"]]:
+    """`num_steps` decode steps under `lax.scan` (static `num_steps`, `attention_block`).
+
+    Returns:
+      the state; tokens [B, num_steps] and log_probs [B, num_steps] (fillers and 0 where a
+      sequence was done); served [B]: the sequences the last forward served (not done before
+      it), which a compression after these steps compresses (see `compress_served`).
+    """
 
     def step(carry, _):
         state, _ = carry
@@ -315,14 +384,33 @@ def _decode_steps(config, params, state, outputs, sampling, eos_ids, num_steps: 
                                      attention_block)
         return (state, before), (emitted.tokens, emitted.log_probs)
 
-    start = state.step
     (state, done_before_last), (tokens, log_probs) = jax.lax.scan(
         step, (state, state.done), None, length=num_steps)
-    outputs = outputs.replace(
-        tokens=jax.lax.dynamic_update_slice_in_dim(outputs.tokens, tokens.T, start, axis=1),
-        log_probs=jax.lax.dynamic_update_slice_in_dim(outputs.log_probs, log_probs.T, start,
+    return state, tokens.T, log_probs.T, ~done_before_last
+
+
+def compress_served(eviction: EvictionConfig, state: DecodeState, served: Bool[Array, " B"],
+                    visible_until: Int[Array, "L B K P"] | None = None):
+    """The compression at the end of a cycle: `evict` of the sequences the cycle's last
+    forward served (so a sequence whose last token came at a compression step is
+    compressed, then frozen), and the eviction record updated when one is kept.
+
+    Returns:
+      (state, visible_until or None, evicted [B]).
+    """
+    cache, evicted = evict(eviction, state.cache, served)
+    if visible_until is not None:
+        visible_until = record_evictions(visible_until, state.cache.positions, cache.positions,
+                                         state.next_position)
+    return state.replace(cache=cache), visible_until, evicted
+
+
+def _write_tokens(outputs: Outputs, start, tokens, log_probs) -> Outputs:
+    """`outputs` with [B, n] new tokens and log-probs written from column `start`."""
+    return outputs.replace(
+        tokens=jax.lax.dynamic_update_slice_in_dim(outputs.tokens, tokens, start, axis=1),
+        log_probs=jax.lax.dynamic_update_slice_in_dim(outputs.log_probs, log_probs, start,
                                                       axis=1))
-    return state, outputs, done_before_last
 
 
 def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
@@ -342,16 +430,15 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
 
     def cycle(carry):
         index, state, outputs = carry
-        state, outputs, served = _decode_steps(config, params, state, outputs, sampling,
-                                               eos_ids, period, attention_block)
+        start = state.step
+        state, tokens, log_probs, served = decode_steps(config, params, state, sampling,
+                                                        eos_ids, period, attention_block)
+        outputs = _write_tokens(outputs, start, tokens, log_probs)
         if eviction.evicts:
-            cache, evicted = evict(eviction, state.cache, ~served)
-            if outputs.visible_until is not None:
-                outputs = outputs.replace(visible_until=record_evictions(
-                    outputs.visible_until, state.cache.positions, cache.positions,
-                    state.next_position))
-            state = state.replace(cache=cache)
+            state, visible_until, evicted = compress_served(eviction, state, served,
+                                                            outputs.visible_until)
             outputs = outputs.replace(
+                visible_until=visible_until,
                 compressions=outputs.compressions + jnp.any(evicted).astype(jnp.int32))
         return index + 1, state, outputs
 
@@ -365,9 +452,10 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
     if remainder:
         def tail(carry):
             state, outputs = carry
-            state, outputs, _ = _decode_steps(config, params, state, outputs, sampling,
-                                              eos_ids, remainder, attention_block)
-            return state, outputs
+            start = state.step
+            state, tokens, log_probs, _ = decode_steps(config, params, state, sampling,
+                                                       eos_ids, remainder, attention_block)
+            return state, _write_tokens(outputs, start, tokens, log_probs)
 
         state, outputs = jax.lax.cond(jnp.all(state.done), lambda c: c, tail, (state, outputs))
     return state, outputs
@@ -386,14 +474,15 @@ def decode_params(params: dict) -> dict:
 
 def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_tokens: int,
                     params: dict, tokens: Array, positions: Array, sampling: SamplingParams,
-                    seed: Array, eos_ids: Array, record: bool = False
+                    seeds: Array, eos_ids: Array, record: bool = False
                     ) -> tuple[Outputs, DecodeState]:
     """The whole generation as one jit-able function (config, eviction, max_new_tokens and
     record static): prefill, sample token 0, then `run_cycles`.
 
     Args:
       tokens: [B, T] int32 left-padded prompts; positions: [B, T] true positions (-1 pads).
-      seed: [] int32 sampler seed. eos_ids: [E] int32 (E may be 0).
+      seeds: [B] int32 sampler seed of each row (uint32 bits): row b draws token j with
+        `fold_in(PRNGKey(seeds[b]), j)`. eos_ids: [E] int32 (E may be 0).
       record: also build `Outputs.visible_until`, the eviction record ([L, B, K, T +
         max_new_tokens], by true position), on the device: two scatters per compression.
     """
@@ -401,10 +490,10 @@ def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_token
     capacity = cache_capacity(eviction, tokens.shape[1], max_new_tokens)
     logits, cache, evicted = prefill(config, eviction, params, tokens, positions, capacity,
                                      dtype)
-    rng, key = jax.random.split(jax.random.PRNGKey(seed))
-    first, first_log_prob = sample(logits, key, sampling)
     B = tokens.shape[0]
     next_position = jnp.max(positions, axis=1) + 1
+    state, first = start_state(cache, logits, next_position, seed_keys(seeds),
+                               jnp.full((B,), max_new_tokens, jnp.int32), sampling, eos_ids)
     visible_until = None
     if record and eviction.evicts:
         visible_until = init_record(config.num_layers, B, config.num_kv_heads,
@@ -412,11 +501,9 @@ def generate_tokens(config: ModelConfig, eviction: EvictionConfig, max_new_token
         visible_until = record_evictions(visible_until, positions, cache.positions,
                                          next_position)
     outputs = Outputs(
-        tokens=jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first),
-        log_probs=jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_log_prob),
+        tokens=jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first.tokens),
+        log_probs=jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first.log_probs),
         compressions=jnp.any(evicted).astype(jnp.int32), visible_until=visible_until)
-    state = DecodeState(cache=cache, last_token=first, next_position=next_position,
-                        done=jnp.isin(first, eos_ids), rng=rng, step=jnp.int32(1))
     state, outputs = run_cycles(config, eviction, decode_params(params), state, outputs,
                                 sampling, eos_ids, max_new_tokens)
     return outputs, state.replace(cache=constrain_cache(state.cache))

@@ -88,13 +88,28 @@ def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
     return fitting[0]
 
 
-def _check_seed(seed) -> np.int32:
-    """The seed as the int32 the compiled program takes: seeds in [2**31, 2**32) wrap to
-    negative int32 values with the same 32 bits, which `jax.random.PRNGKey` reads as the
-    same uint32 seed (seeds below 2**31 give the keys they always gave)."""
-    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return np.uint32(seed).view(np.int32)
+def row_seeds(seed, rows: int) -> np.ndarray:
+    """[rows] int32 per-row seeds: `seed` + b (mod 2**32) for row b of an int `seed`, or
+    the given per-prompt seeds. Seeds in [2**31, 2**32) become the negative int32 values with
+    the same 32 bits, which `jax.random.PRNGKey` reads as the same uint32 seed.
+
+    Raises:
+      ValueError: naming `seed`: not an integer in [0, 2**32), or a list of the wrong length.
+    """
+    if isinstance(seed, list | tuple | np.ndarray):
+        if len(seed) != rows:
+            raise ValueError(f"seed: a list of seeds needs one per prompt ({rows}), got "
+                             f"{len(seed)}")
+        for i, value in enumerate(seed):
+            if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+                raise ValueError(f"seed[{i}] must be an integer in [0, 2**32), got {value!r}")
+        values = [int(v) for v in seed]
+    else:
+        if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an integer in [0, 2**32) or a list of them (one "
+                             f"per prompt), got {seed!r}")
+        values = [(int(seed) + b) % SEED_LIMIT for b in range(rows)]
+    return np.asarray(values, np.uint32).view(np.int32)
 
 
 def _tokenize(prompts, tokenizer, chat_template: bool, system_prompt: str | None,
@@ -257,7 +272,7 @@ def padded_batch_size(batch_size: int, mesh) -> int:
     return -(-batch_size // data) * data
 
 
-def _program_args(params, tokens, positions, sampling, seed, eos, mesh):
+def _program_args(params, tokens, positions, sampling, seeds, eos, mesh):
     """The compiled program's arguments, each placed on the mesh: weights as they are (by the
     rule table), prompts over `data`, the rest replicated.
 
@@ -265,7 +280,7 @@ def _program_args(params, tokens, positions, sampling, seed, eos, mesh):
     calls `generate` with the same prompts) and hands JAX only the rows its own devices
     hold (`jax.make_array_from_process_local_data`); the replicated values in full.
     """
-    host = (tokens, positions, sampling, np.asarray(seed, np.int32), eos)
+    host = (tokens, positions, sampling, np.asarray(seeds, np.int32), eos)
     if mesh is None:
         return (params, *jax.tree.map(jnp.asarray, host))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -326,7 +341,12 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
       max_new_tokens: generated tokens per prompt (>= 1), EOS included.
       temperature: 0 for greedy, else sampling temperature.
       top_p: nucleus mass in (0, 1]. top_k: keep the k most likely tokens (0 = all).
-      seed: sampler seed, an integer in [0, 2**32); the same seed gives the same output.
+      seed: sampler seed, an integer in [0, 2**32), or a list of them, one per prompt.
+        Prompt b samples with its own seed, `seed + b` (mod 2**32) for an int, and draws its
+        token j with `fold_in(PRNGKey(its seed), j)`: its tokens depend only on the model,
+        its prompt, the eviction, the sampling values and its seed, never on the batch, so
+        `generate(prompts, seed=s)` row b equals `generate([prompts[b]], seed=s + b)`, and a
+        `gkv_jax.Engine` request with that seed.
       eos_token_id: int, token string (looked up in the tokenizer's vocabulary), a list of
         them, or None for the tokenizer's / the model config's EOS.
       chat_template: format each string prompt with the tokenizer's chat template (one user
@@ -350,8 +370,9 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
     Raises:
       ValueError: naming the parameter, for an empty prompt list or prompt, string prompts
         without a tokenizer, non-integer token ids, max_new_tokens < 1, a seed outside
-        [0, 2**32), sampling values out of range, an unknown EOS, or a prompt plus
-        max_new_tokens beyond the model's context, or a model sharded over another mesh.
+        [0, 2**32) (or a list of seeds of another length than the prompts), sampling values
+        out of range, an unknown EOS, a prompt plus max_new_tokens beyond the model's
+        context, or a model sharded over another mesh.
     """
     config = model.config
     eviction = EvictionConfig(policy="full") if eviction is None else eviction
@@ -361,11 +382,11 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
     sampling = SamplingParams.create(temperature, top_p, top_k)
-    seed = _check_seed(seed)
     if add_special_tokens is not None and not isinstance(add_special_tokens, bool):
         raise ValueError(f"add_special_tokens must be True, False or None (the tokenizer's "
                          f"convention), got {add_special_tokens!r}")
     ids = _tokenize(prompts, tokenizer, chat_template, system_prompt, add_special_tokens)
+    seeds = row_seeds(seed, len(ids))
     longest = max(len(p) for p in ids)
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(
@@ -379,10 +400,11 @@ def generate(model, prompts, tokenizer=None, eviction: EvictionConfig | None = N
     mesh = resolve_mesh(model, mesh)
     rows = len(ids)
     # Rows are independent: padding rows (copies of the last prompt) change no real row.
-    tokens, positions = _left_pad(ids + [ids[-1]] * (padded_batch_size(rows, mesh) - rows),
-                                  width)
+    padding = padded_batch_size(rows, mesh) - rows
+    tokens, positions = _left_pad(ids + [ids[-1]] * padding, width)
+    seeds = np.concatenate([seeds, np.repeat(seeds[-1:], padding)])
 
-    args = _program_args(model.params(), tokens, positions, sampling, seed, eos, mesh)
+    args = _program_args(model.params(), tokens, positions, sampling, seeds, eos, mesh)
     record = bool(return_eviction_record)
     program, compile_s = _compiled(config, eviction, int(max_new_tokens), record, args, mesh)
     start = time.perf_counter()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gkv_jax import conversion
-from gkv_jax.decode import DecodeState, cache_capacity, decode_step, evict, prefill
+from gkv_jax.decode import cache_capacity, decode_step, evict, initial_state, prefill
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import generate
 from gkv_jax.models import forward
@@ -42,9 +42,7 @@ def run_stepwise(model, eviction, prompt, max_new_tokens):
     step = jax.jit(functools.partial(decode_step, config))
     compress = jax.jit(functools.partial(evict, eviction))
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    state = DecodeState(cache=cache, last_token=first, next_position=jnp.asarray([P]),
-                        done=jnp.zeros((1,), bool), rng=jax.random.PRNGKey(0),
-                        step=jnp.int32(1))
+    state = initial_state(cache, first, jnp.asarray([P]))
     records = [(np.asarray(logits[0]), None)]  # the prefill attends to the whole prompt
     generated = [int(first[0])]
     kept_after = []

@@ -98,15 +98,38 @@ def test_uneven_batch_equals_each_prompt_alone(policy):
              "snapkv": dict(budget=14, window=4, divide_length=6)}[policy]
     eviction = EvictionConfig(policy=policy, **knobs)
     prompts = [RNG.integers(0, SPEC.vocab, n).tolist() for n in (3, 25, 11)]
-    batch = generate(model, prompts, eviction=eviction, max_new_tokens=30, eos_token_id=[],
-                     return_kept_positions=True)
+    common = dict(eviction=eviction, max_new_tokens=30, eos_token_id=[],
+                  return_kept_positions=True, return_logprobs=True)
+    batch = generate(model, prompts, **common)
+    # Sampled: row b draws with its own seed, 5 + b, so it equals the prompt alone with it.
+    sampled = generate(model, prompts, temperature=0.9, top_p=0.95, seed=5, **common)
     for b, prompt in enumerate(prompts):
-        alone = generate(model, [prompt], eviction=eviction, max_new_tokens=30,
-                         eos_token_id=[], return_kept_positions=True)
+        alone = generate(model, [prompt], **common)
         assert batch.tokens[b] == alone.tokens[0]
         np.testing.assert_array_equal(_kept_sets(batch.kept_positions[:, b]),
                                       _kept_sets(alone.kept_positions[:, 0]))
         assert batch.kept_positions[:, b].max() == len(prompt) + 28
+        alone = generate(model, [prompt], temperature=0.9, top_p=0.95, seed=5 + b, **common)
+        assert sampled.tokens[b] == alone.tokens[0]
+        np.testing.assert_allclose(sampled.logprobs[b], alone.logprobs[0], atol=1e-5)
+    assert len({tuple(t) for t in sampled.tokens}) == 3
+
+
+def test_per_prompt_seeds_and_repeated_prompts():
+    _, model = tiny()
+    kwargs = dict(eviction=EvictionConfig(policy="gkv", budget=16, window=4, divide_length=8),
+                  max_new_tokens=20, eos_token_id=[], temperature=1.0)
+    prompt = PROMPTS[0]
+    # An int seed gives every row its own seed (seed + b): repeated prompts draw differently.
+    repeated = generate(model, [prompt] * 3, seed=11, **kwargs)
+    assert len({tuple(t) for t in repeated.tokens}) == 3
+    # Explicit seeds, one per prompt: the same seed gives the same draw on any row.
+    chosen = generate(model, [prompt] * 3, seed=[12, 11, 12], **kwargs)
+    assert chosen.tokens == [repeated.tokens[1], repeated.tokens[0], repeated.tokens[1]]
+    with pytest.raises(ValueError, match=r"seed: a list of seeds needs one per prompt \(3\)"):
+        generate(model, [prompt] * 3, seed=[1, 2], **kwargs)
+    with pytest.raises(ValueError, match=r"seed\[1\] must be an integer in \[0, 2\*\*32\)"):
+        generate(model, [prompt] * 2, seed=[1, -2], **kwargs)
 
 
 def _kept_sets(positions):

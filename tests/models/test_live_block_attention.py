@@ -140,11 +140,9 @@ def cache_buffer_copies(attention_block, capacity: int = 88) -> dict[str, int]:
     decode steps (the entry computation's copies of the arguments are not counted)."""
     params = decode.decode_params(Transformer(CONFIG, rngs=nnx.Rngs(0)).params())
     cache = init_cache(CONFIG, 2, capacity, window=8)
-    state = decode.DecodeState(cache=cache.replace(lengths=jnp.full((2,), capacity - 8)),
-                               last_token=jnp.zeros((2,), jnp.int32),
-                               next_position=jnp.full((2,), capacity - 8, jnp.int32),
-                               done=jnp.zeros((2,), bool), rng=jax.random.PRNGKey(0),
-                               step=jnp.int32(1))
+    state = decode.initial_state(cache.replace(lengths=jnp.full((2,), capacity - 8)),
+                                 jnp.zeros((2,), jnp.int32),
+                                 jnp.full((2,), capacity - 8, jnp.int32))
 
     def steps(params, state):
         def body(state, _):

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkv_jax.decode import (
-    DecodeState,
     cache_capacity,
     decode_step,
     evict,
     init_record,
+    initial_state,
     prefill,
     record_evictions,
 )
@@ -64,10 +64,8 @@ def forced_decode(model, eviction, prompts, completions, width):
     forced = np.zeros((B, M), np.int32)
     for b, c in enumerate(completions):
         forced[b, :len(c)] = c
-    state = DecodeState(cache=cache, last_token=jnp.asarray(forced[:, 0]),
-                        next_position=jnp.asarray(P, jnp.int32),
-                        done=jnp.asarray(lengths - 1 <= 0), rng=jax.random.PRNGKey(0),
-                        step=jnp.int32(1))
+    state = initial_state(cache, jnp.asarray(forced[:, 0]), jnp.asarray(P, jnp.int32),
+                          done=jnp.asarray(lengths - 1 <= 0))
     derived = np.full((L, B, K, span), NEVER, np.int64)
     for k in range(1, M):
         done_before = np.asarray(state.done)

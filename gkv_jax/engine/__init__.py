@@ -1,0 +1,14 @@
+"""The slot engine: continuous batching over fixed-size evicted caches.
+
+* `core`: the pure, jit-compiled functions (`prefill_group`, `insert`, `run_cycle`) over the
+  engine's `Slots`, built on `gkv_jax.decode`.
+* `host`: `Engine`, the host loop (queue, cycle boundaries, streaming, cancellation, stats).
+* `requests`: `RequestOutput` and `TokenEvent`.
+"""
+
+from gkv_jax.engine.core import Prefix, Slots, init_slots, insert, prefill_group, run_cycle
+from gkv_jax.engine.host import Engine, compiled_programs
+from gkv_jax.engine.requests import RequestOutput, TokenEvent
+
+__all__ = ["Engine", "Prefix", "RequestOutput", "Slots", "TokenEvent", "compiled_programs",
+           "init_slots", "insert", "prefill_group", "run_cycle"]

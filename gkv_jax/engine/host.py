@@ -1,0 +1,463 @@
+"""`gkv_jax.Engine`: continuous batching over fixed-size evicted caches (the host loop).
+
+The engine holds S slots (`core.Slots`), each one batch row of a cache that never grows. At
+every cycle boundary it harvests the slots whose requests finished (EOS, their own
+`max_new_tokens`, or cancelled), prefills waiting prompts in groups of one prompt bucket,
+inserts them into the free slots, dispatches the next cycle, and only then reads the last
+cycle's tokens back and hands them to their requests: device work overlaps the host's
+bookkeeping. A request's tokens depend only on the model, its prompt, the eviction, its
+sampling values and its seed, so they equal `generate([prompt], seed=seed)` alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from gkv_jax.decode import decode_params
+from gkv_jax.engine import core
+from gkv_jax.engine.requests import PromptGroup, Request, RequestOutput, TokenEvent
+from gkv_jax.eviction import EvictionConfig
+from gkv_jax.eviction_record import NEVER, EvictionRecord
+from gkv_jax.generation import _encode, _eos_ids, bucket_length, resolve_mesh, row_seeds
+from gkv_jax.sampling import SamplingParams
+from gkv_jax.sharding import mesh as mesh_lib
+from gkv_jax.token_ids import check_vocabulary, is_int, token_ids
+
+MIN_EOS_WIDTH = 8  # EOS ids a request may give (more if the engine's default has more)
+
+_prefill = jax.jit(core.prefill_group, static_argnums=(0, 1, 2, 3))
+_insert = jax.jit(core.insert, donate_argnums=(0,))
+_cycle = jax.jit(core.run_cycle, static_argnums=(0, 1), donate_argnums=(3,))
+_release = jax.jit(core.release, donate_argnums=(0,))
+_init = jax.jit(core.init_slots, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+_decode_params = jax.jit(decode_params)
+PROGRAMS = (_prefill, _insert, _cycle, _release)
+
+
+def compiled_programs() -> int:
+    """Programs the engine's functions have compiled in this process (tests count them)."""
+    return sum(fn._cache_size() for fn in PROGRAMS)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched cycle: its outputs, and which request each slot served."""
+
+    slot_requests: list[Request | None]
+    tokens: jax.Array
+    log_probs: jax.Array
+
+
+class Engine:
+    """Continuous batching: requests come and go, slots are refilled as they finish.
+
+    Args:
+      model: a `gkv_jax.Transformer`.
+      tokenizer: its tokenizer, for string prompts and `RequestOutput.text`.
+      eviction: the `EvictionConfig` of every slot (None: the full cache, whose slots hold
+        `max_prompt_length` (bucketed) + `max_new_tokens` - 1 tokens each).
+      slots: S, sequences decoded together (a multiple of the mesh's `data` size).
+      max_new_tokens: the most tokens a request may ask for (its default).
+      max_prompt_length: the longest prompt accepted (default: the context minus
+        `max_new_tokens`); it sizes the full cache's slots and the eviction record.
+      prefill_batch: prompts prefilled together (default min(slots, 8)).
+      prompt_buckets: padded prompt lengths, as in `generate` (one prefill program each).
+      eos_token_id: the default EOS ids of requests, as in `generate`.
+      record: keep each request's eviction record (`RequestOutput.eviction_record`).
+      mesh: a ("data", "model") mesh: slots over `data`, heads over `model`, as `generate`.
+
+    Raises:
+      ValueError / TypeError: naming the parameter, for values out of range.
+
+    >>> # engine = gkv_jax.Engine(model, tokenizer, EvictionConfig("gkv", budget=2048))
+    >>> # ids = [engine.submit(p, seed=i) for i, p in enumerate(prompts)]
+    >>> # outputs = engine.run()   # {request_id: RequestOutput}
+    """
+
+    def __init__(self, model, tokenizer=None, eviction: EvictionConfig | None = None, *,
+                 slots: int = 16, max_new_tokens: int = 256,
+                 max_prompt_length: int | None = None, prefill_batch: int | None = None,
+                 prompt_buckets: Sequence[int] | None = None, eos_token_id=None,
+                 record: bool = False, mesh=None):
+        config = model.config
+        eviction = EvictionConfig(policy="full") if eviction is None else eviction
+        if not isinstance(eviction, EvictionConfig):
+            raise TypeError(f"eviction must be an EvictionConfig or None, got "
+                            f"{type(eviction).__name__}")
+        context = config.max_position_embeddings
+        _check_count("slots", slots)
+        _check_count("max_new_tokens", max_new_tokens, context - 1)
+        if max_prompt_length is None:
+            max_prompt_length = context - max_new_tokens
+        _check_count("max_prompt_length", max_prompt_length, context - max_new_tokens)
+        self.model, self.tokenizer, self.eviction = model, tokenizer, eviction
+        self.mesh = resolve_mesh(model, mesh)
+        data = 1 if self.mesh is None else mesh_lib.axis_size(self.mesh, mesh_lib.DATA)
+        if slots % data:
+            raise ValueError(f"slots must be a multiple of the mesh's data size ({data}), "
+                             f"got {slots}")
+        if prefill_batch is None:
+            prefill_batch = min(slots, 8)
+        _check_count("prefill_batch", prefill_batch)
+        self.prefill_batch = -(-prefill_batch // data) * data
+        self.num_slots, self.max_new_tokens = int(slots), int(max_new_tokens)
+        self.max_prompt_length, self.prompt_buckets = int(max_prompt_length), prompt_buckets
+        widest = bucket_length(self.max_prompt_length, prompt_buckets)
+        self.capacity = eviction.capacity if eviction.evicts else widest + max_new_tokens - 1
+        self.record_width = widest + max_new_tokens if record else None
+        self.default_eos = np.asarray(_eos_ids(eos_token_id, tokenizer, config), np.int32)
+        self.eos_width = max(MIN_EOS_WIDTH, len(self.default_eos))
+        with self._on_mesh():
+            self._slots = _init(config, eviction, self.num_slots, self.capacity,
+                                self.eos_width, self.record_width, model.dtype)
+        self.load_params(model.params())
+        self._next_id = 0
+        self._waiting: collections.deque[PromptGroup] = collections.deque()
+        self._held: list[tuple[core.Prefix, list[tuple[int, Request]]]] = []
+        self._slot_request: list[Request | None] = [None] * self.num_slots
+        self._pending: _Pending | None = None
+        self._requests: dict[int, Request] = {}
+        self._finished_events: list[TokenEvent] = []
+        self._signatures: set = set()
+        self._stats = collections.Counter()
+        self._seconds = 0.0
+
+    # ---------------------------------------------------------------------------- requests
+    def load_params(self, params: dict) -> None:
+        """Serves `params` (the model's parameter tree, same shapes) from the next cycle
+        on: a post-training loop points the engine at its updated weights."""
+        self._params = params
+        with self._on_mesh():
+            self._step_params = _decode_params(params)
+
+    def submit(self, prompt, *, max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id=None) -> int:
+        """Queues one request; returns its id.
+
+        Args:
+          prompt: a string (needs the engine's tokenizer, whose convention adds BOS) or
+            token ids.
+          max_new_tokens: its limit, EOS included (None: the engine's).
+          temperature, top_p, top_k: its sampler, as in `generate`.
+          seed: an integer in [0, 2**32): its token j is drawn with
+            `fold_in(PRNGKey(seed), j)`, so it equals `generate([prompt], seed=seed)`.
+          eos_token_id: its EOS ids, as in `generate` (None: the engine's).
+
+        Raises:
+          ValueError: naming the parameter; nothing is queued and no other request changes.
+        """
+        return self.submit_group(prompt, [seed], max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, top_k=top_k,
+                                 eos_token_id=eos_token_id)[0]
+
+    def submit_group(self, prompt, seeds: Sequence[int], *, max_new_tokens: int | None = None,
+                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     eos_token_id=None) -> list[int]:
+        """Queues one request per seed, all sharing one prefill of `prompt` (the samples of
+        a pass@k problem, or a GRPO group); returns their ids. Arguments as in `submit`."""
+        ids = self._prompt_ids(prompt)
+        if max_new_tokens is None:
+            max_new_tokens = self.max_new_tokens
+        _check_count("max_new_tokens", max_new_tokens, self.max_new_tokens)
+        SamplingParams.create(temperature, top_p, top_k)
+        if isinstance(seeds, str) or not isinstance(seeds, Sequence) or not seeds:
+            raise ValueError(f"seeds must be a non-empty list of seeds, got {seeds!r}")
+        seeds = row_seeds(list(seeds), len(seeds)).view(np.uint32)
+        eos = self.default_eos if eos_token_id is None else np.asarray(
+            _eos_ids(eos_token_id, self.tokenizer, self.model.config), np.int32)
+        if len(eos) > self.eos_width:
+            raise ValueError(f"eos_token_id: at most {self.eos_width} ids per request, got "
+                             f"{len(eos)}")
+        padded = np.full((self.eos_width,), -1, np.int32)
+        padded[:len(eos)] = eos
+        bucket = bucket_length(len(ids), self.prompt_buckets)
+        members = []
+        for seed in seeds:
+            request_id, self._next_id = self._next_id, self._next_id + 1
+            output = RequestOutput(request_id=request_id, prompt_ids=ids, seed=int(seed))
+            request = Request(request_id, ids, bucket, int(max_new_tokens), float(temperature),
+                              float(top_p), int(top_k), int(seed), padded, output)
+            self._requests[request_id] = request
+            members.append(request)
+        self._waiting.append(PromptGroup(ids, bucket, members))
+        self._stats["submitted"] += len(members)
+        return [r.request_id for r in members]
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        config = self.model.config
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is a string: give the Engine a tokenizer (or pass "
+                                 "token ids)")
+            ids = list(_encode(self.tokenizer, prompt, False, None))
+        else:
+            ids = token_ids("prompt", prompt)
+        if not ids:
+            raise ValueError("prompt is empty: a prompt needs at least one token")
+        check_vocabulary("prompt", ids, config.vocab_size)
+        if len(ids) > self.max_prompt_length:
+            raise ValueError(f"prompt: {len(ids)} tokens, but the engine takes prompts of at "
+                             f"most max_prompt_length={self.max_prompt_length} tokens")
+        return ids
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancels a request that has not finished: a waiting one never starts, a running
+        one stops at the next cycle boundary and frees its slot; its output keeps the tokens
+        so far, with finish_reason "cancelled". False if it had already finished."""
+        request = self._requests.get(request_id)
+        if request is None or request.output.finished or request.cancelled:
+            return False
+        request.cancelled = True
+        if request.slot is None:  # waiting, or in a held prefix: drop it there
+            for group in self._waiting:
+                if request in group.members:
+                    group.members.remove(request)
+            for _, members in self._held:
+                members[:] = [(row, r) for row, r in members if r is not request]
+            self._finish(request, "cancelled")
+        return True
+
+    # ---------------------------------------------------------------------------- the loop
+    def run(self) -> dict[int, RequestOutput]:
+        """Serves every queued request; returns {request_id: RequestOutput} of those that
+        finished during this call (in finishing order)."""
+        return {event.request_id: event.output for event in self.stream() if event.finished}
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Serves the queue, yielding each request's new tokens as cycles complete, and a
+        finished event (with its `RequestOutput`) when it ends."""
+        started = time.perf_counter()
+        try:
+            while True:
+                events = self._boundary()
+                yield from events
+                if not self._has_work() and self._pending is None:
+                    yield from self._drain_finished()
+                    return
+        finally:
+            self._seconds += time.perf_counter() - started
+
+    def _has_work(self) -> bool:
+        return (any(g.members for g in self._waiting) or any(m for _, m in self._held)
+                or any(r is not None for r in self._slot_request))
+
+    def _boundary(self) -> list[TokenEvent]:
+        """One cycle boundary: harvest, admit, dispatch the next cycle, then read back the
+        previous cycle's tokens (while the device runs the next)."""
+        pending, self._pending = self._pending, None
+        finished, records = [], {}
+        if pending is not None:
+            done, token_index = jax.device_get((self._slots.state.done,
+                                                self._slots.state.token_index))
+            for s, request in enumerate(pending.slot_requests):
+                if request is not None and self._slot_request[s] is request and done[s]:
+                    finished.append(request)
+                    self._slot_request[s] = None
+                    records[request.request_id] = self._record_slice(s)
+        self._release_cancelled()
+        inserted = self._admit()
+        if any(r is not None for r in self._slot_request):
+            self._slots, tokens, log_probs = self._run(
+                ("cycle",), _cycle, self.model.config, self.eviction, self._step_params,
+                self._slots)
+            self._pending = _Pending(list(self._slot_request), tokens, log_probs)
+            self._stats["cycles"] += 1
+        events = []
+        for requests, first, first_log_prob in inserted:
+            first, first_log_prob = jax.device_get((first, first_log_prob))
+            for i, request in enumerate(requests):
+                request.append(first[i:i + 1], first_log_prob[i:i + 1])
+                events.append(TokenEvent(request.request_id, [int(first[i])], False))
+        if pending is not None:
+            events += self._collect(pending, token_index, finished, records)
+        return events + self._drain_finished()
+
+    def _collect(self, pending: _Pending, token_index, finished, records) -> list[TokenEvent]:
+        tokens, log_probs = jax.device_get((pending.tokens, pending.log_probs))
+        events = []
+        for s, request in enumerate(pending.slot_requests):
+            if request is None or request.output.finished:
+                continue
+            new = int(token_index[s]) - len(request.output.tokens)
+            if new > 0:
+                request.append(tokens[s, :new], log_probs[s, :new])
+                self._stats["decode_tokens"] += new
+                events.append(TokenEvent(request.request_id, tokens[s, :new].tolist(), False))
+        for request in finished:
+            reason = "cancelled" if request.cancelled else (
+                "eos" if request.output.tokens and request.output.tokens[-1]
+                in request.eos_ids else "length")
+            self._finish(request, reason, records.get(request.request_id))
+        return events
+
+    def _drain_finished(self) -> list[TokenEvent]:
+        events, self._finished_events = self._finished_events, []
+        return events
+
+    def _finish(self, request: Request, reason: str, record=None) -> None:
+        output = request.output
+        output.finish_reason = reason
+        if self.tokenizer is not None:
+            output.text = self.tokenizer.decode(output.tokens, skip_special_tokens=True)
+        if self.record_width is not None:
+            output.eviction_record = self._eviction_record(request, record)
+        request.slot = None
+        self._stats["finished"] += 1
+        self._stats["useful_tokens"] += len(output.tokens)
+        self._finished_events.append(TokenEvent(request.request_id, [], True, output))
+
+    def _record_slice(self, s: int):
+        """The device slice of slot s's record (dispatched before the slot is reused)."""
+        if self._slots.visible_until is None:
+            return None
+        return self._slots.visible_until[:, s]
+
+    def _eviction_record(self, request: Request, record) -> EvictionRecord:
+        config = self.model.config
+        width = len(request.prompt_ids) + request.max_new_tokens
+        if record is None:
+            visible_until = np.full((config.num_layers, 1, config.num_kv_heads, width), NEVER,
+                                    np.int32)
+        else:
+            visible_until = np.asarray(record)[:, None, :, :width]
+        return EvictionRecord(visible_until=visible_until,
+                              prompt_lengths=np.asarray([len(request.prompt_ids)], np.int32),
+                              lengths=np.asarray([len(request.output.tokens)], np.int32),
+                              eviction=self.eviction)
+
+    def _release_cancelled(self) -> None:
+        mask = np.zeros((self.num_slots,), bool)
+        for s, request in enumerate(self._slot_request):
+            if request is not None and request.cancelled:
+                mask[s] = True
+                self._slot_request[s] = None
+                self._finish(request, "cancelled")
+        if mask.any():
+            self._slots = self._run(("release",), _release, self._slots, mask)
+
+    def _admit(self) -> list[tuple[list[Request], jax.Array, jax.Array]]:
+        """Fills free slots: members of held prefixes first, then new prefill groups."""
+        inserted = []
+        while True:
+            free = [s for s, r in enumerate(self._slot_request) if r is None]
+            self._held = [(p, m) for p, m in self._held if m]
+            if not free:
+                break
+            if not self._held:
+                if not self._prefill_next(len(free)):
+                    break
+            prefix, members = self._held[0]
+            batch = members[:len(free)]
+            del members[:len(batch)]
+            inserted.append(self._insert(prefix, batch, free[:len(batch)]))
+        return inserted
+
+    def _prefill_next(self, free: int) -> bool:
+        """Prefills the next waiting prompts of one bucket (FIFO), enough to fill `free`
+        slots, at most `prefill_batch`; False when nothing waits."""
+        while self._waiting and not self._waiting[0].members:
+            self._waiting.popleft()
+        if not self._waiting:
+            return False
+        bucket = self._waiting[0].bucket
+        groups, wanted = [], 0
+        for group in list(self._waiting):
+            if len(groups) == self.prefill_batch or wanted >= free:
+                break
+            if group.bucket == bucket and group.members:
+                groups.append(group)
+                wanted += len(group.members)
+        for group in groups:
+            self._waiting.remove(group)
+        rows = [g.prompt_ids for g in groups]
+        rows += [rows[0]] * (self.prefill_batch - len(rows))  # fixed shape: padding rows
+        tokens = np.zeros((len(rows), bucket), np.int32)
+        positions = np.full((len(rows), bucket), -1, np.int32)
+        for b, ids in enumerate(rows):
+            tokens[b, bucket - len(ids):] = ids
+            positions[b, bucket - len(ids):] = np.arange(len(ids))
+        prefix = self._run(("prefill", bucket), _prefill, self.model.config, self.eviction,
+                           self.capacity, self.record_width, self._params, tokens, positions)
+        self._held.append((prefix, [(row, r) for row, g in enumerate(groups)
+                                    for r in g.members]))
+        self._stats["prefills"] += len(groups)
+        self._stats["prefill_calls"] += 1
+        return True
+
+    def _insert(self, prefix: core.Prefix, batch: list[tuple[int, Request]],
+                slot_ids: list[int]):
+        S = self.num_slots
+        rows = np.zeros((S,), np.int32)
+        targets = np.full((S,), S, np.int32)  # S: unused entry, dropped
+        seeds = np.zeros((S,), np.uint32)
+        knobs = np.zeros((S, 3), np.float64)
+        knobs[:, 1] = 1.0
+        max_tokens = np.ones((S,), np.int32)
+        eos = np.full((S, self.eos_width), -1, np.int32)
+        requests = []
+        for i, ((row, request), slot) in enumerate(zip(batch, slot_ids, strict=True)):
+            rows[i], targets[i], seeds[i] = row, slot, request.seed
+            knobs[i] = (request.temperature, request.top_p, request.top_k)
+            max_tokens[i], eos[i] = request.max_new_tokens, request.eos_ids
+            request.slot = slot
+            self._slot_request[slot] = request
+            requests.append(request)
+        sampling = SamplingParams(temperature=knobs[:, 0].astype(np.float32),
+                                  top_p=knobs[:, 1].astype(np.float32),
+                                  top_k=knobs[:, 2].astype(np.int32))
+        self._slots, first, first_log_prob = self._run(
+            ("insert",), _insert, self._slots, prefix, rows, targets, seeds.view(np.int32),
+            sampling, max_tokens, eos)
+        self._stats["inserted"] += len(requests)
+        return requests, first[:len(requests)], first_log_prob[:len(requests)]
+
+    def _run(self, signature, fn, *args):
+        self._signatures.add(signature)
+        with self._on_mesh():
+            return fn(*args)
+
+    def _on_mesh(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    # ---------------------------------------------------------------------------- stats
+    @property
+    def stats(self) -> dict:
+        """Counters of the engine so far: submitted / finished requests, useful_tokens
+        (generated tokens of finished requests), slot_steps (cycles x slots x
+        divide_length), occupancy (decode steps that produced a request's token / slot
+        steps), tokens_per_second (useful tokens per second of `run` / `stream`), prefills
+        (prompts prefilled: one per group of samples), prefill_calls, cycles, inserted
+        (requests placed in slots), compiled_programs (distinct programs run: one prefill per
+        bucket, insert, cycle, release), cache_bytes (all slots) and cache_bytes_per_slot."""
+        counts = dict(self._stats)
+        slot_steps = counts.get("cycles", 0) * self.num_slots * self.eviction.divide_length
+        cache_bytes = self._slots.state.cache.num_bytes()
+        return {
+            "submitted": counts.get("submitted", 0), "finished": counts.get("finished", 0),
+            "useful_tokens": counts.get("useful_tokens", 0), "slot_steps": slot_steps,
+            "occupancy": counts.get("decode_tokens", 0) / slot_steps if slot_steps else 0.0,
+            "tokens_per_second": (counts.get("useful_tokens", 0) / self._seconds
+                                  if self._seconds else 0.0),
+            "seconds": self._seconds, "prefills": counts.get("prefills", 0),
+            "prefill_calls": counts.get("prefill_calls", 0), "cycles": counts.get("cycles", 0),
+            "inserted": counts.get("inserted", 0),
+            "compiled_programs": len(self._signatures),
+            "cache_bytes": cache_bytes, "cache_bytes_per_slot": cache_bytes // self.num_slots,
+        }
+
+
+def _check_count(name: str, value, high: int | None = None) -> None:
+    """An integer in [1, high]."""
+    if not is_int(value) or value < 1 or (high is not None and value > high):
+        bound = f"in [1, {high}]" if high is not None else ">= 1"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+__all__ = ["Engine", "RequestOutput", "TokenEvent", "compiled_programs"]
