@@ -25,7 +25,14 @@ from gkv_jax.engine import core
 from gkv_jax.engine.requests import PromptGroup, Request, RequestOutput, TokenEvent
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.eviction_record import NEVER, EvictionRecord
-from gkv_jax.generation import _encode, _eos_ids, bucket_length, resolve_mesh, row_seeds
+from gkv_jax.generation import (
+    _encode,
+    _eos_ids,
+    bucket_length,
+    resolve_mesh,
+    row_seeds,
+    to_host,
+)
 from gkv_jax.sampling import SamplingParams
 from gkv_jax.sharding import mesh as mesh_lib
 from gkv_jax.token_ids import check_vocabulary, is_int, token_ids
@@ -124,7 +131,7 @@ class Engine:
         self._slot_request: list[Request | None] = [None] * self.num_slots
         self._pending: _Pending | None = None
         self._requests: dict[int, Request] = {}
-        self._finished_events: list[TokenEvent] = []
+        self._events: collections.deque[TokenEvent] = collections.deque()  # not yet yielded
         self._signatures: set = set()
         self._stats = collections.Counter()
         self._seconds = 0.0
@@ -236,11 +243,11 @@ class Engine:
         started = time.perf_counter()
         try:
             while True:
-                events = self._boundary()
-                yield from events
+                while self._events:  # a consumer that stops early leaves the rest queued
+                    yield self._events.popleft()
                 if not self._has_work() and self._pending is None:
-                    yield from self._drain_finished()
                     return
+                self._boundary()
         finally:
             self._seconds += time.perf_counter() - started
 
@@ -248,14 +255,14 @@ class Engine:
         return (any(g.members for g in self._waiting) or any(m for _, m in self._held)
                 or any(r is not None for r in self._slot_request))
 
-    def _boundary(self) -> list[TokenEvent]:
+    def _boundary(self) -> None:
         """One cycle boundary: harvest, admit, dispatch the next cycle, then read back the
-        previous cycle's tokens (while the device runs the next)."""
+        previous cycle's tokens (while the device runs the next) into the event queue."""
         pending, self._pending = self._pending, None
         finished, records = [], {}
         if pending is not None:
-            done, token_index = jax.device_get((self._slots.state.done,
-                                                self._slots.state.token_index))
+            done, token_index = (to_host(self._slots.state.done),
+                                 to_host(self._slots.state.token_index))
             for s, request in enumerate(pending.slot_requests):
                 if request is not None and self._slot_request[s] is request and done[s]:
                     finished.append(request)
@@ -269,19 +276,16 @@ class Engine:
                 self._slots)
             self._pending = _Pending(list(self._slot_request), tokens, log_probs)
             self._stats["cycles"] += 1
-        events = []
         for requests, first, first_log_prob in inserted:
-            first, first_log_prob = jax.device_get((first, first_log_prob))
+            first, first_log_prob = to_host(first), to_host(first_log_prob)
             for i, request in enumerate(requests):
                 request.append(first[i:i + 1], first_log_prob[i:i + 1])
-                events.append(TokenEvent(request.request_id, [int(first[i])], False))
+                self._events.append(TokenEvent(request.request_id, [int(first[i])], False))
         if pending is not None:
-            events += self._collect(pending, token_index, finished, records)
-        return events + self._drain_finished()
+            self._collect(pending, token_index, finished, records)
 
-    def _collect(self, pending: _Pending, token_index, finished, records) -> list[TokenEvent]:
-        tokens, log_probs = jax.device_get((pending.tokens, pending.log_probs))
-        events = []
+    def _collect(self, pending: _Pending, token_index, finished, records) -> None:
+        tokens, log_probs = to_host(pending.tokens), to_host(pending.log_probs)
         for s, request in enumerate(pending.slot_requests):
             if request is None or request.output.finished:
                 continue
@@ -289,17 +293,13 @@ class Engine:
             if new > 0:
                 request.append(tokens[s, :new], log_probs[s, :new])
                 self._stats["decode_tokens"] += new
-                events.append(TokenEvent(request.request_id, tokens[s, :new].tolist(), False))
+                self._events.append(TokenEvent(request.request_id, tokens[s, :new].tolist(),
+                                               False))
         for request in finished:
             reason = "cancelled" if request.cancelled else (
                 "eos" if request.output.tokens and request.output.tokens[-1]
                 in request.eos_ids else "length")
             self._finish(request, reason, records.get(request.request_id))
-        return events
-
-    def _drain_finished(self) -> list[TokenEvent]:
-        events, self._finished_events = self._finished_events, []
-        return events
 
     def _finish(self, request: Request, reason: str, record=None) -> None:
         output = request.output
@@ -311,7 +311,7 @@ class Engine:
         request.slot = None
         self._stats["finished"] += 1
         self._stats["useful_tokens"] += len(output.tokens)
-        self._finished_events.append(TokenEvent(request.request_id, [], True, output))
+        self._events.append(TokenEvent(request.request_id, [], True, output))
 
     def _record_slice(self, s: int):
         """The device slice of slot s's record (dispatched before the slot is reused)."""
@@ -326,7 +326,7 @@ class Engine:
             visible_until = np.full((config.num_layers, 1, config.num_kv_heads, width), NEVER,
                                     np.int32)
         else:
-            visible_until = np.asarray(record)[:, None, :, :width]
+            visible_until = to_host(record)[:, None, :, :width]
         return EvictionRecord(visible_until=visible_until,
                               prompt_lengths=np.asarray([len(request.prompt_ids)], np.int32),
                               lengths=np.asarray([len(request.output.tokens)], np.int32),

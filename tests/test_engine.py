@@ -1,0 +1,196 @@
+"""The slot engine: every request's tokens, log-probs and eviction record equal `generate`
+alone with its seed, whatever the arrival order, its neighbours or its slot; requests coming
+and going never recompile; cancellation and bad requests harm no other request."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from gkv_jax import conversion
+from gkv_jax import engine as engine_lib
+from gkv_jax.engine import Engine
+from gkv_jax.eviction import POLICIES, EvictionConfig, get_policy
+from gkv_jax.generation import generate
+from gkv_jax.sharding import make_mesh, shard_model
+from tests.test_generate import SPEC, tiny
+
+RNG = np.random.default_rng(23)
+# Ragged prompts (buckets 16 and 32; 25 and 30 exceed budget 20: compressed at the prefill).
+PROMPTS = [RNG.integers(1, SPEC.vocab, n).tolist() for n in (5, 25, 12, 30, 9)]
+MAX_NEW = (20, 33, 33, 20, 33)  # mixed per-request limits
+SAMPLED = (False, True, False, True, True)
+DIVIDE = 6
+
+
+def knobs(policy: str) -> dict:
+    if not get_policy(policy).evicts:
+        return dict(divide_length=DIVIDE)
+    extra = {"window": 4} if get_policy(policy).window_role == "observation" else {}
+    return dict(budget=20, divide_length=DIVIDE, **extra)
+
+
+@functools.cache
+def alone(policy: str, b: int, eos: tuple[int, ...] = ()):
+    """`generate` of prompt b alone, with request b's seed, sampler and limit."""
+    _, model = tiny()
+    return generate(model, [PROMPTS[b]], eviction=EvictionConfig(policy, **knobs(policy)),
+                    max_new_tokens=MAX_NEW[b], eos_token_id=list(eos), seed=100 + b,
+                    temperature=0.8 if SAMPLED[b] else 0.0, top_p=0.9,
+                    return_logprobs=True, return_eviction_record=True)
+
+
+def submit(engine, b: int, eos: tuple[int, ...] = ()) -> int:
+    return engine.submit(PROMPTS[b], max_new_tokens=MAX_NEW[b], seed=100 + b,
+                         temperature=0.8 if SAMPLED[b] else 0.0, top_p=0.9,
+                         eos_token_id=list(eos))
+
+
+def assert_equals_alone(output, reference) -> None:
+    assert output.tokens == reference.tokens[0]
+    np.testing.assert_allclose(output.logprobs, reference.logprobs[0], atol=1e-5)
+    np.testing.assert_array_equal(output.eviction_record.visible_until,
+                                  reference.eviction_record.visible_until)
+    np.testing.assert_array_equal(output.eviction_record.lengths,
+                                  reference.eviction_record.lengths)
+
+
+def check_policy(policy: str) -> None:
+    """Five requests through two slots: three first, two more after a few events (random
+    arrival), one of them with an EOS that comes mid-cycle."""
+    _, model = tiny()
+    eviction = EvictionConfig(policy, **knobs(policy))
+    eos = (alone(policy, 2).tokens[0][8],)  # forward 8 is mid-cycle (divide_length 6)
+    engine = Engine(model, eviction=eviction, slots=2, max_new_tokens=max(MAX_NEW),
+                    max_prompt_length=32, eos_token_id=[], record=True)
+    first = {b: submit(engine, b) for b in (3, 0, 4)}
+    stream = engine.stream()
+    streamed = {}
+    for _, event in zip(range(4), stream, strict=False):
+        streamed.setdefault(event.request_id, []).extend(event.tokens)
+    later = {1: submit(engine, 1), 2: submit(engine, 2, eos)}
+    for event in stream:
+        streamed.setdefault(event.request_id, []).extend(event.tokens)
+    outputs = {r.request_id: r for r in (engine._requests[i].output
+                                        for i in (*first.values(), *later.values()))}
+    for b, request_id in {**first, **later}.items():
+        output = outputs[request_id]
+        assert streamed[request_id] == output.tokens  # the stream is the output, in order
+        assert_equals_alone(output, alone(policy, b, eos if b == 2 else ()))
+    assert outputs[later[2]].finish_reason == "eos" and len(outputs[later[2]].tokens) < 33
+    assert outputs[first[0]].finish_reason == "length"
+    stats = engine.stats
+    assert stats["finished"] == 5 and stats["prefills"] == 5
+    assert stats["useful_tokens"] == sum(len(o.tokens) for o in outputs.values())
+    assert 0 < stats["occupancy"] <= 1
+
+
+def test_every_request_equals_generate_alone():
+    check_policy("gkv")
+
+
+# Slow: every other registered policy and the full cache (gkv above is the fast sibling).
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "gkv"])
+def test_every_policy_equals_generate_alone(policy):
+    check_policy(policy)
+
+
+@pytest.mark.slow
+def test_slots_over_a_mesh_give_the_one_device_tokens():
+    model = conversion.from_hf(tiny()[0])  # its own copy: moved onto the mesh
+    eviction = EvictionConfig("gkv", **knobs("gkv"))
+    one = Engine(tiny()[1], eviction=eviction, slots=4, max_new_tokens=33,
+                 max_prompt_length=32, eos_token_id=[], record=True)
+    mesh = make_mesh(data=2, model=4)
+    shard_model(model, mesh)
+    sharded = Engine(model, eviction=eviction, slots=4, max_new_tokens=33,
+                     max_prompt_length=32, eos_token_id=[], record=True, mesh=mesh)
+    for engine in (one, sharded):
+        for b in range(len(PROMPTS)):
+            submit(engine, b)
+    a, b = one.run(), sharded.run()
+    assert sharded.stats["cache_bytes"] == one.stats["cache_bytes"]
+    for (_, x), (_, y) in zip(sorted(a.items()), sorted(b.items()), strict=True):
+        assert x.tokens == y.tokens
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
+        np.testing.assert_array_equal(x.eviction_record.visible_until,
+                                      y.eviction_record.visible_until)
+
+
+def test_requests_coming_and_going_never_recompile():
+    _, model = tiny()
+    eviction = EvictionConfig("gkv", **knobs("gkv"))
+    engine = Engine(model, eviction=eviction, slots=2, max_new_tokens=33,
+                    max_prompt_length=32, eos_token_id=[])
+    submit(engine, 0), submit(engine, 1)
+    engine.run()
+    programs = engine_lib.compiled_programs()
+    assert engine.stats["compiled_programs"] == 4  # prefill of buckets 16 and 32, insert, cycle
+    for wave in ((2, 3, 4), (1,), (4, 0, 2, 3)):  # other arrivals, mixes and limits
+        for b in wave:
+            submit(engine, b)
+        engine.run()
+    assert engine_lib.compiled_programs() == programs
+    assert engine.stats["finished"] == 10
+
+
+def test_samples_share_one_prefill_and_cancel_frees_the_slot():
+    _, model = tiny()
+    eviction = EvictionConfig("gkv", **knobs("gkv"))
+    engine = Engine(model, eviction=eviction, slots=2, max_new_tokens=33,
+                    max_prompt_length=32, eos_token_id=[], record=True)
+    group = engine.submit_group(PROMPTS[1], [101, 7, 8], max_new_tokens=33, temperature=0.8,
+                                top_p=0.9)
+    doomed = submit(engine, 3)  # waiting: cancelled before it starts
+    running = submit(engine, 4)
+    assert engine.cancel(doomed) and not engine.cancel(doomed)
+    stream = engine.stream()
+    for event in stream:  # cancel the first sample once it is running
+        if event.request_id == group[1] and event.tokens:
+            assert engine.cancel(group[1])
+            break
+    outputs = {event.request_id: event.output for event in stream if event.finished}
+    outputs[doomed] = engine._requests[doomed].output
+    assert outputs[doomed].finish_reason == "cancelled" and outputs[doomed].tokens == []
+    assert engine._requests[group[1]].output.finish_reason == "cancelled"
+    # The others are untouched: the group's first sample is request 1 alone (seed 101).
+    assert_equals_alone(outputs[group[0]], alone("gkv", 1))
+    assert_equals_alone(outputs[running], alone("gkv", 4))
+    assert engine.stats["prefills"] == 2  # the group's prompt once, request 4's once
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=[1, SPEC.vocab]), r"prompt has token ids outside \[0, 97\)"),
+    (dict(prompt=[1.5, 2]), "prompt must hold integer token ids"),
+    (dict(prompt="text"), "prompt is a string: give the Engine a tokenizer"),
+    (dict(prompt=list(range(1, 40))), "at most max_prompt_length=32"),
+    (dict(max_new_tokens=34), r"max_new_tokens must be an integer in \[1, 33\]"),
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(seed=2**32), r"seed\[0\] must be an integer in \[0, 2\*\*32\)"),
+    (dict(eos_token_id=list(range(9))), "eos_token_id: at most 8 ids"),
+])
+def test_a_bad_request_is_refused_at_submit_and_harms_no_other(kwargs, message):
+    _, model = tiny()
+    engine = Engine(model, eviction=EvictionConfig("gkv", **knobs("gkv")), slots=2,
+                    max_new_tokens=33, max_prompt_length=32, eos_token_id=[], record=True)
+    good = submit(engine, 0)
+    with pytest.raises(ValueError, match=message):
+        engine.submit(**{"prompt": PROMPTS[0], **kwargs})
+    outputs = engine.run()
+    assert list(outputs) == [good]
+    assert_equals_alone(outputs[good], alone("gkv", 0))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(slots=0), r"slots must be an integer >= 1"),
+    (dict(max_new_tokens=512), r"max_new_tokens must be an integer in \[1, 511\]"),
+    (dict(max_prompt_length=500), r"max_prompt_length must be an integer in \[1, 479\]"),
+    (dict(eviction="gkv"), "eviction must be an EvictionConfig"),
+])
+def test_engine_arguments_are_checked(kwargs, message):
+    _, model = tiny()
+    with pytest.raises((ValueError, TypeError), match=message):
+        Engine(model, **{"max_new_tokens": 33, **kwargs})
