@@ -21,7 +21,7 @@ import pytest
 
 from gkv_jax import distributed
 from gkv_jax.evaluation import run as evaluation_run
-from gkv_jax.generation import GenerateOutput
+from gkv_jax.evaluation.rows import make_row
 from tests import distributed_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,13 +85,12 @@ def test_initialize_once_then_same_call_is_a_no_op(fresh, monkeypatch):
         distributed.initialize()
 
 
-def _scripted_generate(model, prompts, *, seed, **kwargs):
-    """Each row answers its prompt's length; no compilation."""
-    texts = [f"#### {len(p)}" for p in prompts]
-    return GenerateOutput(tokens=[[1, 2, 3]] * len(prompts), texts=texts, logprobs=None,
-                          kept_positions=None,
-                          stats={"generated_tokens": 3 * len(prompts), "run_seconds": 0.5,
-                                 "cache_bytes": 64, "full_cache_bytes": 128})
+def _scripted_rows(model, tokenizer, config, examples, prompts, wanted, samples, *, on_rows,
+                   **kwargs):
+    """Each row answers its prompt's length; nothing compiled."""
+    on_rows([make_row(config, examples[i], s, f"#### {len(prompts[i])}", [1, 2, 3], 0.5, 64,
+                      128) for i in range(len(examples)) for s in range(samples)
+             if (i, s) in wanted])
 
 
 class _CharTokenizer:
@@ -109,7 +108,7 @@ def test_only_process_0_touches_output_dir(tmp_path, monkeypatch):
     model = types.SimpleNamespace(params=lambda: {"w": np.ones(3, np.float32)},
                                   config=types.SimpleNamespace(max_position_embeddings=64))
     tokenizer = _CharTokenizer()
-    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate)
+    monkeypatch.setattr(evaluation_run, "engine_rows", _scripted_rows)
     kwargs = dict(policies="full", num_problems=2, max_new_tokens=8, progress=False)
     main = evaluation_run.evaluate(model, tokenizer, output_dir=str(tmp_path / "main"),
                                    **kwargs)
@@ -209,7 +208,8 @@ def test_two_processes_generate_and_evaluate_as_one(tmp_path):
 
     # Process 0 alone wrote output_dir: each row once, the files whole.
     assert sorted(os.listdir(output_dir)) == sorted(
-        ["accuracy_vs_budget.png", "results.jsonl", "settings.json", "summary.csv"])
+        [".gkv-jax-eval", "accuracy_vs_budget.png", "results.jsonl", "settings.json",
+         "summary.csv"])
     lines = (output_dir / "results.jsonl").read_text().splitlines()
     assert sorted(lines) == sorted(json.dumps(r) for r in resumed["rows"])
     settings = json.loads((output_dir / "settings.json").read_text())

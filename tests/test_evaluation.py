@@ -27,9 +27,10 @@ from gkv_jax.evaluation import (
     pass_at_k,
     plan_batches,
 )
+from gkv_jax.evaluation import rows as evaluation_rows
 from gkv_jax.evaluation import run as evaluation_run
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import GenerateOutput, bucket_length, generate
+from gkv_jax.generation import bucket_length, generate
 from gkv_jax.models import ModelConfig, Transformer
 
 NUM_PROBLEMS, SAMPLES = 10, 2
@@ -113,50 +114,77 @@ def test_outputs_are_written(reference):
 def test_resume_after_interruption_loses_and_duplicates_nothing(reference, tmp_path,
                                                                 monkeypatch):
     model, tokenizer = tiny()
+    real = evaluation_rows.engine_rows
     calls = []
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args, on_rows, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("interrupted")
-        return generate(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation_run, "generate", interrupted)
+        def store_then_stop(rows):
+            on_rows(rows)
+            raise RuntimeError("interrupted")
+        return real(*args, on_rows=store_then_stop, **kwargs)
+
+    monkeypatch.setattr(evaluation_run, "engine_rows", interrupted)
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
     results = tmp_path / "results.jsonl"
-    first_batch = _file_rows(results)
-    assert len(first_batch) == RUN["batch_size"]
+    first_chunk = _file_rows(results)
+    assert len(first_chunk) == RUN["batch_size"]  # one chunk: as many rows as slots
     with open(results, "a") as f:  # a row cut off in the middle of its write
         f.write('{"config": "full(divide_len')
 
-    calls.clear()
-    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: calls.append(1) or generate(
-        *a, **k))
+    wanted = []
+    monkeypatch.setattr(evaluation_run, "engine_rows",
+                        lambda *a, **k: wanted.append(len(a[5])) or real(*a, **k))
     resumed = evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
-    batches_per_config = SAMPLES * -(-NUM_PROBLEMS // RUN["batch_size"])
-    assert len(calls) == NUM_CONFIGS * batches_per_config - 1
+    per_config = NUM_PROBLEMS * SAMPLES
+    assert wanted == [per_config - len(first_chunk), per_config]  # only the missing rows
     on_disk = _file_rows(results)
-    assert on_disk[:len(first_batch)] == first_batch
+    assert on_disk[:len(first_chunk)] == first_chunk
     assert len(on_disk) == len({(r["config"], r["problem"], r["sample"]) for r in on_disk})
     assert _without_timing(resumed.rows) == _without_timing(reference.rows)
     assert sorted(map(json.dumps, _without_timing(on_disk))) == sorted(
         map(json.dumps, _without_timing(reference.rows)))
 
-    calls.clear()
+    wanted.clear()
     again = evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), **RUN)
-    assert calls == [] and again.rows == resumed.rows and again.summary == resumed.summary
+    assert wanted == [] and again.rows == resumed.rows and again.summary == resumed.summary
+
+
+def test_engine_rows_equal_the_static_batches(reference):
+    """The rows `evaluate` now makes through the engine are the rows of the static path it
+    replaced (fixed `generate` batches of one bucket, every row with seed + sample)."""
+    model, tokenizer = tiny()
+    examples = load_dataset("synthetic", NUM_PROBLEMS)
+    prompts = [format_prompt(e, tokenizer) for e in examples]
+    configs = eviction_configs(RUN["policies"], RUN["budgets"], RUN["window"],
+                               RUN["divide_length"])
+    static = []
+    for batch in plan_batches([len(p) for p in prompts], configs, SAMPLES, RUN["batch_size"]):
+        out = generate(model, evaluation.batch_prompts(batch, prompts), tokenizer=tokenizer,
+                       eviction=batch.config, max_new_tokens=RUN["max_new_tokens"],
+                       temperature=RUN["temperature"],
+                       seed=[RUN["seed"] + batch.sample] * batch.size)
+        static += evaluation.batch_rows(batch, out, examples)
+    engine_rows = {(r["config"], r["problem"], r["sample"]): r for r in reference.rows}
+    assert len(static) == len(engine_rows)
+    compared = ("prediction", "correct", "generated_tokens", "text", "answer", "name")
+    for row in static:
+        got = engine_rows[(row["config"], row["problem"], row["sample"])]
+        assert {k: got[k] for k in compared} == {k: row[k] for k in compared}
 
 
 def test_package_reexports_its_modules_public_names():
     """`from gkv_jax.evaluation import ...` reaches every public name of its modules, and
-    `generate` is not one of them: a patch of `gkv_jax.evaluation.generate` would not reach
-    `evaluate` (it looks it up in `gkv_jax.evaluation.run`), so it fails instead."""
-    modules = ("configs", "prompts", "run", "store", "summary")
+    `engine_rows` is not one of them: a patch of `gkv_jax.evaluation.engine_rows` would not
+    reach `evaluate` (it looks it up in `gkv_jax.evaluation.run`), so it fails instead."""
+    modules = ("configs", "prompts", "rows", "run", "store", "summary")
     for name in evaluation.__all__:
         assert any(getattr(getattr(evaluation, m), name, None) is getattr(evaluation, name)
                    for m in modules), name
-    assert not hasattr(evaluation, "generate") and evaluation_run.generate is generate
+    assert not hasattr(evaluation, "engine_rows")
+    assert evaluation_run.engine_rows is evaluation_rows.engine_rows
 
 
 def test_pass_at_k_hand_computed():
@@ -170,31 +198,34 @@ def test_pass_at_k_hand_computed():
         pass_at_k(3, 1, 4)
 
 
-def _scripted_generate(tokenizer, examples):
-    """Fake `generate`: problem i is answered right on sample s iff s < i % 5."""
+def _scripted_rows(tokenizer, examples):
+    """Fake `engine_rows`: problem i is answered right on sample s iff s < i % 5 (seed 100);
+    2 seconds, 1000 cache bytes (3000 for a full cache) per row; nothing compiled."""
     index = {e.question: i for i, e in enumerate(examples)}
 
-    def fake(model, prompts, *, seed, **kwargs):
-        sample = seed - 100
-        texts = []
-        for prompt in prompts:
-            i = index[tokenizer.decode(prompt[1:])]
-            answer = examples[i].answer
-            if sample >= i % 5:
-                answer = f"{(int(answer) + 1) % 100:02d}"
-            texts.append(f"00 A4 93\nans {answer}\n")
-        tokens = [list(range(len(t))) for t in texts]
-        stats = {"generated_tokens": sum(map(len, tokens)), "run_seconds": 2.0,
-                 "cache_bytes": 1000 * len(prompts), "full_cache_bytes": 3000 * len(prompts)}
-        return GenerateOutput(tokens=tokens, texts=texts, logprobs=None, kept_positions=None,
-                              stats=stats)
+    def fake(model, tokenizer_, config, examples_, prompts, wanted, samples, *, seed,
+             on_rows, on_request=lambda: None, **kwargs):
+        rows = []
+        for j, example in enumerate(examples_):
+            for s in range(samples):
+                if (j, s) not in wanted:
+                    continue
+                answer = example.answer
+                if seed + s - 100 >= index[example.question] % 5:
+                    answer = f"{(int(answer) + 1) % 100:02d}"
+                text = f"00 A4 93\nans {answer}\n"
+                rows.append(evaluation.make_row(config, example, s, text,
+                                                list(range(len(text))), 2.0, 1000, 3000))
+                on_request()
+        if rows:
+            on_rows(rows)
     return fake
 
 
 def test_summary_pass_at_k_on_scripted_answers(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", NUM_PROBLEMS)
-    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "engine_rows", _scripted_rows(tokenizer, examples))
     report = evaluate(model, tokenizer, examples, policies="full,gkv,h2o", budgets=(32, 64),
                       samples=4, pass_k=(1, 2, 4, 8), temperature=0.6, seed=100,
                       batch_size=3, output_dir=str(tmp_path), progress=False)
@@ -243,7 +274,7 @@ def test_eviction_configs_apply_knobs_where_used():
 ])
 def test_bad_arguments_fail_before_any_generation(tmp_path, monkeypatch, kwargs, message):
     model, tokenizer = tiny()
-    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(evaluation_run, "engine_rows", lambda *a, **k: pytest.fail("generated"))
     kwargs = dict(dict(dataset="synthetic", num_problems=2, progress=False,
                        output_dir=str(tmp_path)), **kwargs)
     with pytest.raises(ValueError, match=message):
@@ -253,7 +284,7 @@ def test_bad_arguments_fail_before_any_generation(tmp_path, monkeypatch, kwargs,
 def test_output_dir_of_another_run_is_refused(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", 2)
-    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "engine_rows", _scripted_rows(tokenizer, examples))
     common = dict(policies="full", num_problems=2, seed=100, output_dir=str(tmp_path),
                   progress=False)
     evaluate(model, tokenizer, **common)
@@ -274,7 +305,7 @@ def test_a_directory_of_the_users_files_is_refused_and_left_as_it_was(tmp_path, 
                                                                        users_files):
     # These files were replaced (summary, plot, settings) before: data loss.
     model, tokenizer = tiny()
-    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(evaluation_run, "engine_rows", lambda *a, **k: pytest.fail("generated"))
     for name, content in users_files.items():
         (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=r"is not empty and is not an evaluation's output "
@@ -292,12 +323,12 @@ def test_a_directory_of_the_users_files_is_refused_and_left_as_it_was(tmp_path, 
 def test_an_evaluations_directory_is_marked_and_resumed(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", 2)
-    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "engine_rows", _scripted_rows(tokenizer, examples))
     common = dict(policies="full", num_problems=2, seed=100, progress=False)
     new = tmp_path / "new"
     first = evaluate(model, tokenizer, output_dir=str(new), **common)
     assert (new / evaluation.EVAL_MARKER).is_file()
-    monkeypatch.setattr(evaluation_run, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(evaluation_run, "engine_rows", lambda *a, **k: pytest.fail("generated"))
     assert evaluate(model, tokenizer, output_dir=str(new), **common).rows == first.rows
     # A directory written before the marker existed: its settings.json is an evaluation's,
     # so it resumes (and is marked now).
@@ -450,7 +481,7 @@ def test_settings_without_fingerprints_are_refused(tmp_path):
 def test_evaluate_refuses_stale_rows_of_other_weights_or_problems(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", 3)
-    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "engine_rows", _scripted_rows(tokenizer, examples))
     common = dict(policies="full", seed=100, output_dir=str(tmp_path), progress=False)
 
     def numbered(problems):  # ids by position, as for the lines of a .jsonl file
@@ -467,7 +498,7 @@ def test_evaluate_refuses_stale_rows_of_other_weights_or_problems(tmp_path, monk
 def test_numpy_budgets_int_pass_k_and_plot_title(tmp_path, monkeypatch):
     model, tokenizer = tiny()
     examples = load_dataset("synthetic", 2)
-    monkeypatch.setattr(evaluation_run, "generate", _scripted_generate(tokenizer, examples))
+    monkeypatch.setattr(evaluation_run, "engine_rows", _scripted_rows(tokenizer, examples))
     titles = []
     monkeypatch.setattr(evaluation_run, "plot_accuracy",
                         lambda summary, path, title: titles.append(title))

@@ -3,12 +3,13 @@
 * `core`: the pure, jit-compiled functions (`prefill_group`, `insert`, `run_cycle`) over the
   engine's `Slots`, built on `gkv_jax.decode`.
 * `host`: `Engine`, the host loop (queue, cycle boundaries, streaming, cancellation, stats).
-* `requests`: `RequestOutput` and `TokenEvent`.
+* `requests`: `RequestOutput`, `TokenEvent`, and `as_generate_output` (engine outputs as a
+  `GenerateOutput`, e.g. for `gkv_jax.training.batch_from_generation`).
 """
 
 from gkv_jax.engine.core import Prefix, Slots, init_slots, insert, prefill_group, run_cycle
 from gkv_jax.engine.host import Engine, compiled_programs
-from gkv_jax.engine.requests import RequestOutput, TokenEvent
+from gkv_jax.engine.requests import RequestOutput, TokenEvent, as_generate_output
 
-__all__ = ["Engine", "Prefix", "RequestOutput", "Slots", "TokenEvent", "compiled_programs",
-           "init_slots", "insert", "prefill_group", "run_cycle"]
+__all__ = ["Engine", "Prefix", "RequestOutput", "Slots", "TokenEvent", "as_generate_output",
+           "compiled_programs", "init_slots", "insert", "prefill_group", "run_cycle"]

@@ -85,3 +85,33 @@ class PromptGroup:
     prompt_ids: list[int]
     bucket: int
     members: list[Request]
+
+
+def as_generate_output(outputs: list[RequestOutput], *, prompt_bucket: int,
+                       eos_ids, eviction=None, stats: dict[str, Any] | None = None):
+    """Engine outputs as one `GenerateOutput` (rows in the given order), as `generate` of
+    their prompts would return it: tokens, log-probs, texts, prompt ids, and the eviction
+    records stacked to [L, B, K, P_max + M] (padded with NEVER), so that
+    `gkv_jax.training.batch_from_generation` trains on engine rollouts."""
+    from gkv_jax.eviction_record import NEVER
+    from gkv_jax.generation import GenerateOutput
+
+    record = None
+    if outputs and all(o.eviction_record is not None for o in outputs):
+        width = max(o.eviction_record.visible_until.shape[3] for o in outputs)
+        rows = [np.pad(o.eviction_record.visible_until,
+                       ((0, 0), (0, 0), (0, 0), (0, width - o.eviction_record.visible_until
+                                                 .shape[3])), constant_values=NEVER)
+                for o in outputs]
+        record = EvictionRecord(
+            visible_until=np.concatenate(rows, axis=1),
+            prompt_lengths=np.asarray([len(o.prompt_ids) for o in outputs], np.int32),
+            lengths=np.asarray([len(o.tokens) for o in outputs], np.int32),
+            eviction=eviction if eviction is not None else outputs[0].eviction_record.eviction)
+    texts = [o.text for o in outputs] if outputs and outputs[0].text is not None else None
+    return GenerateOutput(
+        tokens=[list(o.tokens) for o in outputs], texts=texts,
+        logprobs=[list(o.logprobs) for o in outputs], kept_positions=None,
+        stats={"prompt_bucket": prompt_bucket, "eos_token_ids": [int(e) for e in eos_ids],
+               **(stats or {})},
+        eviction_record=record, prompt_ids=[list(o.prompt_ids) for o in outputs])

@@ -6,16 +6,17 @@
     print(report.table())
 
 Every (policy, budget) is one `EvictionConfig`; every (config, problem, sample) one row of
-`output_dir/results.jsonl`, appended and flushed after each batch, so an interrupted run
+`output_dir/results.jsonl`, appended and flushed as rows finish, so an interrupted run
 started again with the same arguments skips the rows already there and reproduces the rows
-an uninterrupted run would have written. Problems are sorted by prompt length and batched
-within one prompt-length bucket, every batch padded to the same number of rows, so a
-config compiles one decode program per bucket.
+an uninterrupted run would have written. Each config's rows run through one slot engine
+(`gkv_jax.Engine`: continuous batching, the samples of a problem sharing one prefill), which
+compiles one prefill per prompt bucket, one insert and one cycle.
 
-Modules (run imports the others; prompts and summary import only configs, store none):
+Modules (run imports the others; prompts, rows and summary import only configs, store none):
   configs  the eviction configs of a sweep and their short names
   prompts  the problems and their prompt token ids, the generation length
-  run      `evaluate`: batches, generation, graded rows, the report
+  rows     graded rows, generated through the slot engine
+  run      `evaluate`; the static batch planner it replaced; the report
   store    results.jsonl and settings.json (fingerprints a resumed run must match)
   summary  pass@k, summary.csv, the text table and the accuracy plot
 Every public name is re-exported here, so `from gkv_jax.evaluation import ...` keeps working.
@@ -31,9 +32,11 @@ from gkv_jax.evaluation.prompts import (
     format_prompts,
     resolve_max_new_tokens,
 )
+from gkv_jax.evaluation.rows import make_row
 from gkv_jax.evaluation.run import (
     Batch,
     EvalReport,
+    batch_prompts,
     batch_rows,
     evaluate,
     plan_batches,
@@ -68,10 +71,10 @@ from gkv_jax.evaluation.summary import (
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS", "EVAL_MARKER", "PLOT_FILE", "R1_SYSTEM_PROMPT", "RESULTS_FILE",
     "SETTINGS_FILE", "SUMMARY_FILE", "UNKNOWN_SHARE_LIMIT", "Batch", "EvalReport",
-    "accuracy_figure", "append_results", "batch_rows", "check_encodable", "check_settings",
-    "claim_output_dir", "config_name", "evaluate", "eviction_configs", "format_prompt",
-    "format_prompts", "format_table", "mark_evaluation_dir", "output_dir_problem",
-    "pass_at_k", "plan_batches", "plot_accuracy", "plot_title", "problem_fingerprints",
-    "read_results", "report_keys", "resolve_max_new_tokens", "row_key", "summarize",
-    "weights_fingerprint", "write_summary_csv",
+    "accuracy_figure", "append_results", "batch_prompts", "batch_rows", "check_encodable",
+    "check_settings", "claim_output_dir", "config_name", "evaluate",
+    "eviction_configs", "format_prompt", "format_prompts", "format_table", "make_row",
+    "mark_evaluation_dir", "output_dir_problem", "pass_at_k", "plan_batches", "plot_accuracy",
+    "plot_title", "problem_fingerprints", "read_results", "report_keys", "resolve_max_new_tokens",
+    "row_key", "summarize", "weights_fingerprint", "write_summary_csv",
 ]

@@ -1,8 +1,10 @@
-"""`evaluate`: plans the batches of an evaluation, generates the ones whose rows are not stored
-yet, grades and stores their rows, and reports the summary.
+"""`evaluate`: generates the rows of an evaluation that are not stored yet (each eviction
+config's through one `gkv_jax.Engine`, `rows.engine_rows`), grades and stores them, and
+reports the summary. `plan_batches` / `batch_rows` are the static path (fixed `generate`
+batches, one prompt bucket each) that the engine replaced; they stay as its reference.
 
-`generate` is looked up here, in `gkv_jax.evaluation.run`: a test that replaces it patches
-this module.
+`engine_rows` is looked up here, in `gkv_jax.evaluation.run`: a test that replaces it
+patches this module.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from gkv_jax import grading
 from gkv_jax.datasets import Example
 from gkv_jax.distributed import is_main_process
 from gkv_jax.evaluation.configs import check_positive, config_name, eviction_configs
 from gkv_jax.evaluation.prompts import format_prompts, load_examples, resolve_max_new_tokens
+from gkv_jax.evaluation.rows import engine_rows, make_row
 from gkv_jax.evaluation.store import (
     RESULTS_FILE,
     append_results,
@@ -41,7 +43,7 @@ from gkv_jax.evaluation.summary import (
     write_summary_csv,
 )
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import bucket_length, generate, resolve_mesh
+from gkv_jax.generation import bucket_length, resolve_mesh
 from gkv_jax.sampling import SamplingParams
 
 
@@ -110,7 +112,8 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         skipped (pass@1 always).
       max_new_tokens: None = 520 for synthetic, 16384 for math, capped at the context.
       temperature, top_p, top_k, seed: as in `generate`.
-      batch_size: rows per `generate` call (at most the number of problems).
+      batch_size: the engine's slots: rows decoded together (at most the rows to run; a
+        finished row's slot takes the next row at once).
       chat_template: None = by dataset kind (math: the tokenizer's chat template; synthetic:
         BOS + prompt, as the bundled model was trained).
       system_prompt: None = by kind (math: `R1_SYSTEM_PROMPT`; synthetic: none); "" = none.
@@ -153,8 +156,6 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
     examples, label = load_examples(dataset, num_problems)
     prompts = format_prompts(examples, tokenizer, chat_template, system_prompt)
     max_new_tokens = resolve_max_new_tokens(max_new_tokens, examples, prompts, model)
-    batches = plan_batches([len(p) for p in prompts], configs, samples, batch_size,
-                           prompt_buckets)
 
     main = is_main_process()
     claim_output_dir(output_dir)  # new, empty or an evaluation's own; nothing else is written
@@ -167,21 +168,23 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
         "model": f"{getattr(model, 'config', None)!r} {getattr(model, 'dtype', None)}",
         "weights": weights_fingerprint(model),
         "problems": problem_fingerprints(examples, prompts)})
-    pending = [b for b in batches if any(_key(b, examples[i]) not in done for i in b.indices)]
+    pending = {config: {(i, s) for i, e in enumerate(examples) for s in range(samples)
+                        if (config.describe(), e.id, s) not in done} for config in configs}
 
-    with tqdm(total=len(pending), desc=f"eval {label}", unit="batch",
+    with tqdm(total=sum(map(len, pending.values())), desc=f"eval {label}", unit="row",
               disable=not (progress and main)) as bar:
-        for batch in pending:
-            bar.set_postfix_str(config_name(batch.config))
-            out = generate(model, _batch_prompts(batch, prompts), tokenizer=tokenizer,
-                           eviction=batch.config, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, top_k=top_k,
-                           seed=seed + batch.sample, prompt_buckets=prompt_buckets,
-                           mesh=mesh)
-            new_rows = shared_rows(batch_rows(batch, out, examples, done))
+        def store(rows):
+            new_rows = shared_rows(rows)
             append_results(results_path, new_rows)
             done.update((row_key(r), r) for r in new_rows)
-            bar.update(1)
+
+        for config in (c for c in configs if pending[c]):
+            bar.set_postfix_str(config_name(config))
+            engine_rows(model, tokenizer, config, examples, prompts, pending[config], samples,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, seed=seed, slots=batch_size,
+                        prompt_buckets=prompt_buckets, mesh=mesh, on_rows=store,
+                        on_request=lambda: bar.update(1))
 
     rows = [done[key] for key in report_keys(configs, examples, samples)]
     title = plot_title(model_name or _model_description(model), label, len(examples),
@@ -197,7 +200,7 @@ def evaluate(model, tokenizer, dataset: str | Sequence[Example] = "synthetic", *
 def plan_batches(prompt_lengths: Sequence[int], configs: Sequence[EvictionConfig],
                  samples: int, batch_size: int,
                  prompt_buckets: Sequence[int] | None = None) -> list[Batch]:
-    """Every batch of the run, in run order: config, sample, prompt bucket, chunk.
+    """Every batch of the static path, in run order: config, sample, prompt bucket, chunk.
 
     Problems are sorted by prompt length (then index) and chunked within their bucket;
     every batch has `min(batch_size, number of problems)` rows, so a (config, bucket)
@@ -216,7 +219,10 @@ def plan_batches(prompt_lengths: Sequence[int], configs: Sequence[EvictionConfig
             for config in configs for sample in range(samples) for bucket, chunk in chunks]
 
 
-def _batch_prompts(batch: Batch, prompts: Sequence[list[int]]) -> list[list[int]]:
+def batch_prompts(batch: Batch, prompts: Sequence[list[int]]) -> list[list[int]]:
+    """The prompts of a static batch, padded with repeats of its first; it runs with
+    `generate(..., seed=[seed + batch.sample] * batch.size)`, one seed per row, which gives
+    each row the row `evaluate` stores."""
     rows = [prompts[i] for i in batch.indices]
     return rows + [rows[0]] * (batch.size - len(rows))
 
@@ -234,7 +240,8 @@ def _key(batch: Batch, example: Example) -> tuple[str, str, int]:
 
 def batch_rows(batch: Batch, out, examples: Sequence[Example],
                done: Container = ()) -> list[dict[str, Any]]:
-    """The graded results rows of a batch's real (not padding) rows not already in `done`.
+    """The graded results rows of a static batch's real (not padding) rows not already in
+    `done` (the static path: `out` is `generate`'s output for `batch`).
 
     `decode_seconds` is the row's share of the batch's run time (by generated tokens);
     `cache_bytes`, `full_cache_bytes` are the batch's divided by its rows.
@@ -247,19 +254,11 @@ def batch_rows(batch: Batch, out, examples: Sequence[Example],
         if _key(batch, example) in done:
             continue
         text, tokens = out.texts[row_index], out.tokens[row_index]
-        rows.append({
-            "config": config.describe(), "name": config_name(config), "policy": config.policy,
-            "budget": config.budget, "window": config.window,
-            "divide_length": config.divide_length, "problem": example.id,
-            "sample": batch.sample, "answer": example.answer,
-            "prediction": grading.extract(example.kind, text),
-            "correct": grading.grade(example.kind, text, example.answer),
-            "generated_tokens": len(tokens),
-            "decode_seconds": float(stats["run_seconds"]) * len(tokens) / batch_tokens,
-            "cache_bytes": stats["cache_bytes"] / batch.size,
-            "full_cache_bytes": stats["full_cache_bytes"] / batch.size,
-            "text": text,
-        })
+        rows.append(make_row(
+            config, example, batch.sample, text, tokens,
+            decode_seconds=float(stats["run_seconds"]) * len(tokens) / batch_tokens,
+            cache_bytes=stats["cache_bytes"] / batch.size,
+            full_cache_bytes=stats["full_cache_bytes"] / batch.size))
     return rows
 
 

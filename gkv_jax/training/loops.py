@@ -30,7 +30,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gkv_jax.generation import bucket_length, generate, resolve_mesh
+from gkv_jax.engine import Engine, as_generate_output
+from gkv_jax.generation import bucket_length, generate, padded_batch_size, resolve_mesh
 from gkv_jax.sharding.placement import placed_mesh
 from gkv_jax.training.batch import batch_from_completions, shard_batch
 from gkv_jax.training.batch import batch_from_generation as _batch_from_generation
@@ -258,13 +259,15 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
          progress: bool = True, mesh=None):
     """GRPO (REINFORCE with a group baseline) on rollouts generated with the compressed cache.
 
-    Each step draws `prompts_per_step` prompts, generates `group_size` rollouts of each with
-    `generate(..., return_logprobs=True, return_eviction_record=True)` under
-    `config.eviction`, grades them with `grade_fn(text or ids, answer) -> bool`, computes
-    `group_advantages` (truncated rollouts never negative) and applies one `grpo_step` under
-    each rollout's own record. The history records the reward, the loss, and the log-prob
-    guard (max |Δ| between the step's recomputed sampler log-probs and generate's; a warning
-    above 1e-4).
+    Each step draws `prompts_per_step` prompts and generates `group_size` rollouts of each
+    under `config.eviction` on a `gkv_jax.Engine` (one prefill per prompt, its group
+    inserted `group_size` times; rollout b of the step draws with seed `s + b` for the step's
+    seed s, so the rollouts equal `generate` of the repeated prompts with seed s, records and
+    log-probs included). It grades them with `grade_fn(text or ids, answer) -> bool`,
+    computes `group_advantages` (truncated rollouts never negative) and applies one
+    `grpo_step` under each rollout's own record. The history records the reward, the loss,
+    the prompts prefilled, and the log-prob guard (max |Δ| between the step's recomputed
+    sampler log-probs and the rollouts'; a warning above 1e-4).
 
     Args:
       model: the `gkv_jax.Transformer` to train (a new one is returned).
@@ -272,8 +275,8 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
       grade_fn: `grade_fn(completion, answer) -> bool`; `completion` is the decoded text
         when a tokenizer is given, else the token ids.
       config: a `GRPOConfig`. run_dir, eval_fn, progress: as in `distill`.
-      mesh: as in `distill` (the model's weights placed by the rule table, the rollouts
-        generated with `generate(..., mesh=mesh)`, each update data- and model-parallel).
+      mesh: as in `distill` (the model's weights placed by the rule table, the engine's
+        slots over `data`, each update data- and model-parallel).
 
     Returns:
       (trained model, history).
@@ -305,6 +308,13 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
     sampling = config.sampling
     if mesh is not None:  # host scalars: every process passes the same values
         sampling = jax.tree.map(np.asarray, sampling)
+    rollouts = config.prompts_per_step * config.group_size
+    # Rollouts run on the slot engine: one prefill per prompt, its group inserted G times.
+    engine = Engine(model, tokenizer, config.eviction,
+                    slots=padded_batch_size(rollouts, mesh),
+                    max_new_tokens=config.max_new_tokens, max_prompt_length=width,
+                    prefill_batch=config.prompts_per_step, prompt_buckets=[width], record=True,
+                    mesh=mesh)
     bar = _progress(config.steps, start, progress, "grpo")
     try:
         for step in range(start, config.steps):
@@ -312,14 +322,8 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
             rng = _step_rng(config.seed, step)
             chosen = rng.choice(len(prompt_ids), config.prompts_per_step,
                                 replace=len(prompt_ids) < config.prompts_per_step)
-            rollout_prompts = [prompt_ids[i] for i in chosen for _ in range(config.group_size)]
-            current = _with_params(model, params)
-            out = generate(current, rollout_prompts, tokenizer=tokenizer,
-                           eviction=config.eviction, max_new_tokens=config.max_new_tokens,
-                           temperature=config.temperature, top_p=config.top_p,
-                           top_k=config.top_k, seed=int(rng.integers(2**31 - 1)),
-                           prompt_buckets=[width], return_logprobs=True,
-                           return_eviction_record=True, mesh=mesh)
+            out, prefills = _rollouts(engine, params, [prompt_ids[i] for i in chosen], config,
+                                      seed=int(rng.integers(2**31 - 1)), width=width)
             completions = out.texts if tokenizer is not None else out.tokens
             owners = np.repeat(chosen, config.group_size)
             rewards = np.asarray([_reward(grade_fn(c, answers[i]), n) for n, (i, c) in
@@ -345,6 +349,7 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
                               f"> {GUARD_WARN}: the training forward does not reproduce the "
                               f"rollouts' log-probs", stacklevel=2)
             entry = {"step": step + 1, "reward": float(rewards.mean()), **metrics,
+                     "prefills": prefills,
                      "truncated": int(truncated.sum()),
                      "mean_length": float(np.mean([len(t) for t in out.tokens])),
                      "seconds": time.perf_counter() - started}
@@ -354,6 +359,24 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
     finally:
         bar.close()
         run.close()
+
+
+def _rollouts(engine: Engine, params, prompts, config: GRPOConfig, *, seed: int, width: int):
+    """The step's rollouts, `group_size` per prompt, through the engine with the current
+    `params`: rollout b (prompt b // G, sample b % G) draws with seed `seed + b`, so they equal
+    `generate` of the repeated prompts with `seed`. Returns (a `GenerateOutput` of the
+    rollouts, with their records and log-probs; the prompts prefilled)."""
+    engine.load_params(params)
+    before = engine.stats["prefills"]
+    G = config.group_size
+    ids = [engine.submit_group(prompt, [seed + k * G + g for g in range(G)],
+                               temperature=config.temperature, top_p=config.top_p,
+                               top_k=config.top_k)
+           for k, prompt in enumerate(prompts)]
+    outputs = engine.run()
+    out = as_generate_output([outputs[i] for group in ids for i in group], prompt_bucket=width,
+                             eos_ids=engine.default_eos, eviction=config.eviction)
+    return out, engine.stats["prefills"] - before
 
 
 def _count(answers) -> str:

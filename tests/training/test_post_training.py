@@ -183,7 +183,40 @@ def test_grpo_steps_keep_the_guard_and_compile_once(tmp_path):
                                progress=False)
     assert len(history) == 3
     assert all(e["guard"] < 1e-4 for e in history), [e["guard"] for e in history]
+    assert all(e["prefills"] == 2 for e in history)  # prompts, not prompts x group size
     assert training.grpo_step._cache_size() == before + 1
+
+
+def test_grpo_rollouts_prefill_each_prompt_once_and_equal_generate():
+    """The engine's rollouts of a GRPO step: one prefill per prompt (not per rollout), and
+    the rollouts `generate` gives the repeated prompts with the step's seed (tokens,
+    log-probs and records, which the update trains under)."""
+    from gkv_jax.engine import Engine
+
+    model = tiny_model()
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, SPEC.vocab, n).tolist() for n in (6, 9)]
+    # top_p 1: a nucleus cut-off amplifies float noise between two programs into the
+    # reported log-prob of a token whose neighbour sits on the boundary.
+    config = training.GRPOConfig(eviction=GKV, steps=1, prompts_per_step=2, group_size=3,
+                                 max_new_tokens=20, top_p=1.0)
+    engine = Engine(model, None, GKV, slots=6, max_new_tokens=20, max_prompt_length=16,
+                    prefill_batch=2, prompt_buckets=[16], record=True)
+    out, prefills = loops._rollouts(engine, model.params(), prompts, config, seed=40,
+                                    width=16)
+    assert prefills == 2 and engine.stats["inserted"] == 6
+    repeated = [p for p in prompts for _ in range(3)]
+    reference = generate(model, repeated, eviction=GKV, max_new_tokens=20, temperature=0.8,
+                         seed=40, prompt_buckets=[16], return_logprobs=True,
+                         return_eviction_record=True)
+    assert out.tokens == reference.tokens and out.prompt_ids == reference.prompt_ids
+    for got, want in zip(out.logprobs, reference.logprobs, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(out.eviction_record.visible_until,
+                                  reference.eviction_record.visible_until)
+    batch = training.batch_from_generation(out, num_targets=20)
+    want = training.batch_from_generation(reference, num_targets=20)
+    np.testing.assert_array_equal(batch.visible_until, want.visible_until)
 
 
 def test_post_training_bad_input(tmp_path):
