@@ -237,7 +237,8 @@ def _add_eval_parser(commands) -> None:
                                  "16384 for math, capped at the context)")
     _add_sampling_args(evaluation)
     evaluation.add_argument("--batch-size", type=positive_int, default=16,
-                            help="problems per generate call")
+                            help="rows decoded together: the slot engine's slots (a finished "
+                                 "row's slot takes the next row at once)")
     evaluation.add_argument("--output-dir", default="runs/eval",
                             help="results.jsonl, summary.csv, settings.json and the plot; "
                                  "rows already there are kept (the same command resumes)")
@@ -388,7 +389,7 @@ def _add_demo_parser(commands) -> None:
     demo.add_argument("--divide-length", type=int, default=16,
                       help="new tokens between compressions")
     demo.add_argument("--batch-size", type=positive_int, default=32,
-                      help="problems per generate call")
+                      help="rows decoded together: the slot engine's slots")
     demo.add_argument("--output-dir", default="runs/demo",
                       help=f"a new or empty directory, or a previous demo's (marked by its "
                            f"{DEMO_MARKER} file), whose demo files are replaced; any other "

@@ -127,17 +127,20 @@ def test_requests_coming_and_going_never_recompile():
     _, model = tiny()
     eviction = EvictionConfig("gkv", **knobs("gkv"))
     engine = Engine(model, eviction=eviction, slots=2, max_new_tokens=33,
-                    max_prompt_length=32, eos_token_id=[])
-    submit(engine, 0), submit(engine, 1)
-    engine.run()
+                    max_prompt_length=32, eos_token_id=[], prefill_batch=2)
+    for wave in ((0,), (0, 2), (1,), (1, 3)):  # buckets 16 and 32, groups of 1 and 2
+        for b in wave:
+            submit(engine, b)
+        engine.run()
     programs = engine_lib.compiled_programs()
-    assert engine.stats["compiled_programs"] == 4  # prefill of buckets 16 and 32, insert, cycle
-    for wave in ((2, 3, 4), (1,), (4, 0, 2, 3)):  # other arrivals, mixes and limits
+    # One prefill per (bucket, group size), one insert, one cycle.
+    assert engine.stats["compiled_programs"] == 6
+    for wave in ((2, 3, 4), (1,), (4, 0, 2, 3), (3, 1, 0)):  # other arrivals, mixes, limits
         for b in wave:
             submit(engine, b)
         engine.run()
     assert engine_lib.compiled_programs() == programs
-    assert engine.stats["finished"] == 10
+    assert engine.stats["compiled_programs"] == 6 and engine.stats["finished"] == 16
 
 
 def test_samples_share_one_prefill_and_cancel_frees_the_slot():

@@ -74,7 +74,9 @@ class Engine:
       max_new_tokens: the most tokens a request may ask for (its default).
       max_prompt_length: the longest prompt accepted (default: the context minus
         `max_new_tokens`); it sizes the full cache's slots and the eviction record.
-      prefill_batch: prompts prefilled together (default min(slots, 8)).
+      prefill_batch: the most prompts prefilled together (default min(slots, 8)); a prefill
+        takes the smallest power of two (times the mesh's data size) that holds the prompts
+        waiting for free slots, so one program per (prompt bucket, group size).
       prompt_buckets: padded prompt lengths, as in `generate` (one prefill program each).
       eos_token_id: the default EOS ids of requests, as in `generate`.
       record: keep each request's eviction record (`RequestOutput.eviction_record`).
@@ -114,6 +116,7 @@ class Engine:
             prefill_batch = min(slots, 8)
         _check_count("prefill_batch", prefill_batch)
         self.prefill_batch = -(-prefill_batch // data) * data
+        self._data = data
         self.num_slots, self.max_new_tokens = int(slots), int(max_new_tokens)
         self.max_prompt_length, self.prompt_buckets = int(max_prompt_length), prompt_buckets
         widest = bucket_length(self.max_prompt_length, prompt_buckets)
@@ -377,19 +380,29 @@ class Engine:
         for group in groups:
             self._waiting.remove(group)
         rows = [g.prompt_ids for g in groups]
-        rows += [rows[0]] * (self.prefill_batch - len(rows))  # fixed shape: padding rows
+        rows += [rows[0]] * (self._group_size(len(rows)) - len(rows))  # padding rows
         tokens = np.zeros((len(rows), bucket), np.int32)
         positions = np.full((len(rows), bucket), -1, np.int32)
         for b, ids in enumerate(rows):
             tokens[b, bucket - len(ids):] = ids
             positions[b, bucket - len(ids):] = np.arange(len(ids))
-        prefix = self._run(("prefill", bucket), _prefill, self.model.config, self.eviction,
-                           self.capacity, self.record_width, self._params, tokens, positions)
+        prefix = self._run(("prefill", bucket, len(rows)), _prefill, self.model.config,
+                           self.eviction, self.capacity, self.record_width, self._params,
+                           tokens, positions)
         self._held.append((prefix, [(row, r) for row, g in enumerate(groups)
                                     for r in g.members]))
         self._stats["prefills"] += len(groups)
         self._stats["prefill_calls"] += 1
         return True
+
+    def _group_size(self, prompts: int) -> int:
+        """The rows of a prefill of `prompts` prompts: the smallest power of two that holds
+        them (a multiple of the mesh's data size), at most `prefill_batch`, so that a refill
+        of one slot does not pay for a full group and the programs stay a small fixed set."""
+        size = self._data
+        while size < prompts:
+            size *= 2
+        return min(size, self.prefill_batch)
 
     def _insert(self, prefix: core.Prefix, batch: list[tuple[int, Request]],
                 slot_ids: list[int]):
@@ -435,7 +448,8 @@ class Engine:
         steps), tokens_per_second (useful tokens per second of `run` / `stream`), prefills
         (prompts prefilled: one per group of samples), prefill_calls, cycles, inserted
         (requests placed in slots), compiled_programs (distinct programs run: one prefill per
-        bucket, insert, cycle, release), cache_bytes (all slots) and cache_bytes_per_slot."""
+        prompt bucket and group size, insert, cycle, release), cache_bytes (all slots) and
+        cache_bytes_per_slot."""
         counts = dict(self._stats)
         slot_steps = counts.get("cycles", 0) * self.num_slots * self.eviction.divide_length
         cache_bytes = self._slots.state.cache.num_bytes()
