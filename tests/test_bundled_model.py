@@ -105,3 +105,40 @@ def test_generate_with_a_string_prompt_answers_like_evaluation():
     # the answer's EOS came at forward 507: the rest of that 128-step cycle ran idle
     assert out.stats["generated_tokens"] == 508 == out.stats["forwards"] - out.stats[
         "idle_steps"] and out.stats["idle_steps"] > 0
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_engine_gives_the_static_batches_rows(tmp_path):
+    """The bundled model's rows and pass@k through the slot engine (what `evaluate` runs)
+    equal the static path it replaced: fixed `generate` batches of one prompt bucket, every
+    row drawn with seed + sample. Sampled, two samples per problem, two configs."""
+    from gkv_jax import evaluation
+    from gkv_jax.datasets import load_dataset
+
+    model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
+    run = dict(policies=("full", "gkv"), budgets=(68,), window=16, divide_length=16,
+               num_problems=8, samples=2, pass_k=(1, 2), temperature=0.7, seed=5,
+               batch_size=6)
+    report = evaluate(model, tokenizer, "synthetic", output_dir=str(tmp_path), progress=False,
+                      **run)
+    examples = load_dataset("synthetic", run["num_problems"])
+    prompts = [evaluation.format_prompt(e, tokenizer) for e in examples]
+    configs = evaluation.eviction_configs(run["policies"], run["budgets"], run["window"],
+                                          run["divide_length"])
+    static = []
+    for batch in evaluation.plan_batches([len(p) for p in prompts], configs, run["samples"],
+                                         run["batch_size"]):
+        out = generate(model, evaluation.batch_prompts(batch, prompts), tokenizer=tokenizer,
+                       eviction=batch.config, max_new_tokens=520,
+                       temperature=run["temperature"],
+                       seed=[run["seed"] + batch.sample] * batch.size)
+        static += evaluation.batch_rows(batch, out, examples)
+    engine_rows = {evaluation.row_key(r): r for r in report.rows}
+    compared = ("prediction", "correct", "generated_tokens", "text")
+    assert len(static) == len(engine_rows) == 32
+    for row in static:
+        assert {k: engine_rows[evaluation.row_key(row)][k] for k in compared} == {
+            k: row[k] for k in compared}
+    summary = evaluation.summarize(static, configs, run["samples"], run["pass_k"])
+    for want, got in zip(summary, report.summary, strict=True):
+        assert (want["pass@1"], want["pass@2"]) == (got["pass@1"], got["pass@2"])
