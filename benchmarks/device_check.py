@@ -23,11 +23,16 @@ row that would overrun is recorded as {"skipped": "time budget"} instead of run)
                 R1-Distill-Qwen-1.5B preset (random bfloat16 weights), batch 1 and 64, full
                 vs gkv budget 2048, 4,096 and 16,384 new tokens, the roofline fraction, and
                 `transformers` on the same device when torch sees it (see that module).
+  engine        `engine_bench.measure`: the slot engine against static `generate` batches at
+                the whole R1-Distill-Qwen-1.5B preset (random bfloat16 weights), 16 slots,
+                48 requests whose max_new_tokens follow the R1 trace-length lognormal
+                scaled to 2,048 (identical tokens required), when the time left allows.
   targets       each target's measured value, threshold and verdict ("pass", "fail", or
                 "not-measured": in the dry run, or when its rows did not run):
                   batch1_decode_roofline_fraction      >= 0.8  (batch 1, full, 4,096 tokens)
                   eviction_ms_per_layer_batch64        <= 1.5  (fastest implementation)
                   gkv2048_over_full_speed_batch64_16k  >= 2.5  (tokens/s ratio)
+                  engine_over_static_lognormal         >= 1.8  (useful tokens/s ratio)
 
 `--dry-run` (automatic without an accelerator) runs the same code at tiny sizes on the CPU
 (seconds, without the tests stage: `tests/test_device_check.py`); its numbers only show that
@@ -83,6 +88,13 @@ TARGETS = {  # name: (comparison, threshold)
     "batch1_decode_roofline_fraction": (">=", 0.8),
     "eviction_ms_per_layer_batch64": ("<=", 1.5),
     "gkv2048_over_full_speed_batch64_16k": (">=", 2.5),
+    "engine_over_static_lognormal": (">=", 1.8),
+}
+ENGINE_RUNS = {  # the engine stage's workload (argparse-like) and its time estimate
+    "device": dict(shape="r1-1.5b", requests=48, cap=2048, slots=16, seed=0,
+                   dtype="bfloat16", estimate_s=150.0),
+    "dry-run": dict(shape="bundled", requests=8, cap=24, slots=4, seed=0, dtype="float32",
+                    estimate_s=20.0),
 }
 
 
@@ -241,6 +253,25 @@ def decode_benchmark(mode: str, clock: Clock, transformers: bool) -> dict[str, A
                                             transformers=transformers)
 
 
+def engine_benchmark(mode: str, clock: Clock) -> list[dict[str, Any]]:
+    """The engine against static batches on the lognormal mix (two rows), or one skipped
+    row when the time left is below the estimate."""
+    import types
+
+    import engine_bench
+
+    settings = dict(ENGINE_RUNS[mode])
+    estimate = settings.pop("estimate_s")
+    if clock.remaining() < estimate:
+        return [{"skipped": "time budget", "estimate_seconds": estimate}]
+    rows = engine_bench.measure(settings.pop("shape"), "lognormal",
+                                types.SimpleNamespace(**settings))
+    for row in rows:
+        clock.log(f"engine {row['path']}: {row['tokens_per_second']:.0f} useful tok/s, "
+                  f"occupancy {row['occupancy']:.1%}, identical {row['identical_tokens']}")
+    return rows
+
+
 def _describe_error(error: Exception) -> str:
     lines = traceback.format_exception_only(type(error), error)
     return "".join(lines).strip()[-2000:]
@@ -292,6 +323,12 @@ def target_values(summary: dict[str, Any]) -> dict[str, tuple[float | None, str]
     eviction = [r for r in _ran(summary.get("eviction_benchmark", []), "ms_per_layer")
                 if r["batch"] == batch]
     best = min(eviction, key=lambda r: r["ms_per_layer"], default=None)
+    engine = [r for r in _ran(summary.get("engine_benchmark", []), "engine_over_static")
+              if r["identical_tokens"]]
+    out["engine_over_static_lognormal"] = (
+        (engine[0]["engine_over_static"], f"{engine[0]['shape']}, {engine[0]['slots']} slots, "
+         f"{engine[0]['requests']} requests, identical tokens") if engine
+        else (None, "did not run"))
     out["eviction_ms_per_layer_batch64"] = (
         (best["ms_per_layer"], f"batch {batch}, {best['implementation']} "
          f"({best['matmul_dtype']} matmuls), fastest of "
@@ -322,8 +359,9 @@ def default_output() -> Path:
 
 def succeeded(summary: dict[str, Any]) -> bool:
     tests = summary["tests"]
-    benchmarks_ok = all("error" not in row for key in ("eviction_benchmark", "decode_benchmark")
-                        for row in summary[key])
+    benchmarks_ok = all("error" not in row for key in ("eviction_benchmark", "decode_benchmark",
+                                                       "engine_benchmark")
+                        for row in summary.get(key, []))
     ran_on_device = not summary["expected_accelerator"] or (
         summary["mode"] == "device" and tests["passed"] > 0)
     return (tests["failed"] == 0 and tests["errors"] == 0 and benchmarks_ok
@@ -392,6 +430,8 @@ def run(dry_run: bool, output: Path, installed: str | None,
     summary["decode_setup"] = decode["setup"]
     summary["decode_benchmark"] = decode["rows"]
     summary["transformers"] = decode["transformers"]
+    engine = run_stage(summary, "engine", clock, lambda: engine_benchmark(mode, clock))
+    summary["engine_benchmark"] = engine if isinstance(engine, list) else [engine]
     summary["targets"] = targets(summary)
     for name, target in summary["targets"].items():
         value = target["value"]

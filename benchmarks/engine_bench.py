@@ -16,8 +16,10 @@ Mixes (long-tailed, as reasoning traces are):
   eos        EOS-driven lengths: a random-weights model of the bundled model's widths with a
              vocabulary of 256, sampled at temperature 1: it stops at its EOS after a
              geometric number of tokens (mean about the vocabulary), capped at --cap.
-Shapes: `bundled` (the bundled model: 2 layers, D 64; lognormal mix) and `r1-1.5b-4l`
-(R1-Distill-Qwen-1.5B widths, 4 layers, random float32 weights; lognormal lengths).
+Shapes: `bundled` (the bundled model: 2 layers, D 64; lognormal mix), `r1-1.5b-4l`
+(R1-Distill-Qwen-1.5B widths, 4 layers, random float32 weights; lognormal lengths) and
+`r1-1.5b` (the whole R1-Distill-Qwen-1.5B preset, random weights in `--dtype`: the device
+check's engine stage).
 
 Reported per (shape, mix, path): useful tokens (generated tokens of all requests), wall
 seconds, useful tokens/s, occupancy (decode steps that produced a request's token / slot
@@ -62,7 +64,8 @@ def lognormal_limits(count: int, cap: int, seed: int) -> list[int]:
     return [max(1, int(round(n * cap / R1_CAP))) for n in lengths]
 
 
-def workload(shape: str, mix: str, requests: int, cap: int, seed: int):
+def workload(shape: str, mix: str, requests: int, cap: int, seed: int,
+             dtype: str = "float32"):
     """(model, eviction, requests as dicts of prompt / max_new_tokens / seed / temperature,
     eos ids)."""
     bundled, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
@@ -73,10 +76,13 @@ def workload(shape: str, mix: str, requests: int, cap: int, seed: int):
     else:
         if shape == "bundled":
             config = _with(bundled.config, vocab_size=256)
-        else:
+        elif shape == "r1-1.5b-4l":
             config = _with(preset("deepseek-r1-distill-qwen-1.5b"), num_layers=4,
                            max_position_embeddings=4096)
-        model = Transformer(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+        else:
+            config = _with(preset("deepseek-r1-distill-qwen-1.5b"),
+                           max_position_embeddings=cap + 256)
+        model = Transformer(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
         rng = np.random.default_rng(seed)
         prompts = [rng.integers(3, min(config.vocab_size, 256), int(n)).tolist()
                    for n in rng.integers(20, 60, requests)]
@@ -132,7 +138,9 @@ def run_engine(model, eviction, items, eos, slots: int) -> tuple[dict, dict]:
 
 
 def measure(shape: str, mix: str, args) -> list[dict]:
-    model, eviction, items, eos = workload(shape, mix, args.requests, args.cap, args.seed)
+    """Both paths on one workload (`args`: requests, cap, seed, slots, dtype); two rows."""
+    model, eviction, items, eos = workload(shape, mix, args.requests, args.cap, args.seed,
+                                           getattr(args, "dtype", "float32"))
     rows = []
     results = {}
     for path, run in (("static", run_static), ("engine", run_engine)):
@@ -170,7 +178,10 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=("bundled", "r1-1.5b-4l"), default="bundled")
+    parser.add_argument("--shape", choices=("bundled", "r1-1.5b-4l", "r1-1.5b"),
+                        default="bundled")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights of the random-weights shapes")
     parser.add_argument("--mix", choices=("lognormal", "eos", "all"), default="all")
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--requests", type=int, default=512,

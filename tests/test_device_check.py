@@ -185,11 +185,12 @@ def test_a_stage_that_raises_is_recorded_and_the_summary_still_written(tmp_path,
     monkeypatch.setattr(device_check, "eviction_benchmark", broken)
     monkeypatch.setattr(device_check, "decode_benchmark", lambda mode, clock, transformers: {
         "setup": None, "rows": [], "transformers": {"skipped": "not requested"}})
+    monkeypatch.setattr(device_check, "engine_benchmark", lambda mode, clock: [])
     output = tmp_path / "summary.json"
     summary = device_check.run(True, output, None, with_tests=False)
     assert summary["eviction_benchmark"] == [{"error": "RuntimeError: boom"}]
     assert summary["ok"] is False and json.loads(output.read_text()) == summary
-    assert [s["stage"] for s in summary["stages"]] == ["eviction", "decode"]
+    assert [s["stage"] for s in summary["stages"]] == ["eviction", "decode", "engine"]
 
 
 def test_dry_run_in_process_writes_every_stage(tmp_path, monkeypatch):
@@ -202,7 +203,7 @@ def test_dry_run_in_process_writes_every_stage(tmp_path, monkeypatch):
     summary = device_check.run(True, output, None, with_tests=False, transformers=False)
     assert json.loads(output.read_text()) == summary
     assert summary["ok"] is True and summary["mode"] == "dry-run"
-    assert [s["stage"] for s in summary["stages"]] == ["eviction", "decode"]
+    assert [s["stage"] for s in summary["stages"]] == ["eviction", "decode", "engine"]
     assert all(s["seconds"] > 0 for s in summary["stages"])
     assert summary["tests"]["not_run"] == "not requested"
     assert summary["transformers"] == {"skipped": "not requested"}
@@ -228,6 +229,11 @@ def test_dry_run_in_process_writes_every_stage(tmp_path, monkeypatch):
         moved = row["weight_bytes"] + row["kv_bytes"]
         assert abs(row["roofline_fraction"] * row["step_seconds"] * row["roofline_gbps"] * 1e9
                    - moved) < 1e-6 * moved
+
+    static, engine = summary["engine_benchmark"]
+    assert (static["path"], engine["path"]) == ("static", "engine")
+    assert engine["identical_tokens"] and engine["useful_tokens"] == static["useful_tokens"] > 0
+    assert 0 < engine["occupancy"] <= 1 and engine["engine_over_static"] > 0
 
     targets = summary["targets"]
     assert set(targets) == set(device_check.TARGETS)
