@@ -61,29 +61,28 @@ def assert_equals_alone(output, reference) -> None:
 
 
 def check_policy(policy: str) -> None:
-    """Five requests through two slots: three first, two more after a few events (random
-    arrival), one of them with an EOS that comes mid-cycle."""
+    """Five requests through two slots, in a random order: three first, two more after a few
+    events (while others run); request 2 has an EOS that comes mid-cycle."""
     _, model = tiny()
     eviction = EvictionConfig(policy, **knobs(policy))
     eos = (alone(policy, 2).tokens[0][8],)  # forward 8 is mid-cycle (divide_length 6)
     engine = Engine(model, eviction=eviction, slots=2, max_new_tokens=max(MAX_NEW),
                     max_prompt_length=32, eos_token_id=[], record=True)
-    first = {b: submit(engine, b) for b in (3, 0, 4)}
+    order = np.random.default_rng(sum(map(ord, policy))).permutation(len(PROMPTS)).tolist()
+    ids = {b: submit(engine, b, eos if b == 2 else ()) for b in order[:3]}
     stream = engine.stream()
     streamed = {}
     for _, event in zip(range(4), stream, strict=False):
         streamed.setdefault(event.request_id, []).extend(event.tokens)
-    later = {1: submit(engine, 1), 2: submit(engine, 2, eos)}
+    ids.update({b: submit(engine, b, eos if b == 2 else ()) for b in order[3:]})
     for event in stream:
         streamed.setdefault(event.request_id, []).extend(event.tokens)
-    outputs = {r.request_id: r for r in (engine._requests[i].output
-                                        for i in (*first.values(), *later.values()))}
-    for b, request_id in {**first, **later}.items():
-        output = outputs[request_id]
-        assert streamed[request_id] == output.tokens  # the stream is the output, in order
+    outputs = {b: engine._requests[request_id].output for b, request_id in ids.items()}
+    for b, output in outputs.items():
+        assert streamed[ids[b]] == output.tokens  # the stream is the output, in order
         assert_equals_alone(output, alone(policy, b, eos if b == 2 else ()))
-    assert outputs[later[2]].finish_reason == "eos" and len(outputs[later[2]].tokens) < 33
-    assert outputs[first[0]].finish_reason == "length"
+    assert outputs[2].finish_reason == "eos" and len(outputs[2].tokens) < 33
+    assert outputs[0].finish_reason == "length"
     stats = engine.stats
     assert stats["finished"] == 5 and stats["prefills"] == 5
     assert stats["useful_tokens"] == sum(len(o.tokens) for o in outputs.values())
