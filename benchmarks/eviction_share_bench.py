@@ -59,7 +59,7 @@ def share_row(config, model, batch: int, budget: int, divide_length: int, max_ne
                          jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(PROMPT_LENGTH, dtype=jnp.int32), tokens.shape)
     program = jax.jit(decode.generate_tokens, static_argnums=(0, 1, 2))
-    args = (params, tokens, positions, SamplingParams.create(), jnp.int32(0),
+    args = (params, tokens, positions, SamplingParams.create(), jnp.zeros((batch,), jnp.int32),
             jnp.zeros((0,), jnp.int32))
     jax.block_until_ready(program(config, eviction, max_new, *args))  # compile, warm up
     start = time.perf_counter()

@@ -106,8 +106,8 @@ def row_seeds(seed, rows: int) -> np.ndarray:
         values = [int(v) for v in seed]
     else:
         if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"seed must be an integer in [0, 2**32) or a list of them (one "
-                             f"per prompt), got {seed!r}")
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r} (or a "
+                             f"list of such seeds, one per prompt)")
         values = [(int(seed) + b) % SEED_LIMIT for b in range(rows)]
     return np.asarray(values, np.uint32).view(np.int32)
 

@@ -18,8 +18,8 @@ from gkv_jax.sharding import make_mesh, shard_model
 from tests.test_generate import SPEC, tiny
 
 RNG = np.random.default_rng(23)
-# Ragged prompts (buckets 16 and 32; 25 and 30 exceed budget 20: compressed at the prefill).
-PROMPTS = [RNG.integers(1, SPEC.vocab, n).tolist() for n in (5, 25, 12, 30, 9)]
+# Ragged prompts of one bucket (16); 15 and 13 exceed budget 12: compressed at the prefill.
+PROMPTS = [RNG.integers(1, SPEC.vocab, n).tolist() for n in (5, 15, 9, 13, 3)]
 MAX_NEW = (20, 33, 33, 20, 33)  # mixed per-request limits
 SAMPLED = (False, True, False, True, True)
 # Per-request samplers (no nucleus: a top_p cut-off turns float noise between two programs
@@ -32,7 +32,7 @@ def knobs(policy: str) -> dict:
     if not get_policy(policy).evicts:
         return dict(divide_length=DIVIDE)
     extra = {"window": 4} if get_policy(policy).window_role == "observation" else {}
-    return dict(budget=20, divide_length=DIVIDE, **extra)
+    return dict(budget=12, divide_length=DIVIDE, **extra)
 
 
 @functools.cache
@@ -127,19 +127,22 @@ def test_requests_coming_and_going_never_recompile():
     eviction = EvictionConfig("gkv", **knobs("gkv"))
     engine = Engine(model, eviction=eviction, slots=2, max_new_tokens=33,
                     max_prompt_length=32, eos_token_id=[], prefill_batch=2)
-    for wave in ((0,), (0, 2), (1,), (1, 3)):  # buckets 16 and 32, groups of 1 and 2
+    for wave in ((0,), (0, 2), (1, 30)):  # buckets 16 and 32, groups of 1 and 2
         for b in wave:
-            submit(engine, b)
+            if b == 30:  # a 30-token prompt: bucket 32
+                engine.submit(list(range(1, 31)), max_new_tokens=20)
+            else:
+                submit(engine, b)
         engine.run()
     programs = engine_lib.compiled_programs()
-    # One prefill per (bucket, group size), one insert, one cycle.
-    assert engine.stats["compiled_programs"] == 6
+    # One prefill per (bucket, group size): (16, 1), (16, 2), (32, 1); one insert, one cycle.
+    assert engine.stats["compiled_programs"] == 5
     for wave in ((2, 3, 4), (1,), (4, 0, 2, 3), (3, 1, 0)):  # other arrivals, mixes, limits
         for b in wave:
             submit(engine, b)
         engine.run()
     assert engine_lib.compiled_programs() == programs
-    assert engine.stats["compiled_programs"] == 6 and engine.stats["finished"] == 17
+    assert engine.stats["compiled_programs"] == 5 and engine.stats["finished"] == 16
 
 
 def test_samples_share_one_prefill_and_cancel_frees_the_slot():

@@ -147,7 +147,7 @@ def test_cache_shape_does_not_depend_on_max_new_tokens():
     for max_new_tokens in (64, 4096):
         _, state = jax.eval_shape(
             functools.partial(generate_tokens, model.config, eviction, max_new_tokens),
-            params, tokens, positions, SamplingParams.create(), jnp.int32(0),
+            params, tokens, positions, SamplingParams.create(), jnp.zeros((2,), jnp.int32),
             jnp.zeros((1,), jnp.int32))
         shapes.append(jax.tree.map(lambda x: x.shape, state.cache))
     assert shapes[0] == shapes[1]

@@ -46,7 +46,8 @@ def test_the_cpu_decode_loop_copies_no_weight():
     positions = jnp.arange(4, dtype=jnp.int32)[None]
     text = jax.jit(generate_tokens, static_argnums=(0, 1, 2)).lower(
         CONFIG, EvictionConfig(policy="full"), 8, params, tokens, positions,
-        SamplingParams.create(), jnp.int32(0), jnp.zeros((0,), jnp.int32)).compile().as_text()
+        SamplingParams.create(), jnp.zeros((1,), jnp.int32),
+        jnp.zeros((0,), jnp.int32)).compile().as_text()
     mlp = ("f32[32,48]{", "f32[48,32]{")
     copies = [line for line in text.splitlines() if "slice" in line and "fusion(" in line
               and any(s in line for s in mlp)]

@@ -114,7 +114,7 @@ def test_generation_is_unchanged_by_live_blocks(monkeypatch, policy):
     params = Transformer(CONFIG, rngs=nnx.Rngs(1)).params()
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 17)), jnp.int32)
     positions = jnp.asarray([[-1] * 5 + list(range(12)), list(range(17))], jnp.int32)
-    args = (params, tokens, positions, SamplingParams.create(), jnp.int32(0),
+    args = (params, tokens, positions, SamplingParams.create(), jnp.zeros((2,), jnp.int32),
             jnp.zeros((0,), jnp.int32))
     eviction = (EvictionConfig(policy="full", divide_length=16) if policy == "full" else
                 EvictionConfig(policy="gkv", divide_length=16, budget=32, window=8))
