@@ -6,7 +6,8 @@ is one `generate` call that runs until its longest row ends (its max_new_tokens 
 largest of its rows' limits; each row is then cut to its own limit, which leaves its tokens
 unchanged: a row's token j never depends on how long the batch runs). Engine: one
 `gkv_jax.Engine` with `--slots` slots, every request submitted with its own limit. Both run
-once to compile, then are timed; the tokens of every request must be identical.
+once to compile, then are timed (`--repeats` interleaved runs each, the median reported);
+the tokens of every request must be identical.
 
 Mixes (long-tailed, as reasoning traces are):
   lognormal  the bundled model on held-out table-walk problems (greedy), each request's
@@ -143,9 +144,16 @@ def measure(shape: str, mix: str, args) -> list[dict]:
                                            getattr(args, "dtype", "float32"))
     rows = []
     results = {}
-    for path, run in (("static", run_static), ("engine", run_engine)):
+    paths = (("static", run_static), ("engine", run_engine))
+    for _, run in paths:
         run(model, eviction, items, eos, args.slots)  # compile and warm up
-        tokens, stats = run(model, eviction, items, eos, args.slots)
+    timed = {path: [] for path, _ in paths}
+    for _ in range(getattr(args, "repeats", 1)):  # interleaved: drifts hit both paths alike
+        for path, run in paths:
+            timed[path].append(run(model, eviction, items, eos, args.slots))
+    for path, _ in paths:
+        runs = sorted(timed[path], key=lambda r: r[1]["seconds"])
+        tokens, stats = runs[len(runs) // 2]  # the median run
         results[path] = tokens
         useful = sum(len(t) for t in tokens.values())
         decode_steps = sum(max(len(t) - 1, 0) for t in tokens.values())
@@ -188,6 +196,8 @@ def main(argv=None) -> None:
                         help="requests per mix (an AIME-sized pass@16 run is 480)")
     parser.add_argument("--cap", type=int, default=520, help="longest request (tokens)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of each path, interleaved; the median is reported")
     parser.add_argument("--quick", action="store_true", help="16 requests, cap 64")
     parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     args = parser.parse_args(argv)

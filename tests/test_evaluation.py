@@ -152,6 +152,9 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(reference, tmp_p
     assert wanted == [] and again.rows == resumed.rows and again.summary == resumed.summary
 
 
+# Slow: the bundled model's version (tests/test_bundled_model.py) is slow too; the engine's
+# exactness against generate alone (tests/test_engine.py) is the fast sibling.
+@pytest.mark.slow
 def test_engine_rows_equal_the_static_batches(reference):
     """The rows `evaluate` now makes through the engine are the rows of the static path it
     replaced (fixed `generate` batches of one bucket, every row with seed + sample)."""
