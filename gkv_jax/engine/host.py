@@ -90,8 +90,8 @@ class Engine:
     >>> # outputs = engine.run()   # {request_id: RequestOutput}
     """
 
-    def __init__(self, model, tokenizer=None, eviction: EvictionConfig | None = None, *,
-                 slots: int = 16, max_new_tokens: int = 256,
+    def __init__(self, model, tokenizer=None, eviction: EvictionConfig | None = None,
+                 slots: int = 16, max_new_tokens: int = 256, *,
                  max_prompt_length: int | None = None, prefill_batch: int | None = None,
                  prompt_buckets: Sequence[int] | None = None, eos_token_id=None,
                  record: bool = False, mesh=None):
@@ -147,7 +147,7 @@ class Engine:
         with self._on_mesh():
             self._step_params = _decode_params(params)
 
-    def submit(self, prompt, *, max_new_tokens: int | None = None, temperature: float = 0.0,
+    def submit(self, prompt, max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id=None) -> int:
         """Queues one request; returns its id.
 
