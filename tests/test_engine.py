@@ -31,7 +31,8 @@ DIVIDE = 6
 def knobs(policy: str) -> dict:
     if not get_policy(policy).evicts:
         return dict(divide_length=DIVIDE)
-    extra = {"window": 4} if get_policy(policy).window_role == "observation" else {}
+    default_window = get_policy(policy).knobs.get("window")
+    extra = {"window": 4} if default_window is not None and default_window >= 12 else {}
     return dict(budget=12, divide_length=DIVIDE, **extra)
 
 
