@@ -28,6 +28,7 @@ from gkv_jax.eviction import EvictionConfig, Ops, select_with_ops
 from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits, unstack_layers
+from gkv_jax.pallas_kernels import traced_platform
 from gkv_jax.sampling import SamplingParams, sample, seed_keys, token_keys
 from gkv_jax.sharding.local import constrain_cache, per_head_blocks, per_sequence
 
@@ -86,8 +87,9 @@ def live_attention_block(eviction: EvictionConfig, capacity: int) -> int:
     """The decode steps' `attention_block` (see `forward_cached`): the whole buffer in one
     pass for evicting policies, whose buffer is full at every step, and for caches of at
     most two minimum blocks; otherwise the smallest multiple of the minimum block that cuts
-    the capacity into at most the backend's most blocks, read up to the longest row."""
-    smallest, most = ((MIN_LIVE_BLOCK, MAX_LIVE_BLOCKS) if jax.default_backend() == "cpu"
+    the capacity into at most the most blocks of the platform traced for (`traced_platform`),
+    read up to the longest row."""
+    smallest, most = ((MIN_LIVE_BLOCK, MAX_LIVE_BLOCKS) if traced_platform() == "cpu"
                       else (ACCELERATOR_MIN_LIVE_BLOCK, ACCELERATOR_MAX_LIVE_BLOCKS))
     if eviction.evicts or capacity <= 2 * smallest:
         return capacity
@@ -465,9 +467,10 @@ def decode_params(params: dict) -> dict:
     """The weights as the decode steps read them: split per layer on CPU, where XLA copies
     every slice of a stacked weight before its product (`unstack_layers`: one copy per
     call instead of one per step; the split weights double the weights' memory while the
-    program runs, which host memory affords). Elsewhere the stacked weights, whose slices
-    the accelerator compilers read in place, and which must not be held twice."""
-    if jax.default_backend() != "cpu":
+    program runs, which host memory affords). For the accelerators (`traced_platform`) the
+    stacked weights, whose slices their compilers read in place, and which must not be held
+    twice."""
+    if traced_platform() != "cpu":
         return params
     return unstack_layers(params)
 

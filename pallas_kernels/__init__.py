@@ -23,14 +23,21 @@ they have passed `benchmarks/device_check.sh`; none yet), the reference elsewher
 `interpret="gpu"` (or an `InterpretGPUParams`) runs the GPU kernels in GPU interpret mode on
 any backend, which is how they are tested on CPU. See `_common` for the dispatch rules and the
 `matmul_dtype` precision modes.
+
+The platform a program is traced for is `traced_platform()`: the default backend, or the one
+`target_platform("tpu" | "gpu" | "cpu")` names while a program is compiled for a chip that
+is not attached (`gkv_jax.targets`). Every platform-dependent choice of the library reads it.
 """
 
 from gkv_jax.pallas_kernels import redundancy, score_update, topk_retention
 from gkv_jax.pallas_kernels._common import (
     IMPLEMENTATIONS,
     MATMUL_DTYPES,
+    PLATFORMS,
     Dispatch,
     resolve_implementation,
+    target_platform,
+    traced_platform,
 )
 from gkv_jax.pallas_kernels._gpu_common import InterpretGPUParams
 from gkv_jax.pallas_kernels.ops import Ops
@@ -38,11 +45,14 @@ from gkv_jax.pallas_kernels.ops import Ops
 __all__ = [
     "IMPLEMENTATIONS",
     "MATMUL_DTYPES",
+    "PLATFORMS",
     "Dispatch",
     "InterpretGPUParams",
     "Ops",
     "redundancy",
     "resolve_implementation",
     "score_update",
+    "target_platform",
     "topk_retention",
+    "traced_platform",
 ]

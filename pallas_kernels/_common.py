@@ -30,6 +30,8 @@ on realistic keys (tested on clustered keys).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -40,6 +42,37 @@ from jax.experimental.pallas import tpu as pltpu
 from gkv_jax.pallas_kernels import _gpu_common
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+# The platform programs are traced for, when it is not the default backend's (compiling for a
+# TPU or GPU from a CPU host): set by `target_platform`, read by `traced_platform`.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gkv_jax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+    """Traces inside this block make every platform-dependent choice for `platform` ("cpu",
+    "gpu" or "tpu"; None: the default backend) instead of `jax.default_backend()`: which
+    kernels run and whether they are interpreted, the decode loop's weight layout and
+    attention blocks. The one switch behind them all is `traced_platform()`.
+
+    Trace a fresh function inside it: `jax.jit` caches traces by function and arguments, not
+    by this setting.
+    """
+    if platform is not None and platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def traced_platform() -> str:
+    """The platform programs are being traced for: the innermost `target_platform`, else
+    `jax.default_backend()`."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 # A finite stand-in for -inf in masked softmax logits (as in gkv_jax.models.layers): exp() of
@@ -83,7 +116,11 @@ def gpu_compute_capability() -> float | None:
 
 
 def _gpu_kernels_supported() -> bool:
+    """Whether the GPU traced for runs the Mosaic GPU kernels: the first GPU's compute
+    capability, or, when tracing for "gpu" on a host without one, a Hopper target."""
     capability = gpu_compute_capability()
+    if capability is None and _TARGET_PLATFORM.get() == "gpu":
+        return True  # compiling for a GPU that is not attached: the kernels' target
     return capability is not None and capability >= MIN_GPU_COMPUTE_CAPABILITY
 
 
@@ -102,7 +139,8 @@ def auto_uses_kernels(backend: str) -> bool:
 
 
 def resolve_implementation(implementation: str | None, interpret: Any = None) -> Dispatch:
-    """Which code runs an op on the current default backend.
+    """Which code runs an op on the platform traced for (`traced_platform`: the default
+    backend, or the one `target_platform` names).
 
     Args:
       implementation: "xla", "pallas" or None (auto: the kernels on a backend of
@@ -123,7 +161,7 @@ def resolve_implementation(implementation: str | None, interpret: Any = None) ->
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
-    backend = jax.default_backend()
+    backend = traced_platform()
     if implementation == "xla":
         return Dispatch(use_pallas=False)
     if implementation is None and not auto_uses_kernels(backend):

@@ -1,0 +1,94 @@
+"""The targets `compile_for` knows: each a TPU slice libtpu can compile for without it, and
+the published per-chip figures its estimates divide by.
+
+The figures (HBM, HBM bandwidth, bf16 peak) are the vendors' published numbers per chip; a
+device is one chip, except TPU7x, whose chips show two devices each (its figures are split
+between them). Every time or throughput derived from them is an estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip's published figures.
+
+    Attributes:
+      kind: its name. hbm_bytes: HBM per chip. hbm_gbps: HBM bandwidth, GB/s (1e9 bytes/s).
+      bf16_tflops: peak bfloat16 matmul rate, TFLOP/s. devices_per_chip: the JAX devices it
+        shows (2 for TPU7x).
+    """
+
+    kind: str
+    hbm_bytes: int
+    hbm_gbps: float
+    bf16_tflops: float
+    devices_per_chip: int = 1
+
+    @property
+    def device_hbm_bytes(self) -> int:
+        return self.hbm_bytes // self.devices_per_chip
+
+    @property
+    def device_gbps(self) -> float:
+        return self.hbm_gbps / self.devices_per_chip
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 1200.0, 275.0),
+    "v5e": Chip("TPU v5e", 16 * GIB, 819.0, 197.0),
+    "v5p": Chip("TPU v5p", 95 * GIB, 2765.0, 459.0),
+    "v6e": Chip("TPU v6e", 32 * 10**9, 1640.0, 918.0),
+    "tpu7x": Chip("TPU7x", 192 * GIB, 7380.0, 2307.0, devices_per_chip=2),
+    "h100": Chip("H100 SXM", 80 * 10**9, 3350.0, 989.0),
+    "h200": Chip("H200 SXM", 141 * 10**9, 4800.0, 989.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A named slice: how libtpu is asked for its topology, and its chips.
+
+    Attributes:
+      name: what `compile_for` and `gkv-jax plan --target` call it.
+      chip: a key of `CHIPS`.
+      topology: `topology_name` of `jax.experimental.topologies.get_topology_desc`.
+      devices: the JAX devices the topology gives.
+      options: further keyword arguments of `get_topology_desc`.
+    """
+
+    name: str
+    chip: str
+    topology: str
+    devices: int
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def figures(self) -> Chip:
+        return CHIPS[self.chip]
+
+
+ONE_CHIP = (("chips_per_host_bounds", (1, 1, 1)),)
+TARGETS = {t.name: t for t in (
+    Target("v4-8", "v4", "v4:2x2x1", 4, (("chip_config_name", "megacore"),)),
+    Target("v5e-1", "v5e", "v5e:1x1", 1, ONE_CHIP),
+    Target("v5e-4", "v5e", "v5e:2x2", 4),
+    Target("v5e-8", "v5e", "v5e:2x4", 8),
+    Target("v5p-8", "v5p", "v5:2x2x1", 4),
+    Target("v6e-1", "v6e", "v6e:1x1", 1, ONE_CHIP),
+    Target("v6e-4", "v6e", "v6e:2x2", 4),
+    Target("v6e-8", "v6e", "v6e:2x4", 8),
+    Target("tpu7x-8", "tpu7x", "tpu7x:2x2x1", 8),
+)}
+
+
+def get_target(name: str) -> Target:
+    """The `Target` called `name`; ValueError listing the known ones otherwise."""
+    try:
+        return TARGETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {name!r}") from None
