@@ -49,7 +49,11 @@ class CompileReport:
       cycle_bytes, cycle_flops: one decode cycle (divide_length steps and one compression)
         from the compiler's cost analysis: a step with its layers unrolled times
         divide_length, plus one layer's compression times L (XLA counts a loop body once).
-      step_seconds_floor, tokens_per_second_ceiling: ESTIMATES, bytes of one step over the
+        Its bytes count every fused operation's operands and results, so they exceed what
+        must cross HBM.
+      step_bytes: what one decode step must read at least once, the compiled step's
+        argument bytes on a device (its weights and the whole cache).
+      step_seconds_floor, tokens_per_second_ceiling: ESTIMATES, `step_bytes` over the
         device's HBM bandwidth, and the batch's tokens per second that floor allows per chip.
     """
 
@@ -76,6 +80,7 @@ class CompileReport:
     compile_seconds: float = 0.0
     cycle_bytes: float | None = None
     cycle_flops: float | None = None
+    step_bytes: int | None = None
     step_seconds_floor: float | None = None
     tokens_per_second_ceiling: float | None = None
 
@@ -108,9 +113,14 @@ class CompileReport:
                  f"  Pallas kernels: {', '.join(self.kernels) or 'none'}; compiled in "
                  f"{self.compile_seconds:.1f} s"]
         if self.step_seconds_floor:
-            lines.append(f"  ESTIMATE (compiler's bytes / HBM bandwidth): decode step >= "
+            lines.append(f"  ESTIMATE (a step's {self.step_bytes / gib:.2f} GiB of weights and "
+                         f"cache / HBM bandwidth): decode step >= "
                          f"{self.step_seconds_floor * 1e3:.3f} ms, <= "
                          f"{self.tokens_per_second_ceiling:,.0f} tokens/s per chip")
+        if self.cycle_bytes:
+            lines.append(f"  cost analysis of one cycle: {self.cycle_flops:.3g} flops, "
+                         f"{self.cycle_bytes:.3g} bytes accessed (every fused operation's "
+                         f"operands: more than crosses HBM)")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -206,8 +216,7 @@ def _add_cycle_cost(report, config, eviction, batch, prompt_length, max_new_toke
     if step is None:
         return
     step_cost = step.cost_analysis()
-    step_bytes = float(step_cost.get("bytes accessed", 0.0))
-    report.cycle_bytes = step_bytes * eviction.divide_length
+    report.cycle_bytes = float(step_cost.get("bytes accessed", 0.0)) * eviction.divide_length
     report.cycle_flops = float(step_cost.get("flops", 0.0)) * eviction.divide_length
     if eviction.evicts:
         evict, _, _ = _compile("evict", config, eviction, batch, prompt_length,
@@ -216,8 +225,9 @@ def _add_cycle_cost(report, config, eviction, batch, prompt_length, max_new_toke
             evict_cost = evict.cost_analysis()
             report.cycle_bytes += float(evict_cost.get("bytes accessed", 0.0)) * config.num_layers
             report.cycle_flops += float(evict_cost.get("flops", 0.0)) * config.num_layers
-    if step_bytes > 0:
-        report.step_seconds_floor = step_bytes / (device_gbps * 1e9)
+    report.step_bytes = int(step.memory_analysis().argument_size_in_bytes)
+    if report.step_bytes > 0:
+        report.step_seconds_floor = report.step_bytes / (device_gbps * 1e9)
         rows_per_device = batch / mesh.shape["data"]
         report.tokens_per_second_ceiling = (rows_per_device / report.step_seconds_floor
                                             * devices_per_chip)

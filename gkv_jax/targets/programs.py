@@ -25,7 +25,6 @@ from gkv_jax.engine import core
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import bucket_length
 from gkv_jax.models import ModelConfig, Transformer
-from gkv_jax.models.transformer import unstack_layers
 from gkv_jax.sampling import SamplingParams
 from gkv_jax.sharding.rules import CACHE_AXES, batch_spec, param_specs, spec
 
@@ -54,6 +53,19 @@ def _row_spec(shape: tuple[int, ...], axis: int, mesh) -> PartitionSpec:
         return PartitionSpec()
     row = batch_spec(1, shape[axis], mesh)[0]
     return PartitionSpec(*([None] * axis), row, *([None] * (len(shape) - axis - 1)))
+
+
+def _per_layer(params: dict, mesh) -> dict:
+    """Abstract per-layer weights (a tuple of L dicts, as `unstack_layers` gives), each layer
+    sharded as its slice of the stacked weight: a step traced on them runs its layers
+    unrolled and reads each weight where it lies (no slicing inside the program)."""
+    def layer_leaf(x):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=NamedSharding(
+            mesh, PartitionSpec(*x.sharding.spec[1:])))
+
+    layer = {name: layer_leaf(x) for name, x in params["layers"].items()}
+    num_layers = next(iter(params["layers"].values())).shape[0]
+    return {**params, "layers": (layer,) * num_layers}
 
 
 def _abstract_sampling(sharding) -> SamplingParams:
@@ -105,8 +117,8 @@ def build(program: str, config: ModelConfig, eviction: EvictionConfig, batch: in
         if program == "evict":
             return (lambda cache: decode.evict(eviction, cache, jnp.ones((batch,), bool))
                     ), (slots.state.cache,)
-        return (lambda p, s: decode.decode_step(config, unstack_layers(p), s.state,
-                                                s.sampling, s.eos_ids)), (params, slots)
+        return (lambda p, s: decode.decode_step(config, p, s.state, s.sampling, s.eos_ids)
+                ), (_per_layer(params, mesh), slots)
     return _training_program(program, config, eviction, batch, width, max_new_tokens, params,
                              mesh)
 
