@@ -5,6 +5,7 @@
     gkv-jax demo
     gkv-jax smoke
     gkv-jax post-train distill --model DIR --policy gkv --budget 68 --steps 40 --output-dir OUT
+    gkv-jax plan --target v5e-8 --model deepseek-r1-distill-qwen-7b --budget 2048
 
 Bad arguments and unreadable inputs exit with status 2 and one `error:` line naming the
 flag or file; Ctrl-C exits with status 130 and says where the results so far are.
@@ -39,7 +40,8 @@ DESCRIPTION = (
     "Inference with an evicted, fixed-size KV cache. Commands: generate (text from a "
     "Hugging Face checkpoint), eval (accuracy of eviction policies and budgets on a dataset; "
     "resumable), demo (every policy on the bundled reasoning model), smoke (a self-check on "
-    "a tiny random model), post-train (distillation or GRPO under eviction).")
+    "a tiny random model), post-train (distillation or GRPO under eviction), plan (will it "
+    "fit on a TPU slice: compiled without one).")
 DTYPES = ("float32", "bfloat16", "float16")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
@@ -518,6 +520,7 @@ def _add_smoke_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gkv_jax.plan_cli import add_plan_parser
     from gkv_jax.post_train_cli import add_post_train_parser
 
     parser = argparse.ArgumentParser(prog="gkv-jax", description=DESCRIPTION,
@@ -529,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(commands)
     _add_smoke_parser(commands)
     add_post_train_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 

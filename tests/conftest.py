@@ -26,6 +26,10 @@ for _flag in ("--xla_cpu_collective_call_terminate_timeout_seconds=900",
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+# With libtpu installed (the `tpu` extra, for compiling for TPU targets on this host), JAX
+# probes for a TPU when it starts; naming the host keeps that probe quiet and quick.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads when it starts)
 import pytest  # noqa: E402
 

@@ -1,0 +1,126 @@
+"""Compiling for accelerators that are not attached: the platform traced for decides every
+platform choice, and `compile_for` runs the real XLA:TPU compiler (libtpu) on this host."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from gkv_jax import decode
+from gkv_jax.eviction import EvictionConfig
+from gkv_jax.models import ModelConfig, Transformer
+from gkv_jax.pallas_kernels import (
+    Dispatch,
+    resolve_implementation,
+    target_platform,
+    traced_platform,
+)
+from gkv_jax.pallas_kernels.topk_retention import keep_top
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu: pip install -e ".[tpu]"')
+
+TINY = ModelConfig(family="qwen2", vocab_size=128, hidden_size=64, intermediate_size=128,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True,
+                   max_position_embeddings=1024)
+GKV = EvictionConfig("gkv", budget=64, window=16, divide_length=16, implementation="pallas")
+
+
+def _kernel_calls(fn, *args) -> list[tuple[str, object]]:
+    """(primitive, interpret mode) of every kernel call in the trace of a fresh function
+    (jit caches traces by function, not by platform), nested jaxprs included: `pallas_call`
+    (Mosaic TPU, or an interpreter) and `mpmd_map` (a Mosaic GPU kernel)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("pallas_call", "mpmd_map"):
+                found.append((eqn.primitive.name, eqn.params.get("interpret")))
+            for value in eqn.params.values():
+                for item in value if isinstance(value, tuple | list) else (value,):
+                    inner = getattr(item, "jaxpr", item)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
+    return found
+
+
+def test_the_platform_traced_for_decides_every_platform_choice():
+    params = Transformer(TINY, rngs=nnx.Rngs(0)).params()
+    full = EvictionConfig("full")
+    scores = jnp.zeros((1, 1, 300))
+    valid = jnp.ones((1, 300), bool)
+    assert traced_platform() == jax.default_backend() == "cpu"
+    # The host: the TPU kernels in TPU interpret mode, per-layer weights, CPU blocks.
+    assert resolve_implementation("pallas").interpret not in (False, None)
+    assert isinstance(decode.decode_params(params)["layers"], tuple)
+    assert decode.live_attention_block(full, 16447) == decode.MIN_LIVE_BLOCK * 3
+    for platform, kernels, primitive in (("tpu", "tpu", "pallas_call"),
+                                         ("gpu", "gpu", "mpmd_map")):
+        with target_platform(platform):
+            assert traced_platform() == platform
+            assert resolve_implementation("pallas") == Dispatch(use_pallas=True,
+                                                                interpret=False,
+                                                                kernels=kernels)
+            assert resolve_implementation(None) == Dispatch(use_pallas=False)  # not verified
+            # The accelerators' weight layout (stacked, read in place) and attention blocks.
+            assert isinstance(jax.eval_shape(decode.decode_params, params)["layers"], dict)
+            assert decode.live_attention_block(full, 16447) == (
+                2 * decode.ACCELERATOR_MIN_LIVE_BLOCK)  # at most 8 blocks of 2048 slots
+            calls = _kernel_calls(
+                lambda s, v: keep_top(s, None, v, 100, implementation="pallas"), scores, valid)
+            # The platform's own kernel, compiled, not interpreted.
+            assert calls and all(p == primitive and m in (False, None) for p, m in calls)
+    assert traced_platform() == "cpu"  # restored on exit
+    calls = _kernel_calls(
+        lambda s, v: keep_top(s, None, v, 100, implementation="pallas"), scores, valid)
+    assert calls and all(p == "pallas_call" and m not in (False, None) for p, m in calls)
+    with pytest.raises(ValueError, match=r"platform must be one of \('cpu', 'gpu', 'tpu'\)"):
+        with target_platform("npu"):
+            pass
+
+
+@needs_libtpu
+def test_a_small_program_compiles_for_a_v5e_chip():
+    from gkv_jax.targets import compile_for
+
+    report = compile_for("v5e-1", TINY, batch=4, prompt_length=20, max_new_tokens=100,
+                         eviction=GKV, program="decode_cycle", cost=False)
+    assert report.compiled, report.error
+    assert set(report.kernels) == {"compact_rows", "keep_top", "score_update",
+                                   "similarity_summary"}
+    assert 0 < report.total_bytes < report.hbm_bytes == 16 * 2**30 and report.fits
+    cache = 2 * TINY.num_layers * 4 * TINY.num_kv_heads * GKV.capacity * TINY.head_dim * 2
+    assert report.argument_bytes > cache  # the slots' keys and values, bf16, and the weights
+    assert "fits with 10% headroom" in report.summary()
+
+
+def test_compile_for_checks_its_arguments():
+    from gkv_jax.targets import compile_for
+
+    common = dict(batch=4, prompt_length=20, max_new_tokens=100, eviction=GKV)
+    for kwargs, message in (
+            (dict(target="v9-1"), "target must be one of v4-8, v5e-1"),
+            (dict(program="train"), "program must be one of"),
+            (dict(batch=0), "batch must be an integer >= 1"),
+            (dict(mesh_shape=(2, 8)), "mesh_shape 2x8 needs 16 devices, v5e-8 has 8"),
+            (dict(mesh_shape=(3, 1), batch=4), "batch must be a multiple of the mesh's data"),
+            (dict(max_new_tokens=2000), "exceeds the model's context"),
+            (dict(headroom=1.0), r"headroom must be a number in \[0, 1\)")):
+        args = {"target": "v5e-8", "model_config": TINY, **common, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            compile_for(**args)
+
+
+def test_pallas_kernels_are_read_from_the_hlo():
+    from gkv_jax.targets import pallas_kernels
+
+    text = ('  %keep_top.1 = (s32[2]) custom-call(%a), custom_call_target="tpu_custom_call"\n'
+            '  %compact_rows = f32[2] custom-call(%b), custom_call_target="tpu_custom_call"\n'
+            '  %other = f32[2] custom-call(%c), custom_call_target="Sharding"\n')
+    assert pallas_kernels(text) == ("compact_rows", "keep_top")
