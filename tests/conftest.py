@@ -27,8 +27,11 @@ for _flag in ("--xla_cpu_collective_call_terminate_timeout_seconds=900",
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 # With libtpu installed (the `tpu` extra, for compiling for TPU targets on this host), JAX
-# probes for a TPU when it starts; naming the host keeps that probe quiet and quick.
+# probes for a TPU when it starts; naming the host keeps that probe quiet and quick, and
+# several test processes (pytest-xdist's workers, CLI subprocesses) may each load libtpu to
+# compile for a target (libtpu otherwise takes a lock for one process per host).
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads when it starts)
 import pytest  # noqa: E402

@@ -239,7 +239,10 @@ def topology_devices(target: Target) -> list:
         from jax.experimental import topologies
     except ImportError as error:  # pragma: no cover - part of jax
         raise TargetUnavailable(str(error)) from error
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's probe
+    # No TPU is attached: name the host (silences libtpu's probe), and let another process
+    # hold libtpu too (it takes a per-host lock meant for processes that drive the chips).
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topology = topologies.get_topology_desc(
             platform="tpu", topology_name=target.topology, **dict(target.options))
