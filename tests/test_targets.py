@@ -3,7 +3,9 @@ platform choice, and `compile_for` runs the real XLA:TPU compiler (libtpu) on th
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,53 @@ def test_pallas_kernels_are_read_from_the_hlo():
             '  %compact_rows = f32[2] custom-call(%b), custom_call_target="tpu_custom_call"\n'
             '  %other = f32[2] custom-call(%c), custom_call_target="Sharding"\n')
     assert pallas_kernels(text) == ("compact_rows", "keep_top")
+
+
+COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|"
+                         r"all-to-all|collective-broadcast)(-start|-done)?\b")
+
+
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("target, mesh", [("v5e-4", (1, 4)), ("v5e-4", (2, 2)),
+                                          ("v5e-8", (1, 8))])
+def test_the_sharded_eviction_step_compiles_for_tpu_without_a_collective(target, mesh):
+    """One compression of a cache sharded over the mesh, compiled by XLA:TPU with the
+    kernels: every device compresses its own sequences and KV heads (as on CPU, where
+    tests/test_sharding.py checks the same), so the program holds no collective."""
+    from gkv_jax.targets import compile_for, programs
+    from gkv_jax.targets.chips import get_target
+    from gkv_jax.targets.compile import _compile, _mesh
+
+    config = dataclasses.replace(TINY, num_heads=8, num_kv_heads=4)
+    report = compile_for(target, config, batch=4, prompt_length=20, max_new_tokens=100,
+                         eviction=GKV, mesh_shape=mesh, program="decode_cycle", cost=False)
+    assert report.compiled and report.devices == mesh[0] * mesh[1], report.error
+    compiled, _, error = _compile("evict", config, GKV, 4, 20, 100, jnp.bfloat16,
+                                  _mesh(get_target(target), mesh))
+    assert compiled is not None, error
+    assert COLLECTIVES.search(compiled.as_text()) is None
+    assert "evict" in programs.PARTS
+
+
+@pytest.mark.slow
+def test_generate_lowers_for_cuda_with_the_mosaic_gpu_kernels():
+    """`jax.export` lowers the whole generate program for CUDA on this host, the eviction
+    through the Mosaic GPU kernels (traced for "gpu"): it lowers; whether it compiles and
+    fits needs a GPU (benchmarks/device_check.sh)."""
+    from jax import export
+
+    from gkv_jax.decode import generate_tokens
+    from gkv_jax.sampling import SamplingParams
+
+    params = jax.eval_shape(lambda: Transformer(TINY, dtype=jnp.bfloat16,
+                                                rngs=nnx.Rngs(0)).params())
+    tokens = jax.ShapeDtypeStruct((4, 32), jnp.int32)
+    with target_platform("gpu"):
+        exported = export.export(jax.jit(lambda p, t, q, s, k, e: generate_tokens(
+            TINY, GKV, 64, p, t, q, s, k, e)), platforms=["cuda"])(
+            params, tokens, tokens, SamplingParams.create(), jax.ShapeDtypeStruct(
+                (4,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    text = exported.mlir_module()
+    assert exported.platforms == ("cuda",)
+    assert "mosaic_gpu" in text  # the eviction kernels, as Mosaic GPU custom calls

@@ -283,7 +283,7 @@ def _check(config, batch, prompt_length, max_new_tokens, eviction, mesh_shape, p
     if not isinstance(eviction, EvictionConfig):
         raise TypeError(f"eviction must be an EvictionConfig or None, got "
                         f"{type(eviction).__name__}")
-    if program not in programs.PROGRAMS:
+    if program not in programs.PROGRAMS + programs.PARTS:
         raise ValueError(f"program must be one of {programs.PROGRAMS}, got {program!r}")
     if (not isinstance(mesh_shape, tuple | list) or len(mesh_shape) != 2
             or not all(is_int(s) and s >= 1 for s in mesh_shape)):

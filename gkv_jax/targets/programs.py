@@ -9,6 +9,8 @@ alone: `ShapeDtypeStruct`s placed on a mesh of compile-only devices by the rule 
   sequences of `prompt_length` + `max_new_tokens` tokens under recorded masks.
 * "decode_step" and "evict": one decode step with its layers unrolled, and one compression;
   the per-cycle cost comes from them (XLA's cost analysis counts a loop's body once).
+* "compress_layer": one layer's compression of a full buffer, the eviction kernels alone
+  (the kernel matrix).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import bucket_length
 from gkv_jax.models import ModelConfig, Transformer
 from gkv_jax.sampling import SamplingParams
-from gkv_jax.sharding.rules import CACHE_AXES, batch_spec, param_specs, spec
+from gkv_jax.sharding.rules import CACHE_AXES, batch_spec, kv_heads_split, param_specs, spec
 
 PROGRAMS = ("generate", "decode_cycle", "prefill", "distill_step", "grpo_step")
+PARTS = ("compress_layer", "decode_step", "evict")  # pieces: the kernel matrix, the cost
 
 
 def abstract_params(config: ModelConfig, dtype, mesh) -> dict:
@@ -76,14 +79,16 @@ def _abstract_sampling(sharding) -> SamplingParams:
                                                  ("top_k", jnp.int32))})
 
 
-def _slots_spec(mesh):
+def _slots_spec(config: ModelConfig, mesh):
     """The sharding of an engine `Slots` leaf: cache buffers by the rule table, the rest
     (per-slot rows, the record) with the slots over `data`."""
+    split = kv_heads_split(mesh, config.num_heads, config.num_kv_heads)
+
     def spec_of(path, x):
         names = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
         name = names[-1]
         if "cache" in names and name in CACHE_AXES:
-            return spec(CACHE_AXES[name], x.shape, mesh, None)
+            return spec(CACHE_AXES[name], x.shape, mesh, split)
         return _row_spec(x.shape, 1 if name == "visible_until" else 0, mesh)
     return spec_of
 
@@ -107,10 +112,12 @@ def build(program: str, config: ModelConfig, eviction: EvictionConfig, batch: in
     if program == "prefill":
         return (lambda p, t, q: decode.prefill(config, eviction, p, t, q, capacity,
                                                jnp.dtype(dtype))), (params, rows, rows)
+    if program == "compress_layer":
+        return _compress_layer(config, eviction, batch, jnp.dtype(dtype), mesh)
     if program in ("decode_cycle", "decode_step", "evict"):
         slots = jax.eval_shape(lambda: core.init_slots(config, eviction, batch, capacity, 1,
                                                        None, jnp.dtype(dtype)))
-        slots = _placed(slots, mesh, _slots_spec(mesh))
+        slots = _placed(slots, mesh, _slots_spec(config, mesh))
         if program == "decode_cycle":
             return functools.partial(core.run_cycle, config, eviction), (
                 jax.eval_shape(decode.decode_params, params), slots)
@@ -121,6 +128,24 @@ def build(program: str, config: ModelConfig, eviction: EvictionConfig, batch: in
                 ), (_per_layer(params, mesh), slots)
     return _training_program(program, config, eviction, batch, width, max_new_tokens, params,
                              mesh)
+
+
+def _compress_layer(config: ModelConfig, eviction: EvictionConfig, batch: int, dtype, mesh):
+    """One layer's compression of a full buffer (`decode.compress_layer`: the eviction
+    kernels, select then compact) at the model's head layout: what the kernel matrix
+    compiles."""
+    K, H = config.num_kv_heads, config.head_dim
+    S, W = eviction.capacity, eviction.query_window_size
+    args = (((batch, config.num_heads, W, H), dtype, ("batch", "heads", None, None)),
+            ((batch, K, S, H), dtype, ("batch", "kv_heads", None, None)),
+            ((batch, K, S, H), dtype, ("batch", "kv_heads", None, None)),
+            ((batch, K, S), jnp.int32, ("batch", "kv_heads", None)),
+            ((batch, K, S), jnp.float32, ("batch", "kv_heads", None)),
+            ((batch,), jnp.bool_, ("batch",)), ((batch,), jnp.bool_, ("batch",)))
+    split = kv_heads_split(mesh, config.num_heads, K)
+    placed = tuple(jax.ShapeDtypeStruct(shape, kind, sharding=NamedSharding(
+        mesh, spec(axes, shape, mesh, split))) for shape, kind, axes in args)
+    return functools.partial(decode.compress_layer, eviction), placed
 
 
 def _training_program(program, config, eviction, batch, width, max_new_tokens, params, mesh):
@@ -164,4 +189,4 @@ def _training_program(program, config, eviction, batch, width, max_new_tokens, p
                                                   b)), (params, opt_state, params, batch_)
 
 
-__all__ = ["PROGRAMS", "abstract_params", "build"]
+__all__ = ["PARTS", "PROGRAMS", "abstract_params", "build"]
