@@ -184,17 +184,27 @@ def keep_top(scores, carried, candidate_valid, count: int, *, interpret=False):
 
 
 # --------------------------------------------------------------------------------- compaction
+def _block_index(b, k, r, K: int, R: int):
+    """The flat index of output block r of (sequence b, KV head k) in the scalar-prefetched
+    first / last arrays, which are 1-D: SMEM pads the last dimension of an array to 128
+    words, so [B, K, R] arrays would take B x K x 128 words each and overflow SMEM's 1 MB at
+    batch 128 with 8 KV heads (found by compiling for TPU, benchmarks/kernel_matrix.py)."""
+    return (b * K + k) * R + r
+
+
 def _compact_kernel(first_ref, last_ref, source_ref, keys_ref, values_ref, keys_out_ref,
-                    values_out_ref, keys_acc_ref, values_acc_ref, *, block_in: int):
+                    values_out_ref, keys_acc_ref, values_acc_ref, *, block_in: int, K: int,
+                    R: int):
     b, k, r, t = (pl.program_id(i) for i in range(4))
-    q = first_ref[b, k, r] + t  # the input block this step reads
+    block = _block_index(b, k, r, K, R)
+    q = first_ref[block] + t  # the input block this step reads
 
     @pl.when(t == 0)
     def _init():
         keys_acc_ref[...] = jnp.zeros(keys_acc_ref.shape, jnp.float32)
         values_acc_ref[...] = jnp.zeros(values_acc_ref.shape, jnp.float32)
 
-    @pl.when((first_ref[b, k, r] >= 0) & (q <= last_ref[b, k, r]))
+    @pl.when((first_ref[block] >= 0) & (q <= last_ref[block]))
     def _accumulate():
         slots = q * block_in + jax.lax.broadcasted_iota(
             jnp.int32, (source_ref.shape[0], block_in), 1)
@@ -251,8 +261,9 @@ def compact_rows(keys, values, source, *, max_shift: int, block_sizes: BlockSize
     def in_block(b, k, r, t, first_ref, last_ref):
         # Past the last source the index stays put (no new DMA); an output block without
         # sources reads its own, not yet written, slots (never slots written before).
-        q = jnp.minimum(first_ref[b, k, r] + t, last_ref[b, k, r])
-        q = jnp.where(first_ref[b, k, r] < 0, jnp.minimum(r * in_per_out, in_blocks - 1), q)
+        block = _block_index(b, k, r, K, out_blocks)
+        q = jnp.minimum(first_ref[block] + t, last_ref[block])
+        q = jnp.where(first_ref[block] < 0, jnp.minimum(r * in_per_out, in_blocks - 1), q)
         return (b, k, q, 0)
 
     def out_block(b, k, r, t, first_ref, last_ref):
@@ -278,7 +289,7 @@ def compact_rows(keys, values, source, *, max_shift: int, block_sizes: BlockSize
                         pltpu.VMEM((block_out, Hv), jnp.float32)],
     )
     return pl.pallas_call(
-        functools.partial(_compact_kernel, block_in=block_in),
+        functools.partial(_compact_kernel, block_in=block_in, K=K, R=out_blocks),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(keys.shape, keys.dtype),
                    jax.ShapeDtypeStruct(values.shape, values.dtype)],
@@ -286,7 +297,7 @@ def compact_rows(keys, values, source, *, max_shift: int, block_sizes: BlockSize
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
-    )(first, last, source[..., None], keys, values)
+    )(first.reshape(-1), last.reshape(-1), source[..., None], keys, values)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret"))
