@@ -74,6 +74,9 @@ def test_colab_tpu_notebook_runs_sharded_on_host_devices(tmp_path):
     printed = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                       for o in cell.get("outputs", []))
     assert "tokens/s" in printed and "cache per chip" in printed
+    # The "will it fit" cell: compiled for one v5e chip by libtpu on this host (or, without
+    # the tpu extra, how to install it).
+    assert "GiB HBM (fits" in printed or "compile_for needs libtpu" in printed
     assert os.path.getsize(tmp_path / "runs" / "colab_tpu" / "kept_tokens.png") > 0
 
     summary = json.loads((tmp_path / "runs" / "colab_tpu" / "summary.json").read_text())
