@@ -176,3 +176,20 @@ def test_generate_lowers_for_cuda_with_the_mosaic_gpu_kernels():
     text = exported.mlir_module()
     assert exported.platforms == ("cuda",)
     assert "mosaic_gpu" in text  # the eviction kernels, as Mosaic GPU custom calls
+
+
+def test_plan_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
+    from jax.experimental import topologies
+
+    from gkv_jax.cli import main
+    from gkv_jax.targets import compile as target_compile
+
+    def no_libtpu(**kwargs):
+        raise RuntimeError("Unable to initialize backend 'tpu'")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    monkeypatch.setattr(target_compile, "_libtpu_missing", lambda: True)
+    assert main(["plan", "--target", "v5e-8", "--model", "deepseek-r1-distill-qwen-7b",
+                 "--budget", "2048", "--batch", "8", "--mesh", "8x1"]) == 2
+    err = capsys.readouterr().err
+    assert 'needs libtpu, which is not installed: pip install "gkv-jax[tpu]"' in err, err
