@@ -8,7 +8,8 @@ chip of v4, v5e, v5p and v6e; a cell the compiler refuses is printed with its me
 the script exits 1). Compile seconds are this host's; nothing ran on a chip.
 
 Usage:
-  python benchmarks/kernel_matrix.py                 # the whole matrix (a few minutes)
+  python benchmarks/kernel_matrix.py                 # the whole matrix (about an hour)
+  python benchmarks/kernel_matrix.py --corners       # 32 cells (about 15 minutes)
   python benchmarks/kernel_matrix.py --quick         # one cell per chip
   python benchmarks/kernel_matrix.py --json benchmarks/results.jsonl
 """
@@ -37,11 +38,17 @@ LAYOUTS = {  # name: the config whose head layout (N, K, H) the kernels see
 BUDGETS = (512, 4096)
 BATCHES = (1, 128)
 DTYPES = ("bfloat16", "float32")
+# --corners: the smallest and the largest cell of each chip and layout (what the recorded
+# run compiles: the whole product takes about an hour on 2 cores).
+CORNERS = ((512, 1, "float32"), (4096, 128, "bfloat16"))
 
 
-def cells(quick: bool):
+def cells(quick: bool, corners: bool = False):
     if quick:
         return [(t, "r1-qwen-7b", 4096, 128, "bfloat16") for t in CHIP_TARGETS]
+    if corners:
+        return [(t, layout, *corner) for t in CHIP_TARGETS for layout in LAYOUTS
+                for corner in CORNERS]
     return list(itertools.product(CHIP_TARGETS, LAYOUTS, BUDGETS, BATCHES, DTYPES))
 
 
@@ -62,13 +69,15 @@ def compile_cell(target: str, layout: str, budget: int, batch: int, dtype: str) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one cell per chip")
+    parser.add_argument("--corners", action="store_true",
+                        help="the smallest and largest cell of each chip and layout")
     parser.add_argument("--json", default=None, help="append the cells to this JSON-lines file")
     args = parser.parse_args(argv)
     rows = []
     print("| chip | layout N/K/H | budget | batch | cache dtype | compiled | kernels | "
           "per device MiB | compile s |")
     print("|---|---|---:|---:|---|---|---|---:|---:|")
-    for cell in cells(args.quick):
+    for cell in cells(args.quick, args.corners):
         row = compile_cell(*cell)
         rows.append(row)
         status = "yes" if row["compiled"] else f"NO: {row['error'][:120]}"

@@ -193,3 +193,22 @@ def test_plan_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
                  "--budget", "2048", "--batch", "8", "--mesh", "8x1"]) == 2
     err = capsys.readouterr().err
     assert 'needs libtpu, which is not installed: pip install "gkv-jax[tpu]"' in err, err
+
+
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("target", ["v5e-1", "v6e-1", "v5p-8", "v4-8"])
+def test_the_eviction_kernels_compile_for_every_chip_kind(target):
+    """One layer's compression, the four Mosaic kernels, at Llama-8B's head layout (8 KV
+    heads), batch 128: before the compaction kernel's block indices were flattened, its
+    scalar prefetch overflowed SMEM here (benchmarks/kernel_matrix.py runs the matrix)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import kernel_matrix
+
+    row = kernel_matrix.compile_cell(target, "llama-8b", 512, 128, "bfloat16")
+    assert row["compiled"], row["error"]
+    assert set(row["kernels"]) == {"compact_rows", "keep_top", "score_update",
+                                   "similarity_summary"}
