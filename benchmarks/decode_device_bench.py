@@ -257,7 +257,15 @@ def measure_row(model: Transformer, config: ModelConfig, run: generate_bench.Run
             "cache_bytes": stats["cache_bytes"], "full_cache_bytes": stats["full_cache_bytes"],
             "capacity": stats["capacity"], "compressions": stats["compressions"], **traffic,
             "roofline_gbps": bandwidth_gbps,
-            "roofline_fraction": moved / step_seconds / (bandwidth_gbps * 1e9)}
+            "roofline_fraction": moved / step_seconds / (bandwidth_gbps * 1e9),
+            "peak_bytes_in_use": peak_bytes_in_use()}
+
+
+def peak_bytes_in_use() -> int | None:
+    """The device's peak bytes in use so far in this process (None where not reported,
+    as on the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def decode_rows(runs: list[generate_bench.Run], sizes: Sizes, model: Transformer,
@@ -469,7 +477,68 @@ def decode_stage(dry_run: bool, remaining: Callable[[], float],
                   if transformers else {"skipped": "not requested"})
     rows += decode_rows(rest, sizes, model, config, bandwidth["gbps"], calibration,
                         remaining, log)
-    return {"setup": setup, "rows": rows, "transformers": comparison}
+    estimates = against_reports(list(zip(first + rest, rows, strict=True)), config, sizes,
+                                remaining, log)
+    return {"setup": setup, "rows": rows, "transformers": comparison,
+            "against_reports": estimates}
+
+
+def report_rows(pairs: list[tuple[generate_bench.Run, dict[str, Any]]]
+                ) -> list[tuple[generate_bench.Run, dict[str, Any]]]:
+    """The measured rows compared with a compiler report: the smallest batch's longest
+    full-cache row and the largest batch's longest gkv row (at most two compiles)."""
+    ran = [(run, row) for run, row in pairs if "step_seconds" in row]
+    chosen = []
+    for policy, pick in (("full", min), ("gkv", max)):
+        rows = [(run, row) for run, row in ran if run.eviction.policy == policy]
+        if rows:
+            batch = pick(run.batch for run, _ in rows)
+            chosen.append(max(((run, row) for run, row in rows if run.batch == batch),
+                              key=lambda pair: pair[0].max_new_tokens))
+    return chosen
+
+
+def against_reports(pairs: list[tuple[generate_bench.Run, dict[str, Any]]],
+                    config: ModelConfig, sizes: Sizes, remaining: Callable[[], float],
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each chosen measured row beside `compile_for("attached", ...)`'s report of the same
+    `generate` program: the compiler's memory per device against the device's peak bytes
+    in use, and the report's ESTIMATED step floor (step bytes / published bandwidth)
+    against the measured step."""
+    from gkv_jax.targets import compile_for
+
+    out = []
+    for run, row in report_rows(pairs):
+        entry = describe_run(run)
+        needed = 3 * row["compile_seconds_first_call"] + 10  # generate, a step, an evict
+        if needed > remaining():
+            out.append({**entry, "skipped": "time budget"})
+            log(f"against the report, {run.label} batch {run.batch}: skipped (time budget)")
+            continue
+        try:
+            report = compile_for("attached", config, batch=run.batch,
+                                 prompt_length=sizes.prompt_length,
+                                 max_new_tokens=run.max_new_tokens, eviction=run.eviction,
+                                 dtype=sizes.dtype)
+        except Exception as error:  # recorded, as a benchmark row's failure is
+            out.append({**entry, "error": describe_error(error)})
+            continue
+        floor = report.step_seconds_floor
+        entry.update(
+            measured_step_seconds=row["step_seconds"],
+            estimated_step_seconds_floor=floor,
+            measured_over_floor=(row["step_seconds"] / floor if floor else None),
+            measured_peak_bytes_in_use=row.get("peak_bytes_in_use"),
+            compiler_bytes_per_device=report.total_bytes if report.compiled else None,
+            compiler_error=report.error, weight_copies=len(report.weight_copies))
+        out.append(entry)
+        log(f"against the report, {run.label} batch {run.batch}, {run.max_new_tokens} "
+            f"tokens: step measured {1e3 * row['step_seconds']:.3f} ms, estimated floor "
+            + (f"{1e3 * floor:.3f} ms" if floor else "none (no published bandwidth)")
+            + f"; memory: compiler {report.total_bytes / 2**30:.2f} GiB per device, "
+            f"measured peak " + (f"{row['peak_bytes_in_use'] / 2**30:.2f} GiB"
+                                 if row.get("peak_bytes_in_use") else "not reported"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,10 @@ row that would overrun is recorded as {"skipped": "time budget"} instead of run)
                 R1-Distill-Qwen-1.5B preset (random bfloat16 weights), batch 1 and 64, full
                 vs gkv budget 2048, 4,096 and 16,384 new tokens, the roofline fraction, and
                 `transformers` on the same device when torch sees it (see that module).
+                Then two of its rows beside `gkv_jax.targets.compile_for("attached", ...)`'s
+                report of the same program ("against_reports"): measured step time against
+                the ESTIMATED step floor (step bytes / published bandwidth), the device's
+                peak bytes in use against the compiler's bytes per device.
   engine        `engine_bench.measure`: the slot engine against static `generate` batches at
                 the whole R1-Distill-Qwen-1.5B preset (random bfloat16 weights), 16 slots,
                 48 requests whose max_new_tokens follow the R1 trace-length lognormal
@@ -37,8 +41,8 @@ row that would overrun is recorded as {"skipped": "time budget"} instead of run)
 `--dry-run` (automatic without an accelerator) runs the same code at tiny sizes on the CPU
 (seconds, without the tests stage: `tests/test_device_check.py`); its numbers only show that
 the code works. The summary keeps the keys of earlier versions (`tests`, `eviction_benchmark`,
-`decode_benchmark`, `ok`, ...) and adds `decode_setup`, `transformers`, `targets`, `stages`
-and `time_budget`.
+`decode_benchmark`, `ok`, ...) and adds `decode_setup`, `transformers`, `against_reports`,
+`targets`, `stages` and `time_budget`.
 
 Exit status of `run`: 0 when every stage succeeded (on a device: at least one accelerator
 test ran and none failed; no benchmark row failed; skipped rows and the transformers
@@ -426,10 +430,12 @@ def run(dry_run: bool, output: Path, installed: str | None,
     decode = run_stage(summary, "decode", clock,
                        lambda: decode_benchmark(mode, clock, transformers))
     if "error" in decode:
-        decode = {"setup": None, "rows": [decode], "transformers": {"skipped": "stage error"}}
+        decode = {"setup": None, "rows": [decode], "transformers": {"skipped": "stage error"},
+                  "against_reports": []}
     summary["decode_setup"] = decode["setup"]
     summary["decode_benchmark"] = decode["rows"]
     summary["transformers"] = decode["transformers"]
+    summary["against_reports"] = decode["against_reports"]
     engine = run_stage(summary, "engine", clock, lambda: engine_benchmark(mode, clock))
     summary["engine_benchmark"] = engine if isinstance(engine, list) else [engine]
     summary["targets"] = targets(summary)

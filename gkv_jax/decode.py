@@ -230,16 +230,31 @@ def prefill(config: ModelConfig, eviction: EvictionConfig, params: dict, tokens:
     B, T = tokens.shape
     W = query_window_size(eviction)
     no_eviction = jnp.zeros((B,), bool)
-    if not eviction.evicts or T <= eviction.budget:
-        cache = constrain_cache(init_cache(config, B, capacity, W, dtype))
-        if eviction.evicts:  # right-align the prompt within the first `budget` slots
-            cache = cache.replace(lengths=jnp.full((B,), eviction.budget - T, jnp.int32))
-        hidden, cache = forward_cached(config, params, tokens, positions, cache)
-        return lm_logits(config, params, hidden[:, -1:])[:, 0], cache, no_eviction
+    # The prompt attends over a prompt-sized cache (scores [B, N, T, T]), never over the
+    # whole capacity, whose other slots are still empty.
     cache = constrain_cache(init_cache(config, B, T, W, dtype))
     hidden, cache = forward_cached(config, params, tokens, positions, cache)
+    logits = lm_logits(config, params, hidden[:, -1:])[:, 0]
+    if not eviction.evicts or T <= eviction.budget:
+        # An evicting policy's prompt is right-aligned within the first `budget` slots.
+        first_slot = eviction.budget - T if eviction.evicts else 0
+        return logits, constrain_cache(place_slots(cache, capacity, first_slot)), no_eviction
     cache, evicted = evict(eviction, cache, jnp.ones((B,), bool), capacity)
-    return lm_logits(config, params, hidden[:, -1:])[:, 0], cache, evicted
+    return logits, cache, evicted
+
+
+def place_slots(cache: KVCache, capacity: int, first_slot: int) -> KVCache:
+    """`cache`'s S slots moved to slots [first_slot, first_slot + S) of a cache of
+    `capacity` slots whose other slots are empty; `lengths` advance by `first_slot`."""
+    def place(buffer, fill):
+        pad = [(0, 0)] * buffer.ndim
+        pad[3] = (first_slot, capacity - first_slot - buffer.shape[3])
+        return jnp.pad(buffer, pad, constant_values=fill)
+
+    return cache.replace(keys=place(cache.keys, 0), values=place(cache.values, 0),
+                         positions=place(cache.positions, EMPTY_POSITION),
+                         global_score=place(cache.global_score, jnp.nan),
+                         lengths=cache.lengths + first_slot)
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -453,13 +468,20 @@ def run_cycles(config: ModelConfig, eviction: EvictionConfig, params: dict,
                                                (jnp.int32(0), state, outputs))
     if remainder:
         def tail(carry):
-            state, outputs = carry
+            _, state, outputs = carry
             start = state.step
             state, tokens, log_probs, _ = decode_steps(config, params, state, sampling,
                                                        eos_ids, remainder, attention_block)
-            return state, _write_tokens(outputs, start, tokens, log_probs)
+            return jnp.bool_(True), state, _write_tokens(outputs, start, tokens, log_probs)
 
-        state, outputs = jax.lax.cond(jnp.all(state.done), lambda c: c, tail, (state, outputs))
+        def tail_due(carry):
+            ran, state, _ = carry
+            return ~ran & ~jnp.all(state.done)
+
+        # A loop of at most one trip, not a `cond`: a cond's branch that passes the state
+        # through unchanged copies the whole cache (measured in the compiled TPU program).
+        _, state, outputs = jax.lax.while_loop(tail_due, tail,
+                                               (jnp.bool_(False), state, outputs))
     return state, outputs
 
 

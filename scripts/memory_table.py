@@ -2,17 +2,26 @@
 `gkv_jax.sharding.memory.memory_plan` (shapes only: no device, no download):
 
     python scripts/memory_table.py [--batch 1 64] [--prompt-length 512] [--headroom 0.1]
+        [--compile [--results benchmarks/memory_table_tpu.json]]
 
 Each cell is the predicted GB (10^9 bytes) per device of the weights, the KV cache and the
 eviction temporaries, whether that fits the device with the headroom kept free, and the
 `data x model` mesh chosen for it: of the meshes whose `data` axis is at most the batch, the
 fitting one with the largest `data` (the least communication), else the smallest total.
+
+With `--compile` (needs libtpu: the `tpu` extra) every TPU cell's whole `generate` program
+is also compiled for that slice on the plan's mesh (`gkv_jax.targets.compile_for`), and the
+compiler's per-device total stands beside the plan's; the fit mark is then the compiler's.
+Compiled cells are kept in the `--results` JSON, so a rerun compiles only what is new.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import pathlib
+import sys
 
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.models.config import Llama3RopeScaling, ModelConfig
@@ -50,9 +59,12 @@ class Target:
     memory_gb: float
 
 
-# A TPU "v5p-8" slice counts TensorCores: it has 4 chips.
-TARGETS = (Target("TPU v5e-8", 8, 16), Target("TPU v5p-8", 4, 95), Target("1x H100", 1, 80),
-           Target("8x H100", 8, 80))
+# A TPU "v5p-8" slice counts TensorCores: it has 4 chips. Devices' memory as published (the
+# TPU figures of `gkv_jax.targets.CHIPS`: v5e 16 GiB, v5p 95 GiB, v6e 32 GB).
+TARGETS = (Target("TPU v5e-8", 8, 16 * 2**30 / 1e9), Target("TPU v5p-8", 4, 95 * 2**30 / 1e9),
+           Target("TPU v6e-8", 8, 32), Target("1x H100", 1, 80), Target("8x H100", 8, 80))
+COMPILE_TARGETS = {"TPU v5e-8": "v5e-8", "TPU v5p-8": "v5p-8", "TPU v6e-8": "v6e-8"}
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "memory_table_tpu.json"
 LENGTHS = (16384, 32768)  # generated tokens
 BUDGET = 2048
 
@@ -74,13 +86,47 @@ def best_plan(config: ModelConfig, target: Target, batch: int, eviction, new_tok
     return min(plans, key=lambda p: p.total)
 
 
-def cell(plan: MemoryPlan, target: Target, headroom: float) -> str:
-    mark = "✓" if plan.fits(target.memory_gb * GB, headroom) else "✗"
-    return f"{plan.total / GB:.1f} {mark} {plan.data}×{plan.model}"
+def cell(plan: MemoryPlan, target: Target, headroom: float, compiled: dict | None = None
+         ) -> str:
+    """"plan [compiler] fits mesh": the compiler's figure and verdict where it compiled."""
+    mesh = f"{plan.data}×{plan.model}"
+    if compiled is None:
+        mark = "✓" if plan.fits(target.memory_gb * GB, headroom) else "✗"
+        return f"{plan.total / GB:.1f} {mark} {mesh}"
+    if not compiled["compiled"]:
+        return f"{plan.total / GB:.1f} / refused ✗ {mesh}"
+    mark = "✓" if compiled["fits"] else "✗"
+    return f"{plan.total / GB:.1f} / {compiled['total_bytes'] / GB:.1f} {mark} {mesh}"
 
 
-def table(batch: int, prompt_length: int, headroom: float) -> str:
-    """One markdown table: a row per (model, target), a column per cache setting."""
+def compile_cell(config_name: str, target: Target, plan: MemoryPlan, batch: int, eviction,
+                 new_tokens: int, prompt_length: int, headroom: float, results: dict,
+                 results_path: pathlib.Path | None = None) -> dict:
+    """The compiler's verdict on one TPU cell (from `results` when already compiled)."""
+    from gkv_jax.targets import compile_for
+
+    cache = eviction.describe() if eviction else "full"
+    key = (f"{config_name}|{target.name}|batch {batch}|{cache}|{new_tokens}|prompt "
+           f"{prompt_length}|{plan.data}x{plan.model}")
+    if key not in results:
+        report = compile_for(COMPILE_TARGETS[target.name], MODELS[config_name], batch=batch,
+                             prompt_length=prompt_length, max_new_tokens=new_tokens,
+                             eviction=eviction, mesh_shape=(plan.data, plan.model),
+                             headroom=headroom, cost=False)
+        results[key] = {"compiled": report.compiled, "error": report.error,
+                        "total_bytes": report.total_bytes if report.compiled else None,
+                        "fits": report.fits, "plan_bytes": plan.total,
+                        "compile_seconds": round(report.compile_seconds, 1)}
+        print(f"compiled {key}: {results[key]}", flush=True, file=sys.stderr)
+        if results_path is not None:  # after each compile: an interrupted run keeps its cells
+            results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    return results[key]
+
+
+def table(batch: int, prompt_length: int, headroom: float, results: dict | None = None,
+          results_path: pathlib.Path | None = None) -> str:
+    """One markdown table: a row per (model, target), a column per cache setting; with
+    `results` (a dict of compiled cells, filled as it goes) the TPU cells are compiled."""
     gkv = EvictionConfig(policy="gkv", budget=BUDGET)
     columns = [(f"gkv {BUDGET} (any length)", gkv, LENGTHS[-1])]
     columns += [(f"full {n // 1024}k", None, n) for n in LENGTHS]
@@ -90,12 +136,22 @@ def table(batch: int, prompt_length: int, headroom: float) -> str:
              "|---|---|" + "---|" * len(columns)]
     for model_name, config in MODELS.items():
         for target in TARGETS:
-            cells = [cell(best_plan(config, target, batch, eviction, n, prompt_length,
-                                    headroom), target, headroom)
-                     for _, eviction, n in columns]
+            cells = []
+            for _, eviction, n in columns:
+                plan = best_plan(config, target, batch, eviction, n, prompt_length, headroom)
+                compiled = (compile_cell(model_name, target, plan, batch, eviction, n,
+                                         prompt_length, headroom, results, results_path)
+                            if results is not None and target.name in COMPILE_TARGETS
+                            else None)
+                cells.append(cell(plan, target, headroom, compiled))
             lines.append(f"| {model_name} | {target.name} ({target.chips}× "
-                         f"{target.memory_gb:g} GB) | " + " | ".join(cells) + " |")
+                         f"{_memory(target)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _memory(target: Target) -> str:
+    gib = target.memory_gb * GB / 2**30
+    return f"{gib:.0f} GiB" if abs(gib - round(gib)) < 1e-9 else f"{target.memory_gb:g} GB"
 
 
 def main(argv=None) -> None:
@@ -103,10 +159,18 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--headroom", type=float, default=0.1)
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile every TPU cell (needs libtpu)")
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS,
+                        help="JSON of compiled cells, read and extended")
     args = parser.parse_args(argv)
+    results = None
+    if args.compile:
+        results = json.loads(args.results.read_text()) if args.results.exists() else {}
     print(f"bfloat16 weights and cache, prompt {args.prompt_length} tokens; gkv: budget "
           f"{BUDGET}, divide_length 128, window 16, XLA reference scoring.\n")
-    print("\n\n".join(table(b, args.prompt_length, args.headroom) for b in args.batch))
+    print("\n\n".join(table(b, args.prompt_length, args.headroom, results, args.results)
+                      for b in args.batch))
 
 
 if __name__ == "__main__":

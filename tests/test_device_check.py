@@ -233,6 +233,15 @@ def test_dry_run_in_process_writes_every_stage(tmp_path, monkeypatch):
         assert abs(row["roofline_fraction"] * row["step_seconds"] * row["roofline_gbps"] * 1e9
                    - moved) < 1e-6 * moved
 
+    # Each measured row beside the compiler's report of the same program on this device.
+    compared = summary["against_reports"]
+    assert [(r["batch"], r["policy"]) for r in compared] == [(2, "full"), (2, "gkv")]
+    for entry, row in zip(compared, reversed(rows), strict=True):
+        assert entry["measured_step_seconds"] == row["step_seconds"]
+        assert entry["compiler_bytes_per_device"] > row["cache_bytes"]  # weights and cache
+        assert entry["estimated_step_seconds_floor"] is None  # a CPU: no published bandwidth
+        assert entry["measured_peak_bytes_in_use"] is None  # a CPU reports no memory stats
+
     assert summary["engine_benchmark"] == [{"skipped": "stubbed (the slow script test)"}]
 
     targets = summary["targets"]

@@ -102,6 +102,46 @@ def test_a_small_program_compiles_for_a_v5e_chip():
     assert "fits with 10% headroom" in report.summary()
 
 
+@needs_libtpu
+def test_the_tpu_decode_cycle_reads_the_stacked_layer_weights_in_place():
+    from gkv_jax.targets import compile_for, programs
+    from gkv_jax.targets.compile import _mesh
+    from gkv_jax.targets.chips import get_target
+
+    # Weights of 2-8 MiB per layer: large enough that a copy would be one.
+    config = dataclasses.replace(TINY, hidden_size=1024, intermediate_size=4096, num_heads=8,
+                                 head_dim=128)
+    weights = programs.layer_weight_slices(config, jnp.bfloat16, _mesh(get_target("v5e-1"),
+                                                                        (1, 1)))
+    assert ("bfloat16", (1024, 4096)) in weights and ("bfloat16", (4096, 1024)) in weights
+    report = compile_for("v5e-1", config, batch=4, prompt_length=20, max_new_tokens=100,
+                         eviction=GKV, program="decode_cycle", cost=False)
+    # The decode loop scans the stacked layer weights: each step reads every layer's slice
+    # where it lies (the slice is an operand fused into its product), never a copy.
+    assert report.compiled and report.weight_copies == (), report.weight_copies
+    assert "layer weights: read in place" in report.summary()
+
+
+@needs_libtpu
+def test_a_copied_weight_slice_is_found_in_the_tpu_hlo():
+    from gkv_jax.targets import get_target, materialized, topology_devices
+
+    device = topology_devices(get_target("v5e-1"))[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    weights = jax.ShapeDtypeStruct((3, 8192, 16384), jnp.bfloat16, sharding=sharding)
+    x = jax.ShapeDtypeStruct((8, 8192), jnp.bfloat16, sharding=sharding)
+    layer = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)
+    slice_shape = [("bfloat16", (8192, 16384))]  # 256 MiB: more than on-chip memory
+
+    def text(fn):
+        return jax.jit(fn).lower(weights, x, layer).compile().as_text()
+
+    in_place = text(lambda w, x, i: x @ w[i])
+    copied = text(lambda w, x, i: x @ jax.lax.optimization_barrier(w[i]))  # forces a buffer
+    assert materialized(in_place, slice_shape) == ()
+    assert len(materialized(copied, slice_shape)) == 1
+
+
 def test_compile_for_checks_its_arguments():
     from gkv_jax.targets import compile_for
 

@@ -10,6 +10,7 @@ and a roofline estimate of the decode step from the compiler's cost analysis.
 * `chips`: the targets and the published per-chip figures (`TARGETS`, `CHIPS`).
 * `programs`: the programs built from shapes on a mesh of compile-only devices.
 * `compile`: `compile_for` and `CompileReport`.
+* `hlo`: reading the compiled HLO (the Pallas kernels, the arrays written outside fusions).
 
 The platform programs are traced for is `gkv_jax.pallas_kernels.target_platform`: inside
 `compile_for` every choice the library makes by platform (kernels, weight layout, attention
@@ -22,11 +23,12 @@ from gkv_jax.targets.compile import (
     CompileReport,
     TargetUnavailable,
     compile_for,
-    pallas_kernels,
     topology_devices,
 )
+from gkv_jax.targets.hlo import materialized, pallas_kernels
 from gkv_jax.targets.programs import PROGRAMS
 
 __all__ = ["CHIPS", "DEFAULT_HEADROOM", "PROGRAMS", "TARGETS", "Chip", "CompileReport",
-           "Target", "TargetUnavailable", "compile_for", "get_target", "pallas_kernels",
+           "Target", "TargetUnavailable", "compile_for", "get_target", "materialized",
+           "pallas_kernels",
            "topology_devices"]

@@ -66,10 +66,16 @@ class Target:
     topology: str
     devices: int
     options: tuple[tuple[str, object], ...] = ()
+    chip_figures: Chip | None = None  # figures of a chip not in `CHIPS` (the attached one)
 
     @property
     def figures(self) -> Chip:
-        return CHIPS[self.chip]
+        return self.chip_figures if self.chip_figures is not None else CHIPS[self.chip]
+
+    @property
+    def attached(self) -> bool:
+        """The devices this process drives (`ATTACHED`), not a topology libtpu describes."""
+        return self.name == ATTACHED
 
 
 ONE_CHIP = (("chips_per_host_bounds", (1, 1, 1)),)
@@ -86,9 +92,45 @@ TARGETS = {t.name: t for t in (
 )}
 
 
+ATTACHED = "attached"
+
+# `jax.Device.device_kind` -> `CHIPS` key; the first listed fragment found wins.
+DEVICE_KINDS = (("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5p", "v5p"),
+                ("TPU v5", "v5p"), ("TPU v6", "v6e"), ("TPU v4", "v4"), ("TPU7x", "tpu7x"),
+                ("H200", "h200"), ("H100", "h100"))
+
+
+def chip_of(device_kind: str) -> str | None:
+    """The `CHIPS` key of a device kind ("TPU v5 lite" -> "v5e", "NVIDIA H100 80GB HBM3"
+    -> "h100"), or None for a chip without published figures here (a CPU)."""
+    return next((chip for fragment, chip in DEVICE_KINDS if fragment in device_kind), None)
+
+
+def attached_target() -> Target:
+    """The devices this process drives, as a target: `compile_for("attached", ...)`
+    compiles for them with their own compiler (what the device check compares its
+    measurements with). Figures come from `CHIPS` when the device kind is known; otherwise
+    the device's reported memory limit (if any) and no bandwidth (no roofline estimate)."""
+    import jax
+
+    devices = jax.devices()
+    kind = devices[0].device_kind
+    chip = chip_of(kind)
+    figures = None
+    if chip is None:
+        stats = devices[0].memory_stats() or {}
+        figures = Chip(kind=kind, hbm_bytes=int(stats.get("bytes_limit", 0)), hbm_gbps=0.0,
+                       bf16_tflops=0.0)
+    return Target(ATTACHED, chip or kind, "", len(devices), chip_figures=figures)
+
+
 def get_target(name: str) -> Target:
-    """The `Target` called `name`; ValueError listing the known ones otherwise."""
+    """The `Target` called `name` ("attached": `attached_target()`); ValueError listing the
+    known ones otherwise."""
+    if name == ATTACHED:
+        return attached_target()
     try:
         return TARGETS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {name!r}") from None
+        raise ValueError(f"target must be one of {', '.join(TARGETS)} or {ATTACHED!r}, "
+                         f"got {name!r}") from None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from gkv_jax.pallas_kernels import target_platform
 from gkv_jax.sharding.mesh import AXES
 from gkv_jax.targets import programs
 from gkv_jax.targets.chips import Target, get_target
+from gkv_jax.targets.hlo import materialized, pallas_kernels
 from gkv_jax.token_ids import is_int
 
 DEFAULT_HEADROOM = 0.1  # share of HBM left free for what the program does not count
@@ -45,6 +45,9 @@ class CompileReport:
         program's memory analysis (aliased bytes are counted once).
       hbm_bytes: the device's HBM (published figure); headroom: the share kept free.
       kernels: the Pallas (Mosaic) kernels in the program, by name.
+      weight_copies: the instructions that write one layer's weight (a slice of a stacked
+        weight, on a device) to memory outside a fusion; empty when every layer's weights
+        are read in place, where the stacked weights lie (`targets.hlo.materialized`).
       compile_seconds: the compiler's time on this host.
       cycle_bytes, cycle_flops: one decode cycle (divide_length steps and one compression)
         from the compiler's cost analysis: a step with its layers unrolled times
@@ -77,6 +80,7 @@ class CompileReport:
     hbm_bytes: int = 0
     headroom: float = DEFAULT_HEADROOM
     kernels: tuple[str, ...] = ()
+    weight_copies: tuple[str, ...] = ()
     compile_seconds: float = 0.0
     cycle_bytes: float | None = None
     cycle_flops: float | None = None
@@ -104,14 +108,19 @@ class CompileReport:
                 f"{self.max_new_tokens} new tokens, {self.eviction}, {self.dtype}")
         if not self.compiled:
             return f"{head}\n  did not compile: {self.error}"
+        capacity = (f"of {self.hbm_bytes / gib:.2f} GiB HBM ("
+                    f"{'fits' if self.fits else 'does NOT fit'} with {self.headroom:.0%} "
+                    f"headroom)" if self.hbm_bytes else "(the device's memory is unknown)")
         lines = [head,
-                 f"  per device: {self.total_bytes / gib:.2f} GiB of {self.hbm_bytes / gib:.2f}"
-                 f" GiB HBM ({'fits' if self.fits else 'does NOT fit'} with "
-                 f"{self.headroom:.0%} headroom): arguments {self.argument_bytes / gib:.2f}, "
+                 f"  per device: {self.total_bytes / gib:.2f} GiB {capacity}: arguments "
+                 f"{self.argument_bytes / gib:.2f}, "
                  f"outputs {self.output_bytes / gib:.2f}, temporaries "
                  f"{self.temp_bytes / gib:.2f}, code {self.code_bytes / gib:.3f} GiB",
                  f"  Pallas kernels: {', '.join(self.kernels) or 'none'}; compiled in "
-                 f"{self.compile_seconds:.1f} s"]
+                 f"{self.compile_seconds:.1f} s",
+                 "  layer weights: " + ("read in place" if not self.weight_copies else
+                                        f"COPIED by {len(self.weight_copies)} instructions "
+                                        f"({', '.join(self.weight_copies[:3])}...)")]
         if self.step_seconds_floor:
             lines.append(f"  ESTIMATE (a step's {self.step_bytes / gib:.2f} GiB of weights and "
                          f"cache / HBM bandwidth): decode step >= "
@@ -137,7 +146,9 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
 
     Args:
       target: "v4-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v6e-1", "v6e-4", "v6e-8" or
-        "tpu7x-8".
+        "tpu7x-8" (compiled by libtpu on this host); or "attached": the devices this
+        process drives, with their own compiler (a GPU, a TPU VM's chips, the CPU), whose
+        report a measurement on them can be compared with (`chips.attached_target`).
       model_config: the architecture (`gkv_jax.models.preset(...)` or a loaded model's).
       batch, prompt_length, max_new_tokens: the call's shapes (prompts are padded to
         their bucket, as `generate` pads them).
@@ -181,25 +192,21 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
     report.temp_bytes = int(memory.temp_size_in_bytes)
     report.code_bytes = int(memory.generated_code_size_in_bytes)
     report.alias_bytes = int(memory.alias_size_in_bytes)
-    report.kernels = pallas_kernels(compiled.as_text())
+    text = compiled.as_text()
+    report.kernels = pallas_kernels(text)
+    report.weight_copies = materialized(text, programs.layer_weight_slices(model_config,
+                                                                           dtype, mesh))
     if cost:
         _add_cycle_cost(report, model_config, eviction, batch, prompt_length, max_new_tokens,
                         dtype, mesh, figures.device_gbps, figures.devices_per_chip)
     return report
 
 
-def pallas_kernels(hlo_text: str) -> tuple[str, ...]:
-    """The Mosaic kernels of a compiled TPU program: its `tpu_custom_call`s, by name."""
-    names = re.findall(r"%([\w-]+?)(?:\.\d+)? = [^\n]*custom_call_target=\"tpu_custom_call\"",
-                       hlo_text)
-    return tuple(sorted(set(names)))
-
-
 def _compile(program, config, eviction, batch, prompt_length, max_new_tokens, dtype, mesh):
     """(compiled or None, seconds, the compiler's message or None)."""
     start = time.perf_counter()
     try:
-        with jax.set_mesh(mesh), target_platform("tpu"):
+        with jax.set_mesh(mesh), target_platform(platform_of(mesh)):
             fn, args = programs.build(program, config, eviction, batch, prompt_length,
                                       max_new_tokens, dtype, mesh)
             # A fresh function: jit caches traces by function, not by the target platform.
@@ -207,6 +214,11 @@ def _compile(program, config, eviction, batch, prompt_length, max_new_tokens, dt
     except Exception as error:  # the compiler's refusal is the report's answer
         return None, time.perf_counter() - start, _first_lines(str(error))
     return compiled, time.perf_counter() - start, None
+
+
+def platform_of(mesh: Mesh) -> str:
+    """The platform a mesh's devices compile for: "tpu" for a described TPU topology."""
+    return mesh.devices.flat[0].platform
 
 
 def _add_cycle_cost(report, config, eviction, batch, prompt_length, max_new_tokens, dtype,
@@ -226,7 +238,7 @@ def _add_cycle_cost(report, config, eviction, batch, prompt_length, max_new_toke
             report.cycle_bytes += float(evict_cost.get("bytes accessed", 0.0)) * config.num_layers
             report.cycle_flops += float(evict_cost.get("flops", 0.0)) * config.num_layers
     report.step_bytes = int(step.memory_analysis().argument_size_in_bytes)
-    if report.step_bytes > 0:
+    if report.step_bytes > 0 and device_gbps > 0:  # no published bandwidth: no estimate
         report.step_seconds_floor = report.step_bytes / (device_gbps * 1e9)
         rows_per_device = batch / mesh.shape["data"]
         report.tokens_per_second_ceiling = (rows_per_device / report.step_seconds_floor
@@ -235,6 +247,8 @@ def _add_cycle_cost(report, config, eviction, batch, prompt_length, max_new_toke
 
 def topology_devices(target: Target) -> list:
     """The compile-only devices of `target` (libtpu describes the topology on this host)."""
+    if target.attached:
+        return jax.devices()
     try:
         from jax.experimental import topologies
     except ImportError as error:  # pragma: no cover - part of jax

@@ -16,6 +16,7 @@ alone: `ShapeDtypeStruct`s placed on a mesh of compile-only devices by the rule 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,18 @@ def abstract_params(config: ModelConfig, dtype, mesh) -> dict:
     return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                           sharding=NamedSharding(mesh, p)),
                         shapes, specs)
+
+
+def layer_weight_slices(config: ModelConfig, dtype, mesh, min_bytes: int = 2**20
+                        ) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype name, shape) of one layer's slice of every stacked weight on one device of
+    `mesh` holding at least `min_bytes` (norms and biases are too small for a copy to
+    matter): what a copy of a layer's weights would hold."""
+    layers = abstract_params(config, dtype, mesh)["layers"]
+    slices = {(x.dtype.name, tuple(x.sharding.shard_shape(x.shape))[1:])
+              for x in layers.values()}
+    return sorted((kind, shape) for kind, shape in slices
+                  if math.prod(shape) * jnp.dtype(kind).itemsize >= min_bytes)
 
 
 def _placed(tree, mesh, spec_of):
@@ -189,4 +202,4 @@ def _training_program(program, config, eviction, batch, width, max_new_tokens, p
                                                   b)), (params, opt_state, params, batch_)
 
 
-__all__ = ["PARTS", "PROGRAMS", "abstract_params", "build"]
+__all__ = ["PARTS", "PROGRAMS", "abstract_params", "build", "layer_weight_slices"]
