@@ -105,8 +105,8 @@ def test_a_small_program_compiles_for_a_v5e_chip():
 @needs_libtpu
 def test_the_tpu_decode_cycle_reads_the_stacked_layer_weights_in_place():
     from gkv_jax.targets import compile_for, programs
-    from gkv_jax.targets.compile import _mesh
     from gkv_jax.targets.chips import get_target
+    from gkv_jax.targets.compile import _mesh
 
     # Weights of 2-8 MiB per layer: large enough that a copy would be one.
     config = dataclasses.replace(TINY, hidden_size=1024, intermediate_size=4096, num_heads=8,
