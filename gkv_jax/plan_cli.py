@@ -61,7 +61,7 @@ def planned_batch(config, mesh, eviction, max_new_tokens, prompt_length, dtype,
 
     def fits(batch):
         return memory_plan(config, mesh, batch, eviction, max_new_tokens, dtype,
-                           prompt_length).fits(device_bytes, headroom)
+                           prompt_length, platform="tpu").fits(device_bytes, headroom)
 
     if not fits(data):
         return 0
@@ -121,7 +121,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     best = max(fitting, key=lambda r: r.batch) if fitting else reports[-1]
     for report in reports:
         plan = memory_plan(config, report.mesh_shape, report.batch, eviction,
-                           args.max_new_tokens, args.dtype, args.prompt_length)
+                           args.max_new_tokens, args.dtype, args.prompt_length, platform="tpu")
         marker = "best: " if report is best else ""
         print(f"{marker}{report.summary()}")
         if report.compiled:

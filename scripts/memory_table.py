@@ -78,8 +78,9 @@ def meshes(chips: int, batch: int) -> list[tuple[int, int]]:
 def best_plan(config: ModelConfig, target: Target, batch: int, eviction, new_tokens: int,
               prompt_length: int, headroom: float) -> MemoryPlan:
     """The fitting plan with the largest `data` axis, else the smallest one."""
-    plans = [memory_plan(config, mesh, batch, eviction, new_tokens, "bfloat16", prompt_length)
-             for mesh in meshes(target.chips, batch)]
+    platform = "tpu" if target.name in COMPILE_TARGETS else "gpu"
+    plans = [memory_plan(config, mesh, batch, eviction, new_tokens, "bfloat16", prompt_length,
+                         platform=platform) for mesh in meshes(target.chips, batch)]
     fitting = [p for p in plans if p.fits(target.memory_gb * GB, headroom)]
     if fitting:
         return max(fitting, key=lambda p: p.data)

@@ -212,3 +212,33 @@ def test_bad_input_names_the_parameter(kwargs, error, match):
                 max_new_tokens=8)
     with pytest.raises(error, match=match):
         memory_plan(**{**args, **kwargs})
+
+
+def test_the_tpu_plan_counts_what_xla_tpu_holds_twice():
+    """`platform="tpu"` adds `tpu_layout_copy_bytes`, by hand at R1-Distill-Qwen-1.5B widths
+    (MLP 8,960, vocabulary 151,936, 12 query and 2 KV heads; the compiler check of these
+    cells is tests/test_targets.py, slow)."""
+    from gkv_jax.models import preset
+
+    config = preset("deepseek-r1-distill-qwen-1.5b")
+    L, D, F, V = 28, 1536, 8960, 151936
+    gkv = EvictionConfig(policy="gkv", budget=2048)
+
+    def copies(mesh, batch, eviction):
+        tpu = memory_plan(config, mesh, batch, eviction, 4096, prompt_length=512,
+                          platform="tpu")
+        plain = memory_plan(config, mesh, batch, eviction, 4096, prompt_length=512)
+        assert plain.layout_copies == 0 and plain.platform is None
+        assert tpu.total == plain.total + tpu.layout_copies
+        return tpu.layout_copies
+
+    keys_and_values = 2 * L * 8 * 2 * gkv.capacity * 128 * 2  # 8 rows per device, bf16
+    assert copies((8, 1), 64, gkv) == keys_and_values
+    assert copies((8, 1), 64, None) == 0  # nothing split, no eviction
+    # Over 4 devices: gate and up [L, D, F/4] and the LM head [D, V/4] have unaligned last
+    # axes (2,240 and 37,984 are not multiples of 128); the 12 query heads split evenly.
+    assert copies((1, 4), 1, None) == 2 * (2 * L * D * F // 4 + D * V // 4)
+    # Over 8: the same at F/8, V/8, and the query projection (8 does not divide 12 heads).
+    assert copies((1, 8), 1, None) == 2 * (2 * L * D * F // 8 + D * V // 8 + L * D * 12 * 128)
+    with pytest.raises(ValueError, match="platform must be None, 'tpu', 'gpu' or 'cpu'"):
+        memory_plan(config, (1, 1), 1, None, 8, platform="TPU")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gkv_jax.eviction.config import EvictionConfig
 
 __all__ = ["MemoryPlan", "abstract_mesh", "cache_shapes", "eviction_temporary_bytes",
-           "memory_plan", "shard_shape"]
+           "memory_plan", "shard_shape", "tpu_layout_copy_bytes"]
 
 _INT32 = _FLOAT32 = 4  # bytes: positions, lengths, indices; global score, scores
 
@@ -48,7 +48,9 @@ class MemoryPlan:
         prompt fits the budget (or for "full", whose cache is built at full size at once).
       eviction_temporaries: the estimated scoring and compaction temporaries of one layer's
         compression (`eviction_temporary_bytes`); 0 for "full".
-      total: weights + cache + prefill_cache + eviction_temporaries.
+      layout_copies: for `platform="tpu"`, what XLA:TPU holds twice (found by compiling the
+        programs for TPUs, `gkv_jax.targets`; `tpu_layout_copy_bytes`); 0 otherwise.
+      total: weights + cache + prefill_cache + eviction_temporaries + layout_copies.
       data, model: the mesh's axis sizes.
       padded_batch: the batch rounded up to a multiple of `data` (generate pads with copies).
       batch_per_device: padded_batch / data.
@@ -58,6 +60,7 @@ class MemoryPlan:
       capacity: C, the cache slots per (layer, sequence, KV head).
       window: W, the query-window rows per (layer, sequence, query head).
       dtype: the weights' and cached keys' / values' dtype name.
+      platform: what the plan was made for (None: no platform's own copies counted).
     """
 
     weights: int
@@ -74,6 +77,8 @@ class MemoryPlan:
     capacity: int
     window: int
     dtype: str
+    layout_copies: int = 0
+    platform: str | None = None
 
     def usable_bytes(self, device_bytes: int | float, headroom: float = 0.1) -> float:
         """The bytes of a device with `device_bytes` of memory left for this plan once a
@@ -222,9 +227,46 @@ def eviction_temporary_bytes(eviction: EvictionConfig | None, batch: int, query_
     return total
 
 
+LANES = 128  # a TPU tile's minor dimension
+
+
+def tpu_layout_copy_bytes(config: ModelConfig, mesh, itemsize: int, evicts: bool,
+                          keys_and_values: int) -> int:
+    """What XLA:TPU holds twice while `generate` runs on one device, as compiling the
+    programs for TPU slices shows (`scripts/memory_table.py --compile`):
+
+      * for an evicting policy, the cache's keys and values (`keys_and_values` bytes) once
+        more: the compression reads them in another tiling than the decode step's
+        attention, and XLA keeps both;
+      * the weights the decode loop copies once per call (each a whole stacked weight):
+        every weight split over `model` whose per-device last axis is not a multiple of
+        128 lanes (e.g. an MLP of 8,960 over 8 devices: 1,120), and the query projection
+        when `model` does not divide the query heads.
+    """
+    model = axis_size(mesh, MODEL)
+    total = keys_and_values if evicts else 0
+    if model == 1:
+        return total
+    shapes = param_shapes(config)
+    specs = param_specs(config, shapes, mesh)
+    weights = [(name, shape, specs[name]) for name, shape in shapes.items()
+               if not isinstance(shape, dict)]
+    weights += [(name, shape, specs["layers"][name])
+                for name, shape in shapes["layers"].items()]
+    for name, shape, spec in weights:
+        split = any(entry is not None for entry in spec)
+        shard = shard_shape(shape, spec, mesh)
+        unaligned = split and shard[-1] % LANES != 0
+        replicated_query = name == "q_proj" and config.num_heads % model != 0
+        if unaligned or replicated_query:
+            total += math.prod(shard) * itemsize
+    return total
+
+
 def memory_plan(config: ModelConfig, mesh_shape, batch: int,
                 eviction: EvictionConfig | None, max_new_tokens: int,
-                dtype="bfloat16", prompt_length: int = 0) -> MemoryPlan:
+                dtype="bfloat16", prompt_length: int = 0, platform: str | None = None
+                ) -> MemoryPlan:
     """The bytes each device holds to `generate` `batch` sequences on a mesh.
 
     Capacity follows `gkv_jax.decode.cache_capacity` (re-derived here: `gkv_jax.decode`
@@ -246,6 +288,8 @@ def memory_plan(config: ModelConfig, mesh_shape, batch: int,
       prompt_length: the padded prompt length T (generate rounds the longest prompt up to
         a bucket, by default a power of two >= 16); it sizes the "full" cache and, when it
         exceeds an evicting policy's budget, the prompt-sized cache of the prefill.
+      platform: "tpu" also counts what XLA:TPU holds twice (`tpu_layout_copy_bytes`);
+        None, "gpu" or "cpu" count the arrays alone.
 
     Returns:
       A `MemoryPlan` (bytes per device).
@@ -277,6 +321,8 @@ def memory_plan(config: ModelConfig, mesh_shape, batch: int,
             f"{longest + max_new_tokens} exceeds the model's context "
             f"(max_position_embeddings={config.max_position_embeddings}); generate refuses "
             f"such a call")
+    if platform not in (None, "tpu", "gpu", "cpu"):
+        raise ValueError(f"platform must be None, 'tpu', 'gpu' or 'cpu', got {platform!r}")
     dtype = resolve_dtype(dtype)  # ValueError naming dtype and the allowed names
     itemsize = dtype.itemsize
 
@@ -301,10 +347,17 @@ def memory_plan(config: ModelConfig, mesh_shape, batch: int,
     temporaries = eviction_temporary_bytes(eviction if evicts else None, padded // data,
                                            query_heads, kv_heads, slots, config.head_dim,
                                            itemsize)
+    copies = 0
+    if platform == "tpu":
+        keys = cache_shapes(config, padded, capacity, window, itemsize)["keys"][0]
+        keys_spec = cache_specs(config.num_heads, config.num_kv_heads, {"keys": keys},
+                                mesh)["keys"]
+        keys_and_values = 2 * _shard_bytes(keys, keys_spec, mesh, itemsize)
+        copies = tpu_layout_copy_bytes(config, mesh, itemsize, evicts, keys_and_values)
     return MemoryPlan(
         weights=weights, cache=cache, prefill_cache=prefill_cache,
-        eviction_temporaries=temporaries,
-        total=weights + cache + prefill_cache + temporaries,
+        eviction_temporaries=temporaries, layout_copies=copies, platform=platform,
+        total=weights + cache + prefill_cache + temporaries + copies,
         data=data, model=model, padded_batch=padded, batch_per_device=padded // data,
         kv_heads_split=split, kv_heads_per_device=kv_heads, capacity=capacity,
         window=window, dtype=dtype.name)
