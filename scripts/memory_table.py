@@ -2,7 +2,7 @@
 `gkv_jax.sharding.memory.memory_plan` (shapes only: no device, no download):
 
     python scripts/memory_table.py [--batch 1 64] [--prompt-length 512] [--headroom 0.1]
-        [--compile [--results benchmarks/memory_table_tpu.json]]
+        [--compile [--roofline] [--results benchmarks/memory_table_tpu.json]]
 
 Each cell is the predicted GB (10^9 bytes) per device of the weights, the KV cache and the
 eviction temporaries, whether that fits the device with the headroom kept free, and the
@@ -13,6 +13,9 @@ With `--compile` (needs libtpu: the `tpu` extra) every TPU cell's whole `generat
 is also compiled for that slice on the plan's mesh (`gkv_jax.targets.compile_for`), and the
 compiler's per-device total stands beside the plan's; the fit mark is then the compiler's.
 Compiled cells are kept in the `--results` JSON, so a rerun compiles only what is new.
+`--roofline` adds, for the gkv cells the compiler fitted, the decode step's bytes per device
+(compiled alone) over the chip's published bandwidth: ESTIMATES of the step-time floor and of
+the slice's tokens/s ceiling, not measurements.
 """
 
 from __future__ import annotations
@@ -103,12 +106,16 @@ def cell(plan: MemoryPlan, target: Target, headroom: float, compiled: dict | Non
 def compile_cell(config_name: str, target: Target, plan: MemoryPlan, batch: int, eviction,
                  new_tokens: int, prompt_length: int, headroom: float, results: dict,
                  results_path: pathlib.Path | None = None) -> dict:
-    """The compiler's verdict on one TPU cell (from `results` when already compiled)."""
+    """The compiler's verdict on one TPU cell (from `results` when already compiled; a
+    `results` holding `"offline": True` never compiles: a missing cell is a KeyError)."""
     from gkv_jax.targets import compile_for
 
     cache = eviction.describe() if eviction else "full"
     key = (f"{config_name}|{target.name}|batch {batch}|{cache}|{new_tokens}|prompt "
            f"{prompt_length}|{plan.data}x{plan.model}")
+    if key not in results and results.get("offline"):
+        raise KeyError(f"{key} was never compiled: run python scripts/memory_table.py "
+                       f"--compile --roofline")
     if key not in results:
         report = compile_for(COMPILE_TARGETS[target.name], MODELS[config_name], batch=batch,
                              prompt_length=prompt_length, max_new_tokens=new_tokens,
@@ -116,7 +123,7 @@ def compile_cell(config_name: str, target: Target, plan: MemoryPlan, batch: int,
                              headroom=headroom, cost=False)
         results[key] = {"compiled": report.compiled, "error": report.error,
                         "total_bytes": report.total_bytes if report.compiled else None,
-                        "fits": report.fits, "plan_bytes": plan.total,
+                        "fits": report.fits,
                         "compile_seconds": round(report.compile_seconds, 1)}
         print(f"compiled {key}: {results[key]}", flush=True, file=sys.stderr)
         if results_path is not None:  # after each compile: an interrupted run keeps its cells
@@ -124,21 +131,27 @@ def compile_cell(config_name: str, target: Target, plan: MemoryPlan, batch: int,
     return results[key]
 
 
+def columns() -> list[tuple[str, EvictionConfig | None, int]]:
+    """(heading, eviction, new tokens) of each column."""
+    gkv = EvictionConfig(policy="gkv", budget=BUDGET)
+    return ([(f"gkv {BUDGET} (any length)", gkv, LENGTHS[-1])]
+            + [(f"full {n // 1024}k", None, n) for n in LENGTHS])
+
+
 def table(batch: int, prompt_length: int, headroom: float, results: dict | None = None,
           results_path: pathlib.Path | None = None) -> str:
     """One markdown table: a row per (model, target), a column per cache setting; with
     `results` (a dict of compiled cells, filled as it goes) the TPU cells are compiled."""
-    gkv = EvictionConfig(policy="gkv", budget=BUDGET)
-    columns = [(f"gkv {BUDGET} (any length)", gkv, LENGTHS[-1])]
-    columns += [(f"full {n // 1024}k", None, n) for n in LENGTHS]
+    headings = [name for name, _, _ in columns()]
     lines = [f"**batch {batch}** (GB per device, fits with {headroom:.0%} headroom, "
-             "mesh data×model)", "",
-             "| model | target | " + " | ".join(name for name, _, _ in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+             "mesh data×model" + ("; TPU cells: plan / compiler" if results is not None
+                                  else "") + ")", "",
+             "| model | target | " + " | ".join(headings) + " |",
+             "|---|---|" + "---|" * len(headings)]
     for model_name, config in MODELS.items():
         for target in TARGETS:
             cells = []
-            for _, eviction, n in columns:
+            for _, eviction, n in columns():
                 plan = best_plan(config, target, batch, eviction, n, prompt_length, headroom)
                 compiled = (compile_cell(model_name, target, plan, batch, eviction, n,
                                          prompt_length, headroom, results, results_path)
@@ -150,9 +163,81 @@ def table(batch: int, prompt_length: int, headroom: float, results: dict | None 
     return "\n".join(lines)
 
 
+def step_cell(config_name: str, target: Target, plan: MemoryPlan, batch: int, eviction,
+              prompt_length: int, results: dict, results_path: pathlib.Path | None) -> dict:
+    """The compiled decode step's bytes per device (its weights and cache: what a step
+    must read at least once), from `results` when already compiled."""
+    from gkv_jax.targets import compile_for
+
+    key = (f"step|{config_name}|{target.name}|batch {batch}|{eviction.describe()}|prompt "
+           f"{prompt_length}|{plan.data}x{plan.model}")
+    if key not in results and results.get("offline"):
+        raise KeyError(f"{key} was never compiled: run python scripts/memory_table.py "
+                       f"--compile --roofline")
+    if key not in results:
+        report = compile_for(COMPILE_TARGETS[target.name], MODELS[config_name], batch=batch,
+                             prompt_length=prompt_length, max_new_tokens=LENGTHS[-1],
+                             eviction=eviction, mesh_shape=(plan.data, plan.model),
+                             program="decode_step", cost=False)
+        results[key] = {"compiled": report.compiled, "error": report.error,
+                        "step_bytes": report.argument_bytes if report.compiled else None}
+        print(f"compiled {key}: {results[key]}", flush=True, file=sys.stderr)
+        if results_path is not None:
+            results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    return results[key]
+
+
+def roofline_table(batch: int, prompt_length: int, headroom: float, results: dict,
+                   results_path: pathlib.Path | None = None) -> str:
+    """ESTIMATES for the gkv cells the compiler fitted: the decode step's compiled bytes per
+    device over the chip's published HBM bandwidth, a floor on the step time and a
+    ceiling on the slice's tokens/s."""
+    from gkv_jax.targets import get_target
+
+    gkv = EvictionConfig(policy="gkv", budget=BUDGET)
+    lines = [f"**Roofline estimates, gkv {BUDGET}, batch {batch}** (ESTIMATES from the "
+             "compiler, not measurements: a decode step reads at least its weights and "
+             "cache once, so it takes at least their bytes over the HBM bandwidth)", "",
+             "| model | target | mesh | step bytes per device | step ≥ (ms) | "
+             "tokens/s ≤ (slice) |", "|---|---|---|---:|---:|---:|"]
+    for model_name, config in MODELS.items():
+        for target in TARGETS:
+            if target.name not in COMPILE_TARGETS:
+                continue
+            plan = best_plan(config, target, batch, gkv, LENGTHS[-1], prompt_length, headroom)
+            whole = compile_cell(model_name, target, plan, batch, gkv, LENGTHS[-1],
+                                 prompt_length, headroom, results, results_path)
+            if not whole["fits"]:
+                continue
+            step = step_cell(model_name, target, plan, batch, gkv, prompt_length, results,
+                             results_path)
+            if not step["compiled"]:
+                continue
+            gbps = get_target(COMPILE_TARGETS[target.name]).figures.device_gbps
+            floor = step["step_bytes"] / (gbps * 1e9)
+            lines.append(f"| {model_name} | {target.name} | {plan.data}×{plan.model} | "
+                         f"{step['step_bytes'] / GB:.2f} GB | {floor * 1e3:.2f} | "
+                         f"{batch / floor:,.0f} |")
+    return "\n".join(lines)
+
+
 def _memory(target: Target) -> str:
     gib = target.memory_gb * GB / 2**30
     return f"{gib:.0f} GiB" if abs(gib - round(gib)) < 1e-9 else f"{target.memory_gb:g} GB"
+
+
+def render(batches, prompt_length: int, headroom: float, results: dict | None = None,
+           results_path: pathlib.Path | None = None, roofline: bool = False) -> str:
+    """What the script prints: the header line, a table per batch, and the roofline
+    estimates (with `results` and `roofline`)."""
+    text = (f"bfloat16 weights and cache, prompt {prompt_length} tokens; gkv: budget "
+            f"{BUDGET}, divide_length 128, window 16, XLA reference scoring.\n\n")
+    text += "\n\n".join(table(b, prompt_length, headroom, results, results_path)
+                        for b in batches)
+    if results is not None and roofline:
+        text += "\n\n" + "\n\n".join(roofline_table(b, prompt_length, headroom, results,
+                                                      results_path) for b in batches)
+    return text
 
 
 def main(argv=None) -> None:
@@ -162,16 +247,16 @@ def main(argv=None) -> None:
     parser.add_argument("--headroom", type=float, default=0.1)
     parser.add_argument("--compile", action="store_true",
                         help="also compile every TPU cell (needs libtpu)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="with --compile: also the decode step's roofline estimates")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS,
                         help="JSON of compiled cells, read and extended")
     args = parser.parse_args(argv)
     results = None
     if args.compile:
         results = json.loads(args.results.read_text()) if args.results.exists() else {}
-    print(f"bfloat16 weights and cache, prompt {args.prompt_length} tokens; gkv: budget "
-          f"{BUDGET}, divide_length 128, window 16, XLA reference scoring.\n")
-    print("\n\n".join(table(b, args.prompt_length, args.headroom, results, args.results)
-                      for b in args.batch))
+    print(render(args.batch, args.prompt_length, args.headroom, results, args.results,
+                 args.roofline))
 
 
 if __name__ == "__main__":

@@ -242,3 +242,39 @@ def test_the_tpu_plan_counts_what_xla_tpu_holds_twice():
     assert copies((1, 8), 1, None) == 2 * (2 * L * D * F // 8 + D * V // 8 + L * D * 12 * 128)
     with pytest.raises(ValueError, match="platform must be None, 'tpu', 'gpu' or 'cpu'"):
         memory_plan(config, (1, 1), 1, None, 8, platform="TPU")
+
+
+def test_the_readme_table_is_the_plan_beside_the_recorded_compiler():
+    """The README's memory table is `python scripts/memory_table.py --compile --roofline`
+    over the recorded compiler results (benchmarks/memory_table_tpu.json, nothing compiled
+    here), and in every TPU cell the compiler accepted the plan is within 15% of it."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    import memory_table
+
+    results = json.loads(memory_table.RESULTS.read_text())
+    results["offline"] = True  # a cell the plan now picks but nobody compiled: KeyError
+    text = memory_table.render([1, 64], 512, 0.1, results, roofline=True)
+    assert text in (root / "README.md").read_text(), (
+        "the README's memory table is stale: run python scripts/memory_table.py --compile "
+        "--roofline")
+    checked = 0
+    for batch in (1, 64):
+        for name, config in memory_table.MODELS.items():
+            for target in memory_table.TARGETS:
+                if target.name not in memory_table.COMPILE_TARGETS:
+                    continue
+                for _, eviction, new_tokens in memory_table.columns():
+                    plan = memory_table.best_plan(config, target, batch, eviction, new_tokens,
+                                                  512, 0.1)
+                    compiled = memory_table.compile_cell(name, target, plan, batch, eviction,
+                                                         new_tokens, 512, 0.1, results)
+                    if compiled["compiled"]:
+                        checked += 1
+                        assert abs(plan.total / compiled["total_bytes"] - 1) <= 0.15, (
+                            name, target.name, batch, new_tokens)
+    assert checked >= 30

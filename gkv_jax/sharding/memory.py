@@ -230,21 +230,22 @@ def eviction_temporary_bytes(eviction: EvictionConfig | None, batch: int, query_
 LANES = 128  # a TPU tile's minor dimension
 
 
-def tpu_layout_copy_bytes(config: ModelConfig, mesh, itemsize: int, evicts: bool,
+def tpu_layout_copy_bytes(config: ModelConfig, mesh, itemsize: int, second_cache_layout: bool,
                           keys_and_values: int) -> int:
     """What XLA:TPU holds twice while `generate` runs on one device, as compiling the
     programs for TPU slices shows (`scripts/memory_table.py --compile`):
 
-      * for an evicting policy, the cache's keys and values (`keys_and_values` bytes) once
-        more: the compression reads them in another tiling than the decode step's
-        attention, and XLA keeps both;
+      * for an evicting policy with more than one KV head per device, the cache's keys and
+        values (`keys_and_values` bytes) once more: the compression reads them in another
+        tiling than the decode step's attention (which moves the KV-head axis), and XLA
+        keeps both (with one KV head per device the two coincide);
       * the weights the decode loop copies once per call (each a whole stacked weight):
         every weight split over `model` whose per-device last axis is not a multiple of
         128 lanes (e.g. an MLP of 8,960 over 8 devices: 1,120), and the query projection
         when `model` does not divide the query heads.
     """
     model = axis_size(mesh, MODEL)
-    total = keys_and_values if evicts else 0
+    total = keys_and_values if second_cache_layout else 0
     if model == 1:
         return total
     shapes = param_shapes(config)
@@ -353,7 +354,8 @@ def memory_plan(config: ModelConfig, mesh_shape, batch: int,
         keys_spec = cache_specs(config.num_heads, config.num_kv_heads, {"keys": keys},
                                 mesh)["keys"]
         keys_and_values = 2 * _shard_bytes(keys, keys_spec, mesh, itemsize)
-        copies = tpu_layout_copy_bytes(config, mesh, itemsize, evicts, keys_and_values)
+        copies = tpu_layout_copy_bytes(config, mesh, itemsize, evicts and kv_heads > 1,
+                                       keys_and_values)
     return MemoryPlan(
         weights=weights, cache=cache, prefill_cache=prefill_cache,
         eviction_temporaries=temporaries, layout_copies=copies, platform=platform,
