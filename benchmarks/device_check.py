@@ -430,12 +430,11 @@ def run(dry_run: bool, output: Path, installed: str | None,
     decode = run_stage(summary, "decode", clock,
                        lambda: decode_benchmark(mode, clock, transformers))
     if "error" in decode:
-        decode = {"setup": None, "rows": [decode], "transformers": {"skipped": "stage error"},
-                  "against_reports": []}
+        decode = {"setup": None, "rows": [decode], "transformers": {"skipped": "stage error"}}
     summary["decode_setup"] = decode["setup"]
     summary["decode_benchmark"] = decode["rows"]
     summary["transformers"] = decode["transformers"]
-    summary["against_reports"] = decode["against_reports"]
+    summary["against_reports"] = decode.get("against_reports", [])
     engine = run_stage(summary, "engine", clock, lambda: engine_benchmark(mode, clock))
     summary["engine_benchmark"] = engine if isinstance(engine, list) else [engine]
     summary["targets"] = targets(summary)
