@@ -505,8 +505,11 @@ def against_reports(pairs: list[tuple[generate_bench.Run, dict[str, Any]]],
     `generate` program: the compiler's memory per device against the device's peak bytes
     in use, and the report's ESTIMATED step floor (step bytes / published bandwidth)
     against the measured step."""
-    from gkv_jax.targets import compile_for
+    from gkv_jax.targets import compile_for, get_target
 
+    # The step floor needs the chip's published bandwidth; without it (a CPU) the cost
+    # analysis' extra compiles would estimate nothing.
+    cost = get_target("attached").figures.hbm_gbps > 0
     out = []
     for run, row in report_rows(pairs):
         entry = describe_run(run)
@@ -519,7 +522,7 @@ def against_reports(pairs: list[tuple[generate_bench.Run, dict[str, Any]]],
             report = compile_for("attached", config, batch=run.batch,
                                  prompt_length=sizes.prompt_length,
                                  max_new_tokens=run.max_new_tokens, eviction=run.eviction,
-                                 dtype=sizes.dtype)
+                                 dtype=sizes.dtype, cost=cost)
         except Exception as error:  # recorded, as a benchmark row's failure is
             out.append({**entry, "error": describe_error(error)})
             continue

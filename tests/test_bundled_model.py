@@ -29,6 +29,9 @@ def test_bundled_checkpoint_is_small_and_complete():
     assert tokenizer.decode(ids, skip_special_tokens=True) == problem.prompt
 
 
+# Slow (the fast suite's cold time): the bundled model's generation is in the fast suite through
+# test_cli and the exact-mask tests.
+@pytest.mark.slow
 def test_full_cache_solves_held_out_problems_and_eviction_policies_differ(tmp_path):
     """Six held-out problems end to end (load -> evaluate -> grade): the full cache solves
     them, and at a quarter of the sequence (budget 136 of 544 tokens) the policies differ:

@@ -106,6 +106,8 @@ def test_smoke_passes_its_checks(capsys):
     assert "ok   gkv-roomy: budget 104 >= prompt + generated tokens" in printed
 
 
+# Slow (the fast suite's cold time): the smoke command's passing run stays fast.
+@pytest.mark.slow
 def test_smoke_exits_1_naming_a_mismatch(monkeypatch, capsys):
     real_generate = generation.generate
 

@@ -347,6 +347,9 @@ def test_eviction_config_takes_numpy_integers_as_python_ints():
     assert (streaming.sink, streaming.recent, streaming.window) == (2, 6, 6)
 
 
+# Slow (the fast suite's cold time): bfloat16 eviction is also covered by the kernel tests and the
+# sharded tests.
+@pytest.mark.slow
 def test_bfloat16_model_decodes_batches_with_eviction():
     _, model = tiny()
     bf16 = conversion.model_from_weights(

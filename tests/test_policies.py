@@ -157,6 +157,9 @@ def test_ops_resolve_once():
         Ops.resolve("xla", matmul_dtype="float16")
 
 
+# Slow (the fast suite's cold time): custom policies are registered and run in the fast registry
+# tests.
+@pytest.mark.slow
 def test_readme_walkthrough_adds_a_policy_in_a_file_of_ones_own(capsys):
     """The README's "Adding a policy" code, run as a user's file: no library edit."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -112,6 +112,8 @@ def test_ties_keep_the_lowest_slots():
         assert np.asarray(kept).tolist() == [[list(range(3, 19))] * 2], implementation
 
 
+# Slow (the fast suite's cold time): the bfloat16 matmul mode's parity is in the fast kernel tests.
+@pytest.mark.slow
 def test_bfloat16_matmul_mode_keeps_99_percent_of_the_float32_set():
     """On clustered keys, bf16 operands (f32 accumulation) keep >= 99% of each head's set."""
     B, K, G, W, S, H, budget = 1, 2, 7, 16, 400, 128, 300

@@ -37,6 +37,8 @@ COMMON = ["--policy", "gkv", "--budget", "40", "--window", "8", "--divide-length
           "--steps", "2", "--learning-rate", "1e-3", "--checkpoint-every", "1"]
 
 
+# Slow (the fast suite's cold time): the distill loop itself is fast in test_post_training.
+@pytest.mark.slow
 def test_distill_cli_writes_a_loadable_model_and_its_history(tiny_checkpoint, tmp_path,
                                                              capsys):
     out = tmp_path / "out"
