@@ -123,6 +123,8 @@ def test_slots_over_a_mesh_give_the_one_device_tokens():
                                       y.eviction_record.visible_until)
 
 
+# Slow (the fast suite's cold time): program counts stay fast in test_generate's bucket test.
+@pytest.mark.slow
 def test_requests_coming_and_going_never_recompile():
     _, model = tiny()
     eviction = EvictionConfig("gkv", **knobs("gkv"))

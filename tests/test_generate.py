@@ -213,6 +213,8 @@ def test_logprobs_are_those_of_the_model():
     np.testing.assert_allclose(out.logprobs[0], expected, atol=1e-4)
 
 
+# Slow (the fast suite's cold time): EOS mid-cycle is exact in test_engine.
+@pytest.mark.slow
 def test_eos_stops_a_sequence_and_freezes_its_cache():
     _, model = tiny()
     eviction = EvictionConfig(policy="gkv", budget=16, window=4, divide_length=6)
