@@ -106,25 +106,32 @@ def cell(plan: MemoryPlan, target: Target, headroom: float, compiled: dict | Non
 def compile_cell(config_name: str, target: Target, plan: MemoryPlan, batch: int, eviction,
                  new_tokens: int, prompt_length: int, headroom: float, results: dict,
                  results_path: pathlib.Path | None = None) -> dict:
-    """The compiler's verdict on one TPU cell (from `results` when already compiled; a
-    `results` holding `"offline": True` never compiles: a missing cell is a KeyError)."""
+    """The compiler's verdict on one TPU cell (`recorded` in `results`)."""
     from gkv_jax.targets import compile_for
 
     cache = eviction.describe() if eviction else "full"
     key = (f"{config_name}|{target.name}|batch {batch}|{cache}|{new_tokens}|prompt "
            f"{prompt_length}|{plan.data}x{plan.model}")
-    if key not in results and results.get("offline"):
-        raise KeyError(f"{key} was never compiled: run python scripts/memory_table.py "
-                       f"--compile --roofline")
-    if key not in results:
+    def compile_it():
         report = compile_for(COMPILE_TARGETS[target.name], MODELS[config_name], batch=batch,
                              prompt_length=prompt_length, max_new_tokens=new_tokens,
                              eviction=eviction, mesh_shape=(plan.data, plan.model),
                              headroom=headroom, cost=False)
-        results[key] = {"compiled": report.compiled, "error": report.error,
-                        "total_bytes": report.total_bytes if report.compiled else None,
-                        "fits": report.fits,
-                        "compile_seconds": round(report.compile_seconds, 1)}
+        return {"compiled": report.compiled, "error": report.error,
+                "total_bytes": report.total_bytes if report.compiled else None,
+                "fits": report.fits, "compile_seconds": round(report.compile_seconds, 1)}
+
+    return recorded(key, compile_it, results, results_path)
+
+
+def recorded(key: str, compile_it, results: dict, results_path: pathlib.Path | None) -> dict:
+    """`results[key]`, compiled by `compile_it()` and saved first when missing (a `results`
+    holding `"offline": True` never compiles: a missing cell is a KeyError)."""
+    if key not in results and results.get("offline"):
+        raise KeyError(f"{key} was never compiled: run python scripts/memory_table.py "
+                       f"--compile --roofline")
+    if key not in results:
+        results[key] = compile_it()
         print(f"compiled {key}: {results[key]}", flush=True, file=sys.stderr)
         if results_path is not None:  # after each compile: an interrupted run keeps its cells
             results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
@@ -171,20 +178,15 @@ def step_cell(config_name: str, target: Target, plan: MemoryPlan, batch: int, ev
 
     key = (f"step|{config_name}|{target.name}|batch {batch}|{eviction.describe()}|prompt "
            f"{prompt_length}|{plan.data}x{plan.model}")
-    if key not in results and results.get("offline"):
-        raise KeyError(f"{key} was never compiled: run python scripts/memory_table.py "
-                       f"--compile --roofline")
-    if key not in results:
+    def compile_it():
         report = compile_for(COMPILE_TARGETS[target.name], MODELS[config_name], batch=batch,
                              prompt_length=prompt_length, max_new_tokens=LENGTHS[-1],
                              eviction=eviction, mesh_shape=(plan.data, plan.model),
                              program="decode_step", cost=False)
-        results[key] = {"compiled": report.compiled, "error": report.error,
-                        "step_bytes": report.argument_bytes if report.compiled else None}
-        print(f"compiled {key}: {results[key]}", flush=True, file=sys.stderr)
-        if results_path is not None:
-            results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    return results[key]
+        return {"compiled": report.compiled, "error": report.error,
+                "step_bytes": report.argument_bytes if report.compiled else None}
+
+    return recorded(key, compile_it, results, results_path)
 
 
 def roofline_table(batch: int, prompt_length: int, headroom: float, results: dict,
