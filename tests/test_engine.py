@@ -123,7 +123,7 @@ def test_slots_over_a_mesh_give_the_one_device_tokens():
                                       y.eviction_record.visible_until)
 
 
-# Slow (the fast suite's cold time): program counts stay fast in test_generate's bucket test.
+# Slow (the fast suite's cold time; CI runs it with the slow sweeps).
 @pytest.mark.slow
 def test_requests_coming_and_going_never_recompile():
     _, model = tiny()

@@ -157,7 +157,7 @@ def test_cache_shape_does_not_depend_on_max_new_tokens():
     assert shapes[0].keys == (SPEC.layers, 2, SPEC.kv_heads, 32 + 16, SPEC.head_dim)
 
 
-# Slow (the fast suite's cold time): the engine's program count stays fast in test_engine.
+# Slow (the fast suite's cold time; CI runs it with the slow sweeps).
 @pytest.mark.slow
 def test_same_bucket_and_new_sampling_values_do_not_recompile():
     _, model = tiny()
