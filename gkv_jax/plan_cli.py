@@ -1,4 +1,5 @@
-"""`gkv-jax plan`: will it fit? A program compiled for a TPU slice that is not attached.
+"""`gkv-jax plan`: will it fit? A program compiled for a TPU slice (or an NVIDIA GPU host)
+that is not attached.
 
     gkv-jax plan --target v5e-8 --model deepseek-r1-distill-qwen-7b --batch 64 \\
         --budget 2048 --max-new-tokens 32768 --mesh 2x4
@@ -52,7 +53,7 @@ def candidate_meshes(devices: int) -> list[tuple[int, int]]:
 
 
 def planned_batch(config, mesh, eviction, max_new_tokens, prompt_length, dtype,
-                  device_bytes, headroom, limit: int = 4096) -> int:
+                  device_bytes, headroom, limit: int = 4096, platform: str = "tpu") -> int:
     """The largest batch (a multiple of the mesh's data size, at most `limit`) whose
     `memory_plan` fits `device_bytes` with `headroom`; 0 if none does."""
     from gkv_jax.sharding import memory_plan
@@ -61,7 +62,7 @@ def planned_batch(config, mesh, eviction, max_new_tokens, prompt_length, dtype,
 
     def fits(batch):
         return memory_plan(config, mesh, batch, eviction, max_new_tokens, dtype,
-                           prompt_length, platform="tpu").fits(device_bytes, headroom)
+                           prompt_length, platform=platform).fits(device_bytes, headroom)
 
     if not fits(data):
         return 0
@@ -84,7 +85,7 @@ def search(args, config, eviction, target) -> list:
     for mesh in meshes:
         batch = args.batch or planned_batch(
             config, mesh, eviction, args.max_new_tokens, args.prompt_length, args.dtype,
-            target.figures.device_hbm_bytes, args.headroom)
+            target.figures.device_hbm_bytes, args.headroom, platform=target.platform)
         if batch:
             proposals.append((batch, mesh))
     if not proposals:
@@ -109,8 +110,11 @@ def search(args, config, eviction, target) -> list:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from gkv_jax.sharding import memory_plan
     from gkv_jax.targets import TargetUnavailable, get_target
+    from gkv_jax.targets.gpu import skip_cuda_runtime_check
 
     target = get_target(args.target)
+    if target.platform == "gpu":
+        skip_cuda_runtime_check()  # before JAX starts: the CUDA plugin then starts without a GPU
     config = _model_config(args.model)
     eviction = _eviction(args)
     try:
@@ -121,7 +125,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     best = max(fitting, key=lambda r: r.batch) if fitting else reports[-1]
     for report in reports:
         plan = memory_plan(config, report.mesh_shape, report.batch, eviction,
-                           args.max_new_tokens, args.dtype, args.prompt_length, platform="tpu")
+                           args.max_new_tokens, args.dtype, args.prompt_length,
+                           platform=target.platform)
         marker = "best: " if report is best else ""
         print(f"{marker}{report.summary()}")
         if report.compiled:
@@ -136,8 +141,9 @@ def add_plan_parser(commands) -> None:
     from gkv_jax.eviction import POLICIES
     from gkv_jax.targets import PROGRAMS, TARGETS
 
-    about = ("will it fit? compile a program for a TPU slice that is not attached and report "
-             "memory per device, kernels and a roofline estimate (needs libtpu: the tpu extra)")
+    about = ("will it fit? compile a program for a TPU slice or NVIDIA GPU host that is not "
+             "attached and report memory per device, kernels and a roofline estimate (needs "
+             "libtpu, the tpu extra; for GPU targets the cuda-compile extra)")
     plan = commands.add_parser("plan", help=about, description=about,
                                formatter_class=HelpFormatter)
     plan.add_argument("--target", required=True, help=f"one of {', '.join(TARGETS)}")
@@ -159,8 +165,8 @@ def add_plan_parser(commands) -> None:
     plan.add_argument("--divide-length", type=int, default=None,
                       help="new tokens between compressions")
     plan.add_argument("--implementation", default="pallas", choices=("pallas", "xla", "auto"),
-                      help="eviction ops: the Mosaic TPU kernels, the XLA reference, or what "
-                           "the library picks on the chip")
+                      help="eviction ops: the Pallas kernels (Mosaic TPU, or Mosaic GPU on a GPU "
+                           "target), the XLA reference, or what the library picks on the chip")
     plan.add_argument("--program", default="generate", choices=PROGRAMS,
                       help="the program to compile")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),

@@ -7,14 +7,18 @@ host, from shapes alone, and returns a `CompileReport`: compiled or the compiler
 bytes per device and whether they fit, the Pallas kernels in the program, the compile time,
 and a roofline estimate of the decode step from the compiler's cost analysis.
 
+GPU targets ("h100-1", "h100-8", "h200-1", "h200-8") are compiled the same way by XLA:GPU
+from a description of the chip (`gpu`; the cuda-compile extra).
+
 * `chips`: the targets and the published per-chip figures (`TARGETS`, `CHIPS`).
+* `gpu`: the GPU description XLA:GPU compiles for, and starting the CUDA plugin without a GPU.
 * `programs`: the programs built from shapes on a mesh of compile-only devices.
 * `compile`: `compile_for` and `CompileReport`.
 * `hlo`: reading the compiled HLO (the Pallas kernels, the arrays written outside fusions).
 
 The platform programs are traced for is `gkv_jax.pallas_kernels.target_platform`: inside
 `compile_for` every choice the library makes by platform (kernels, weight layout, attention
-blocks) is made for the TPU, not for the host.
+blocks) is made for the target's platform, not for the host.
 """
 
 from gkv_jax.targets.chips import CHIPS, TARGETS, Chip, Target, get_target

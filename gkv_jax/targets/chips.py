@@ -1,5 +1,6 @@
-"""The targets `compile_for` knows: each a TPU slice libtpu can compile for without it, and
-the published per-chip figures its estimates divide by.
+"""The targets `compile_for` knows: TPU slices libtpu can compile for without them, NVIDIA
+GPU hosts the CUDA plugin can compile for without them (`targets.gpu`), and the published
+per-chip figures their estimates divide by.
 
 The figures (HBM, HBM bandwidth, bf16 peak) are the vendors' published numbers per chip; a
 device is one chip, except TPU7x, whose chips show two devices each (its figures are split
@@ -51,14 +52,16 @@ CHIPS = {
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A named slice: how libtpu is asked for its topology, and its chips.
+    """A named slice or GPU host: how its compiler is asked for its topology, and its chips.
 
     Attributes:
       name: what `compile_for` and `gkv-jax plan --target` call it.
       chip: a key of `CHIPS`.
-      topology: `topology_name` of `jax.experimental.topologies.get_topology_desc`.
+      topology: `topology_name` of `jax.experimental.topologies.get_topology_desc` for a TPU
+        ("v5e:2x4"); for a GPU host, slices x hosts x GPUs per host ("1x1x8").
       devices: the JAX devices the topology gives.
       options: further keyword arguments of `get_topology_desc`.
+      platform: "tpu" (libtpu) or "gpu" (the CUDA plugin).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Target:
     topology: str
     devices: int
     options: tuple[tuple[str, object], ...] = ()
+    platform: str = "tpu"
     chip_figures: Chip | None = None  # figures of a chip not in `CHIPS` (the attached one)
 
     @property
@@ -89,6 +93,10 @@ TARGETS = {t.name: t for t in (
     Target("v6e-4", "v6e", "v6e:2x2", 4),
     Target("v6e-8", "v6e", "v6e:2x4", 8),
     Target("tpu7x-8", "tpu7x", "tpu7x:2x2x1", 8),
+    Target("h100-1", "h100", "1x1x1", 1, platform="gpu"),
+    Target("h100-8", "h100", "1x1x8", 8, platform="gpu"),
+    Target("h200-1", "h200", "1x1x1", 1, platform="gpu"),
+    Target("h200-8", "h200", "1x1x8", 8, platform="gpu"),
 )}
 
 
@@ -121,7 +129,8 @@ def attached_target() -> Target:
         stats = devices[0].memory_stats() or {}
         figures = Chip(kind=kind, hbm_bytes=int(stats.get("bytes_limit", 0)), hbm_gbps=0.0,
                        bf16_tflops=0.0)
-    return Target(ATTACHED, chip or kind, "", len(devices), chip_figures=figures)
+    return Target(ATTACHED, chip or kind, "", len(devices), platform=devices[0].platform,
+                  chip_figures=figures)
 
 
 def get_target(name: str) -> Target:

@@ -1,11 +1,13 @@
 """`compile_for`: compiles a program of ours for a TPU slice that is not attached, with the
-real XLA:TPU compiler and Mosaic (libtpu on the host), and reports what the compiler says:
+real XLA:TPU compiler and Mosaic (libtpu on the host), or for an NVIDIA GPU host with XLA:GPU
+(the CUDA plugin on the host, `targets.gpu`), and reports what the compiler says:
 whether it compiled, the bytes each device holds, whether they fit, the Pallas kernels in
 the program, and from the compiler's cost analysis a roofline *estimate* of the decode step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -20,7 +22,7 @@ from gkv_jax.models import ModelConfig
 from gkv_jax.models.transformer import resolve_dtype
 from gkv_jax.pallas_kernels import target_platform
 from gkv_jax.sharding.mesh import AXES
-from gkv_jax.targets import programs
+from gkv_jax.targets import gpu, programs
 from gkv_jax.targets.chips import Target, get_target
 from gkv_jax.targets.hlo import materialized, pallas_kernels
 from gkv_jax.token_ids import is_int
@@ -30,7 +32,7 @@ TPU_EXTRA_HINT = 'pip install "gkv-jax[tpu]" (or pip install "jax[tpu]")'
 
 
 class TargetUnavailable(RuntimeError):
-    """libtpu is not installed, or cannot describe the target's topology."""
+    """libtpu (the CUDA plugin, for a GPU target) is missing, or cannot describe the target."""
 
 
 @dataclasses.dataclass
@@ -146,7 +148,9 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
 
     Args:
       target: "v4-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v6e-1", "v6e-4", "v6e-8" or
-        "tpu7x-8" (compiled by libtpu on this host); or "attached": the devices this
+        "tpu7x-8" (compiled by libtpu on this host); "h100-1", "h100-8", "h200-1" or
+        "h200-8" (one host with 1 or 8 GPUs, compiled by XLA:GPU on this host from the
+        chip's description, `targets.gpu`; the cuda-compile extra); or "attached": the devices this
         process drives, with their own compiler (a GPU, a TPU VM's chips, the CPU), whose
         report a measurement on them can be compared with (`chips.attached_target`).
       model_config: the architecture (`gkv_jax.models.preset(...)` or a loaded model's).
@@ -165,7 +169,8 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
 
     Raises:
       ValueError: naming the argument, for an unknown target or program, or bad shapes.
-      TargetUnavailable: libtpu is missing (with how to install it).
+      TargetUnavailable: libtpu (or for a GPU target, the CUDA plugin) is missing or did
+        not start (with how to install it or make it start).
     """
     chosen = get_target(target)
     eviction = EvictionConfig(policy="full") if eviction is None else eviction
@@ -179,8 +184,9 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
         mesh_shape=tuple(mesh_shape), batch=batch, prompt_length=prompt_length,
         max_new_tokens=max_new_tokens, eviction=eviction.describe(), dtype=dtype.name,
         hbm_bytes=figures.device_hbm_bytes, headroom=headroom)
-    compiled, seconds, error = _compile(program, model_config, eviction, batch, prompt_length,
-                                        max_new_tokens, dtype, mesh)
+    with _persistent_cache(chosen.attached):
+        compiled, seconds, error = _compile(program, model_config, eviction, batch,
+                                            prompt_length, max_new_tokens, dtype, mesh)
     report.compile_seconds = seconds
     if compiled is None:
         report.error = error
@@ -197,9 +203,23 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
     report.weight_copies = materialized(text, programs.layer_weight_slices(model_config,
                                                                            dtype, mesh))
     if cost:
-        _add_cycle_cost(report, model_config, eviction, batch, prompt_length, max_new_tokens,
-                        dtype, mesh, figures.device_gbps, figures.devices_per_chip)
+        with _persistent_cache(chosen.attached):
+            _add_cycle_cost(report, model_config, eviction, batch, prompt_length,
+                            max_new_tokens, dtype, mesh, figures.device_gbps,
+                            figures.devices_per_chip)
     return report
+
+
+@contextlib.contextmanager
+def _persistent_cache(enabled: bool):
+    """JAX's persistent compilation cache on or off: off for a target that is not attached,
+    whose executables cannot be loaded back here (reading them back only warns)."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", enabled and before)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 def _compile(program, config, eviction, batch, prompt_length, max_new_tokens, dtype, mesh):
@@ -227,14 +247,15 @@ def _add_cycle_cost(report, config, eviction, batch, prompt_length, max_new_toke
                           max_new_tokens, dtype, mesh)
     if step is None:
         return
-    step_cost = step.cost_analysis()
-    report.cycle_bytes = float(step_cost.get("bytes accessed", 0.0)) * eviction.divide_length
-    report.cycle_flops = float(step_cost.get("flops", 0.0)) * eviction.divide_length
-    if eviction.evicts:
+    step_cost = step.cost_analysis() or {}  # XLA:GPU without a device gives none
+    if step_cost:
+        report.cycle_bytes = float(step_cost.get("bytes accessed", 0.0)) * eviction.divide_length
+        report.cycle_flops = float(step_cost.get("flops", 0.0)) * eviction.divide_length
+    if step_cost and eviction.evicts:
         evict, _, _ = _compile("evict", config, eviction, batch, prompt_length,
                                max_new_tokens, dtype, mesh)
         if evict is not None:
-            evict_cost = evict.cost_analysis()
+            evict_cost = evict.cost_analysis() or {}
             report.cycle_bytes += float(evict_cost.get("bytes accessed", 0.0)) * config.num_layers
             report.cycle_flops += float(evict_cost.get("flops", 0.0)) * config.num_layers
     report.step_bytes = int(step.memory_analysis().argument_size_in_bytes)
@@ -246,9 +267,15 @@ def _add_cycle_cost(report, config, eviction, batch, prompt_length, max_new_toke
 
 
 def topology_devices(target: Target) -> list:
-    """The compile-only devices of `target` (libtpu describes the topology on this host)."""
+    """The compile-only devices of `target` (libtpu, or the CUDA plugin for a GPU target,
+    describes the topology on this host)."""
     if target.attached:
         return jax.devices()
+    if target.platform == "gpu":
+        try:
+            return gpu.gpu_devices(target.chip, target.topology)
+        except RuntimeError as error:
+            raise TargetUnavailable(str(error)) from error
     try:
         from jax.experimental import topologies
     except ImportError as error:  # pragma: no cover - part of jax

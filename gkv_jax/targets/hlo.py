@@ -14,10 +14,17 @@ _HLO_TYPES = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "int32": "
 
 
 def pallas_kernels(hlo_text: str) -> tuple[str, ...]:
-    """The Mosaic kernels of a compiled TPU program: its `tpu_custom_call`s, by name."""
-    names = re.findall(r"%([\w-]+?)(?:\.\d+)? = [^\n]*custom_call_target=\"tpu_custom_call\"",
-                       hlo_text)
-    return tuple(sorted(set(names)))
+    """The Pallas kernels of a compiled program, by name: a TPU program's Mosaic
+    `tpu_custom_call`s (named by their instruction), a GPU program's Mosaic GPU calls (named
+    by the innermost jitted function that called them, from their metadata)."""
+    tpu = re.findall(r"%([\w-]+?)(?:\.\d+)? = [^\n]*custom_call_target=\"tpu_custom_call\"",
+                     hlo_text)
+    gpu = [callers[-1] for callers in
+           (re.findall(r"jit\((\w+)\)", line.split('op_name="', 1)[-1].split('"', 1)[0])
+            for line in hlo_text.splitlines()
+            if 'custom_call_target="mosaic_gpu' in line and 'op_name="' in line)
+           if callers]
+    return tuple(sorted(set(tpu) | set(gpu)))
 
 
 def _computations(hlo_text: str) -> dict[str, list[str]]:

@@ -28,6 +28,7 @@ from gkv_jax.engine import core
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import bucket_length
 from gkv_jax.models import ModelConfig, Transformer
+from gkv_jax.pallas_kernels import traced_platform
 from gkv_jax.sampling import SamplingParams
 from gkv_jax.sharding.rules import CACHE_AXES, batch_spec, kv_heads_split, param_specs, spec
 
@@ -132,8 +133,9 @@ def build(program: str, config: ModelConfig, eviction: EvictionConfig, batch: in
                                                        None, jnp.dtype(dtype)))
         slots = _placed(slots, mesh, _slots_spec(config, mesh))
         if program == "decode_cycle":
-            return functools.partial(core.run_cycle, config, eviction), (
-                jax.eval_shape(decode.decode_params, params), slots)
+            # `decode.decode_params` at the placed shapes (eval_shape would drop shardings).
+            cycle_params = _per_layer(params, mesh) if traced_platform() == "cpu" else params
+            return functools.partial(core.run_cycle, config, eviction), (cycle_params, slots)
         if program == "evict":
             return (lambda cache: decode.evict(eviction, cache, jnp.ones((batch,), bool))
                     ), (slots.state.cache,)
