@@ -13,8 +13,9 @@ import types
 import pytest
 
 import gkv_jax
-from gkv_jax import cli, post_train_cli
-from gkv_jax.cli import build_parser, main
+from gkv_jax import cli
+from gkv_jax.cli import args as cli_args
+from gkv_jax.cli import build_parser, demo, main, post_train_data, smoke
 from gkv_jax.loading import bundled_model_dir
 
 COMMANDS = ("generate", "eval", "demo", "smoke", "post-train")
@@ -69,7 +70,7 @@ def test_demo_refuses_a_non_empty_directory_it_did_not_write(tmp_path, capsys, n
 def test_demo_checks_its_flags_before_touching_the_directory(tmp_path, capsys, no_model_load):
     directory = tmp_path / "demo"
     directory.mkdir()
-    (directory / cli.DEMO_MARKER).write_text("")
+    (directory / demo.DEMO_MARKER).write_text("")
     (directory / "results.jsonl").write_text("{}\n")
     assert main(["demo", "--budget", "8", "--output-dir", str(directory)]) == 2
     line = _error_line(capsys, "demo")
@@ -87,7 +88,7 @@ def test_demo_refuses_a_file_as_output_dir(tmp_path, capsys, no_model_load):
 def test_demo_over_its_own_output_removes_only_its_files(tmp_path, capsys, load_interrupted):
     directory = tmp_path / "demo"
     (directory / "distilled").mkdir(parents=True)
-    (directory / cli.DEMO_MARKER).write_text("")
+    (directory / demo.DEMO_MARKER).write_text("")
     demo_files = [directory / "results.jsonl", directory / "summary.csv",
                   directory / "settings.json", directory / "distilled" / "results.jsonl"]
     for path in demo_files:
@@ -100,20 +101,20 @@ def test_demo_over_its_own_output_removes_only_its_files(tmp_path, capsys, load_
     assert not any(path.exists() for path in demo_files)
     assert not (directory / "distilled").exists()  # emptied, so removed
     assert (directory / "my_notes.txt").read_text() == "mine"
-    assert (directory / cli.DEMO_MARKER).exists() and (directory / ".gkv-jax-eval").exists()
+    assert (directory / demo.DEMO_MARKER).exists() and (directory / ".gkv-jax-eval").exists()
 
 
 def test_demo_marks_a_new_directory_as_its_own(tmp_path, load_interrupted):
     directory = tmp_path / "new" / "demo"
     assert main(["demo", "--output-dir", str(directory)]) == 130
-    assert sorted(os.listdir(directory)) == [cli.DEMO_MARKER, ".gkv-jax-eval"]
+    assert sorted(os.listdir(directory)) == [demo.DEMO_MARKER, ".gkv-jax-eval"]
 
 
 def test_demo_policies_default_to_every_registered_policy():
     parse = build_parser().parse_args
-    assert cli.demo_policies(parse(["demo"])) == list(gkv_jax.eviction.POLICIES)
-    assert {"tova", "l2norm"} <= set(cli.demo_policies(parse(["demo"])))
-    assert cli.demo_policies(parse(["demo", "--policies", "full, tova,l2norm"])) == [
+    assert demo.demo_policies(parse(["demo"])) == list(gkv_jax.eviction.POLICIES)
+    assert {"tova", "l2norm"} <= set(demo.demo_policies(parse(["demo"])))
+    assert demo.demo_policies(parse(["demo", "--policies", "full, tova,l2norm"])) == [
         "full", "tova", "l2norm"]
 
 
@@ -181,7 +182,7 @@ def test_post_train_jsonl_with_bad_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b'{"prompt_ids": [1], "completion_ids": [2]}\n\xff\xfe\n')
     with pytest.raises(cli.CommandError, match=r"--dataset: .*pairs\.jsonl line 2 is not UTF-8"):
-        post_train_cli._jsonl_pairs(str(path), None, None)
+        post_train_data._jsonl_pairs(str(path), None, None)
 
 
 @pytest.mark.parametrize("argv", [
@@ -384,9 +385,9 @@ def test_name_flag_puts_the_flag_before_library_messages(argv, message, expected
 
 
 def test_format_stats_copes_with_any_keys():
-    text = cli.format_stats({"cache_bytes": 2**20, "tokens_per_second": 12.3456,
-                             "idle_steps": 3, "eos_token_ids": [1, 2], "odd_bytes": None,
-                             "note": "x"})
+    text = cli_args.format_stats({"cache_bytes": 2**20, "tokens_per_second": 12.3456,
+                                  "idle_steps": 3, "eos_token_ids": [1, 2], "odd_bytes": None,
+                                  "note": "x"})
     assert text.splitlines() == ["  cache_bytes: 1.00 MiB", "  tokens_per_second: 12.346",
                                  "  idle_steps: 3", "  eos_token_ids: [1, 2]",
                                  "  odd_bytes: None", "  note: x"]
@@ -406,10 +407,10 @@ def test_smoke_checks_report_each_mismatch():
     good = {"full": _fake_output(tokens, capacity=139),
             "gkv@64": _fake_output(tokens, capacity=96, compressions=2),
             "gkv-roomy": _fake_output(tokens, capacity=232)}
-    assert all(held for _, held in cli.smoke_checks(good, configs, 100, 40))
+    assert all(held for _, held in smoke.smoke_checks(good, configs, 100, 40))
     bad = dict(good, **{"gkv-roomy": _fake_output([[5] * 100, [6] * 99 + [7]], capacity=232),
                         "gkv@64": _fake_output(tokens, capacity=97, compressions=0)})
-    failed = [text for text, held in cli.smoke_checks(bad, configs, 100, 40) if not held]
+    failed = [text for text, held in smoke.smoke_checks(bad, configs, 100, 40) if not held]
     assert len(failed) == 3
     assert any("gkv-roomy" in text and "exactly the full cache's tokens" in text
                for text in failed)

@@ -20,7 +20,7 @@ from gkv_jax.generation import generate
 from gkv_jax.sampling import SamplingParams
 from gkv_jax.sharding import make_mesh, shard_model, shard_params
 from gkv_jax.sharding.placement import param_shardings, placed_mesh
-from gkv_jax.training import loops
+from gkv_jax.training import loop_common
 from gkv_jax.training.configs import optimizer_config
 from gkv_jax.training.run_dir import RunDir, fingerprint, run_identity
 from tests.helpers import TinySpec, tiny_hf_model
@@ -42,7 +42,7 @@ def tiny_model():
 
 def fresh_model():
     """A copy of the tiny model (the loops move a model's weights onto the mesh in place)."""
-    return loops._with_params(tiny_model(), tiny_model().params(), copy=True)
+    return loop_common._with_params(tiny_model(), tiny_model().params(), copy=True)
 
 
 @functools.cache
@@ -225,7 +225,8 @@ def _distill_config(**changes):
 def test_distill_on_a_mesh_checkpoints_and_resumes_exactly(tmp_path):
     mesh = mesh_2x4()
     teacher = fresh_model()
-    student = loops._with_params(teacher, jax.tree.map(lambda w: w * 1.05, teacher.params()))
+    student = loop_common._with_params(teacher,
+                                       jax.tree.map(lambda w: w * 1.05, teacher.params()))
     data = _pairs(6, 4)
     trained, history = training.distill(student, teacher, data, _distill_config(),
                                         run_dir=str(tmp_path / "a"), mesh=mesh,
@@ -248,8 +249,8 @@ def test_distill_on_a_mesh_checkpoints_and_resumes_exactly(tmp_path):
     run.open()
     optimizer = training.make_optimizer(optimizer_config(config), config.steps)
     params = shard_params(student.config, _copy(student.params()), mesh)
-    step, restored, opt_state = run.restore(params, loops._init_opt_state(optimizer, params,
-                                                                           mesh))
+    step, restored, opt_state = run.restore(
+        params, loop_common._init_opt_state(optimizer, params, mesh))
     run.close()
     assert step == 1
     _assert_rule_layout(student.config, restored, opt_state, mesh)

@@ -24,6 +24,7 @@ blocks) is made for the target's platform, not for the host.
 from gkv_jax.targets.chips import CHIPS, TARGETS, Chip, Target, get_target
 from gkv_jax.targets.compile import (
     DEFAULT_HEADROOM,
+    GPU_DEFAULT_HEADROOM,
     CompileReport,
     TargetUnavailable,
     compile_for,
@@ -32,7 +33,6 @@ from gkv_jax.targets.compile import (
 from gkv_jax.targets.hlo import materialized, pallas_kernels
 from gkv_jax.targets.programs import PROGRAMS
 
-__all__ = ["CHIPS", "DEFAULT_HEADROOM", "PROGRAMS", "TARGETS", "Chip", "CompileReport",
-           "Target", "TargetUnavailable", "compile_for", "get_target", "materialized",
-           "pallas_kernels",
-           "topology_devices"]
+__all__ = ["CHIPS", "DEFAULT_HEADROOM", "GPU_DEFAULT_HEADROOM", "PROGRAMS", "TARGETS", "Chip",
+           "CompileReport", "Target", "TargetUnavailable", "compile_for", "get_target",
+           "materialized", "pallas_kernels", "topology_devices"]

@@ -28,6 +28,9 @@ from gkv_jax.targets.hlo import materialized, pallas_kernels
 from gkv_jax.token_ids import is_int
 
 DEFAULT_HEADROOM = 0.1  # share of HBM left free for what the program does not count
+# On GPUs JAX preallocates 75% of the memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION), and
+# XLA:GPU schedules for about as much: a program must fit in that share.
+GPU_DEFAULT_HEADROOM = 0.25
 TPU_EXTRA_HINT = 'pip install "gkv-jax[tpu]" (or pip install "jax[tpu]")'
 
 
@@ -141,7 +144,7 @@ class CompileReport:
 def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_length: int,
                 max_new_tokens: int, eviction: EvictionConfig | None = None,
                 mesh_shape: tuple[int, int] = (1, 1), dtype="bfloat16",
-                program: str = "generate", headroom: float = DEFAULT_HEADROOM,
+                program: str = "generate", headroom: float | None = None,
                 cost: bool = True) -> CompileReport:
     """Compiles `program` for `target` (a name of `TARGETS`) from shapes alone and reports
     what the compiler says; no chip and no weights are needed.
@@ -160,7 +163,9 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
         the kernels as on the chip: "pallas" compiles the Mosaic TPU kernels.
       mesh_shape: (data, model) over the target's first data x model devices.
       dtype: the weights' dtype. program: one of `PROGRAMS`.
-      headroom: the share of HBM `fits` keeps free. cost: also compile one decode step and
+      headroom: the share of HBM `fits` keeps free (None: `DEFAULT_HEADROOM`, 10%, on a
+        TPU; `GPU_DEFAULT_HEADROOM`, 25%, on a GPU, the share JAX leaves unallocated by
+        default). cost: also compile one decode step and
         one compression for the cost analysis and the roofline estimate.
 
     Returns:
@@ -173,6 +178,8 @@ def compile_for(target: str, model_config: ModelConfig, *, batch: int, prompt_le
         not start (with how to install it or make it start).
     """
     chosen = get_target(target)
+    if headroom is None:
+        headroom = GPU_DEFAULT_HEADROOM if chosen.platform == "gpu" else DEFAULT_HEADROOM
     eviction = EvictionConfig(policy="full") if eviction is None else eviction
     _check(model_config, batch, prompt_length, max_new_tokens, eviction, mesh_shape, program,
            headroom, chosen)

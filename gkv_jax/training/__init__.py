@@ -10,8 +10,9 @@ distillation and GRPO losses, steps and loops built on them.
 * `replay_evictions(model, eviction, batch)`: the masks a policy gives any token sequence,
   re-derived layer by layer with the code generation compresses with.
 * `distill_loss`, `group_advantages`, `grpo_loss`; `distill_step`, `grpo_step` (`steps`);
-  `distill(...)`, `grpo(...)` (`loops`) with `DistillConfig` / `GRPOConfig` (`configs`), their
-  inputs checked by `inputs` and their run directories kept by `run_dir`.
+  `distill(...)` (`distill_loop`), `grpo(...)` (`grpo_loop`), sharing `loop_common`, with
+  `DistillConfig` / `GRPOConfig` (`configs`), their inputs checked by `inputs` and their run
+  directories kept by `run_dir`.
 """
 
 from gkv_jax.training.batch import (
@@ -27,9 +28,11 @@ from gkv_jax.training.configs import (
     OptimizerConfig,
     make_optimizer,
 )
+from gkv_jax.training.distill_loop import distill
+from gkv_jax.training.grpo_loop import grpo
 from gkv_jax.training.inputs import DataError
 from gkv_jax.training.log_probs import token_log_probs, token_log_probs_from_params
-from gkv_jax.training.loops import distill, evaluation_callback, grpo
+from gkv_jax.training.loop_common import evaluation_callback
 from gkv_jax.training.losses import (
     distill_loss,
     distill_loss_from_params,

@@ -10,10 +10,10 @@ import pytest
 
 import gkv_jax
 from gkv_jax import training
+from gkv_jax.cli.post_train_data import synthetic_pairs
 from gkv_jax.evaluation import evaluate
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.loading import bundled_model_dir
-from gkv_jax.post_train_cli import synthetic_pairs
 
 GKV68 = EvictionConfig(policy="gkv", budget=68, window=16, divide_length=16)
 

@@ -17,7 +17,7 @@ from gkv_jax.eviction import EvictionConfig
 from gkv_jax.generation import generate
 from gkv_jax.models import forward, forward_visible, lm_logits
 from gkv_jax.sampling import SamplingParams
-from gkv_jax.training import loops
+from gkv_jax.training import grpo_loop, loop_common
 from tests.training.test_record import SPEC, recorded, tiny_model
 
 GKV = EvictionConfig(policy="gkv", budget=12, window=4, divide_length=4)
@@ -35,7 +35,7 @@ def test_distill_loss_equals_a_numpy_kl_and_vanishes_for_the_teacher():
     teacher = model
     # A different student: the teacher's weights, perturbed.
     noisy = jax.tree.map(lambda w: w * 1.05, model.params())
-    student = loops._with_params(model, noisy)
+    student = loop_common._with_params(model, noisy)
     T = 0.6
     hidden, _ = forward_visible(model.config, noisy, batch.tokens, batch.positions,
                                 batch.visible_until)
@@ -120,7 +120,8 @@ def distill_config(**changes):
 
 def test_distill_lowers_the_loss_compiles_once_and_resumes_exactly(tmp_path):
     teacher = tiny_model()
-    student = loops._with_params(teacher, jax.tree.map(lambda w: w * 1.1, teacher.params()))
+    student = loop_common._with_params(teacher,
+                                       jax.tree.map(lambda w: w * 1.1, teacher.params()))
     data = distill_data()[:1] * 4  # every batch the same: the loss must fall
     before = training.distill_step._cache_size()
     trained, history = training.distill(student, teacher, data, distill_config(),
@@ -202,8 +203,8 @@ def test_grpo_rollouts_prefill_each_prompt_once_and_equal_generate():
                                  max_new_tokens=20, top_p=1.0)
     engine = Engine(model, None, GKV, slots=6, max_new_tokens=20, max_prompt_length=16,
                     prefill_batch=2, prompt_buckets=[16], record=True)
-    out, prefills = loops._rollouts(engine, model.params(), prompts, config, seed=40,
-                                    width=16)
+    out, prefills = grpo_loop._rollouts(engine, model.params(), prompts, config, seed=40,
+                                        width=16)
     assert prefills == 2 and engine.stats["inserted"] == 6
     repeated = [p for p in prompts for _ in range(3)]
     reference = generate(model, repeated, eviction=GKV, max_new_tokens=20, temperature=0.8,

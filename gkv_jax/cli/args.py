@@ -1,12 +1,17 @@
-"""What the `gkv-jax` commands share: the boundary's error type, argument types, help format
-and checkpoint loading (`cli` and `post_train_cli` both build on it)."""
+"""What the `gkv-jax` commands share: the boundary's error type, argument types, help format,
+the flags several commands take (sampling, dtype, mesh), the checks run before any model
+loads (eviction knobs, sampling values, the mesh), checkpoint loading and the stats printout.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
 
+from gkv_jax.eviction import EvictionConfig
+
 SEED_LIMIT = 2**32  # generate() takes seeds in [0, 2**32)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CommandError(Exception):
@@ -78,6 +83,43 @@ def mesh_shape(text: str) -> tuple[int, int]:
     return data, model
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 decodes greedily")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling mass, in (0, 1]; 1 keeps every token")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the k most likely tokens; 0 keeps every token")
+    parser.add_argument("--seed", type=seed_value, default=0,
+                        help=f"sampler seed, in [0, {SEED_LIMIT - 1}]")
+
+
+def _add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="parameter dtype (default: the checkpoint's own dtype)")
+
+
+def _add_mesh_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", type=mesh_shape, default=None, metavar="DATAxMODEL",
+                        help="run on a data x model mesh of all devices, e.g. 2x4: the "
+                             "batch over data, heads/MLP/vocabulary over model (default: "
+                             "one device)")
+
+
+def eviction_from_args(args: argparse.Namespace) -> EvictionConfig:
+    """The `EvictionConfig` named by --policy and its knobs (unset knobs: policy defaults; a
+    knob the policy does not use is refused, naming its flag)."""
+    knobs = {"budget": args.budget, "window": args.window, "divide_length": args.divide_length}
+    return EvictionConfig(policy=args.policy, **{k: v for k, v in knobs.items() if v is not None})
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """--temperature, --top-p and --top-k, checked by the sampler's own rules."""
+    from gkv_jax.sampling import SamplingParams
+
+    SamplingParams.create(args.temperature, args.top_p, args.top_k)
+
+
 def mesh_from_args(args: argparse.Namespace):
     """The mesh --mesh asks for (None without the flag), checked against the devices before
     any model loads."""
@@ -132,3 +174,16 @@ def require_tokenizer(tokenizer, args: argparse.Namespace, why: str):
 def one_line(err: BaseException) -> str:
     """An exception's message on one line (what `error:` prints)."""
     return " ".join(str(err).split("\n")).strip() or type(err).__name__
+
+
+def format_stats(stats: dict) -> str:
+    """One human-readable line per statistic, whatever the keys (byte counts in MiB)."""
+    lines = []
+    for key, value in stats.items():
+        if key.endswith("bytes") and isinstance(value, int | float) and not isinstance(value,
+                                                                                      bool):
+            value = f"{value / 2**20:.2f} MiB"
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        lines.append(f"  {key}: {value}")
+    return "\n".join(lines)

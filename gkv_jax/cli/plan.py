@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from gkv_jax.cli_args import CommandError, HelpFormatter, mesh_shape, one_line, positive_int
+from gkv_jax.cli.args import CommandError, HelpFormatter, mesh_shape, one_line, positive_int
 
 SEARCH_STEPS = 4  # compiles per mesh while stepping a refused batch down
 
@@ -109,12 +109,19 @@ def search(args, config, eviction, target) -> list:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from gkv_jax.sharding import memory_plan
-    from gkv_jax.targets import TargetUnavailable, get_target
+    from gkv_jax.targets import (
+        DEFAULT_HEADROOM,
+        GPU_DEFAULT_HEADROOM,
+        TargetUnavailable,
+        get_target,
+    )
     from gkv_jax.targets.gpu import skip_cuda_runtime_check
 
     target = get_target(args.target)
     if target.platform == "gpu":
         skip_cuda_runtime_check()  # before JAX starts: the CUDA plugin then starts without a GPU
+    if args.headroom is None:
+        args.headroom = GPU_DEFAULT_HEADROOM if target.platform == "gpu" else DEFAULT_HEADROOM
     config = _model_config(args.model)
     eviction = _eviction(args)
     try:
@@ -171,8 +178,9 @@ def add_plan_parser(commands) -> None:
                       help="the program to compile")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                       help="weight dtype")
-    plan.add_argument("--headroom", type=float, default=0.1,
-                      help="share of HBM left free when deciding what fits")
+    plan.add_argument("--headroom", type=float, default=None,
+                      help="share of HBM left free when deciding what fits (default 0.1 on a "
+                           "TPU; 0.25 on a GPU, the share JAX leaves unallocated by default)")
     plan.add_argument("--no-cost", action="store_true",
                       help="skip the decode step's cost analysis (two more compiles)")
     plan.add_argument("--json", action="store_true", help="also print the best report as JSON")

@@ -7,185 +7,35 @@
 
 Writes `OUT/model` (a Hugging Face checkpoint with the tokenizer: `gkv_jax.load` and
 `transformers` read it), `OUT/run/` (run.json, history.jsonl and the Orbax checkpoints;
-running the same command again resumes), and prints where they are.
+running the same command again resumes), and prints where they are. This module holds the
+two commands and their flags; their training examples come from `post_train_data`, and
+`post_train_run` keeps the output directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from gkv_jax.cli_args import (
+from gkv_jax.cli.args import (
     CommandError,
     HelpFormatter,
     comma_list,
+    eviction_from_args,
     load_checkpoint,
     positive_int,
     require_tokenizer,
     seed_value,
 )
-from gkv_jax.eviction import POLICIES, EvictionConfig, get_policy
-
-SYNTHETIC_TRAIN_SEED = 1  # training problems; seed 0 is the held-out set
-
-
-def synthetic_pairs(tokenizer, count: int, seed: int = SYNTHETIC_TRAIN_SEED
-                    ) -> list[tuple[list[int], list[int]]]:
-    """(BOS + prompt, trace + answer + EOS) token ids of `count` table-walk problems drawn
-    from `seed`, none of them among the held-out problems."""
-    from gkv_jax import synthetic
-    from gkv_jax.datasets import HELD_OUT_SEED
-
-    if seed == HELD_OUT_SEED:
-        raise ValueError(f"seed: {HELD_OUT_SEED} draws the held-out problems; train on another")
-    held_out = {(p.table, p.order, p.start) for p in synthetic.problems(HELD_OUT_SEED, 1000)}
-    pairs: list[tuple[list[int], list[int]]] = []
-    draw = 0
-    while len(pairs) < count:
-        for problem in synthetic.problems(seed + 7919 * draw, 2 * count):
-            if (problem.table, problem.order, problem.start) in held_out:
-                continue
-            # explicit BOS / EOS around the bare characters, whatever the tokenizer adds
-            bare = {k: tokenizer(getattr(problem, k), add_special_tokens=False)["input_ids"]
-                    for k in ("prompt", "completion")}
-            prompt = [tokenizer.bos_token_id] + bare["prompt"]
-            completion = bare["completion"] + [tokenizer.eos_token_id]
-            pairs.append((prompt, completion))
-            if len(pairs) == count:
-                break
-        draw += 1
-    return pairs
-
-
-def _jsonl_pairs(path: str, tokenizer, count: int | None):
-    """(prompt, completion) pairs of a JSON-lines file: `prompt_ids` / `completion_ids`
-    lists, or `prompt` / `completion` texts (tokenized with the model's tokenizer), and the
-    line number of each."""
-    pairs, line_numbers = [], []
-    for number, line in _numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--dataset: {path} line {number} is not JSON ({err})") from None
-        if isinstance(row, dict) and "prompt_ids" in row and "completion_ids" in row:
-            pairs.append((row["prompt_ids"], row["completion_ids"]))
-        elif isinstance(row, dict) and "prompt" in row and "completion" in row:
-            # the prompt gets the tokenizer's special tokens (BOS), the continuation none
-            pairs.append((tokenizer(row["prompt"])["input_ids"],
-                          tokenizer(row["completion"], add_special_tokens=False)["input_ids"]))
-        else:
-            raise ValueError(f"--dataset: {path} line {number} needs a JSON object with "
-                             f"prompt/completion (texts) or prompt_ids/completion_ids")
-        line_numbers.append(number)
-        if count is not None and len(pairs) == count:
-            break
-    return pairs, line_numbers
-
-
-def _numbered_lines(path: str):
-    """(1-based number, text) of each line of a UTF-8 file; bad bytes named by file and line
-    (decoded line by line: a text stream decodes ahead, in chunks)."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise CommandError(f"--dataset: {path} line {number} is not UTF-8 text "
-                                   f"({err})") from None
-
-
-def _eviction(args) -> EvictionConfig:
-    knobs = {"budget": args.budget, "window": args.window,
-             "divide_length": args.divide_length}
-    return EvictionConfig(policy=args.policy, **{k: v for k, v in knobs.items()
-                                                 if v is not None})
-
-
-def _check_output_dir(output_dir: str, steps: int) -> tuple[str, str, bool]:
-    """(OUT/model, OUT/run, whether the run there is already complete), checked before the
-    model loads. OUT/model is never overwritten: it may hold a model only as the export of a
-    finished run in OUT/run, which the same command then reports as complete."""
-    for path in (output_dir, os.path.join(output_dir, "run")):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise CommandError(f"--output-dir: {path} is a file; give a directory")
-    model_dir, run_dir = os.path.join(output_dir, "model"), os.path.join(output_dir, "run")
-    if not (os.path.isdir(model_dir) and os.listdir(model_dir)):
-        return model_dir, run_dir, False
-    done = _finished_steps(run_dir)
-    if done is None:
-        raise CommandError(f"--output-dir: {model_dir} already holds a model; choose another "
-                           f"--output-dir (nothing is overwritten)")
-    if done < steps:
-        raise CommandError(f"--output-dir: {model_dir} already holds a model, but the run in "
-                           f"{run_dir} ended at step {done}, not {steps}; choose another "
-                           f"--output-dir (nothing is overwritten)")
-    return model_dir, run_dir, True
-
-
-def _finished_steps(run_dir: str) -> int | None:
-    """The last step a run logged in `run_dir`'s history (0 if none), None without a run."""
-    from gkv_jax.training.run_dir import HISTORY_FILE, IDENTITY_FILE
-
-    if not os.path.isfile(os.path.join(run_dir, IDENTITY_FILE)):
-        return None
-    steps = [0]
-    history = os.path.join(run_dir, HISTORY_FILE)
-    if os.path.isfile(history):
-        with open(history, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict) and "eval" not in entry:
-                    steps.append(int(entry.get("step", 0)))
-    return max(steps)
-
-
-def _train(run, args, run_dir: str, lines: list[int] | None = None):
-    """`run()` (a `distill` / `grpo` call) with the library's errors worded for the command
-    line: a bad example names its --dataset line, a run directory holding another run names
-    the flags that differ."""
-    from gkv_jax import training
-    from gkv_jax.training.run_dir import describe_differences
-
-    try:
-        return run()
-    except training.DataError as err:
-        where = f"{args.dataset} line {lines[err.index]}: " if lines else ""
-        raise CommandError(f"--dataset: {where}{err}") from err
-    except training.RunDirError as err:
-        if not err.differences:
-            raise CommandError(f"--output-dir: {err}") from err
-        flags = describe_differences(
-            err.differences, lambda name: f"--{name.replace('_', '-')}"
-            if name in vars(args) else name)
-        raise CommandError(f"--output-dir: {run_dir} holds a different run ({flags}); use "
-                           f"another --output-dir to start fresh, or the same flags to "
-                           f"resume") from err
-
-
-def _report_complete(model_dir: str, steps: int) -> None:
-    print(f"this run is already complete ({steps} steps); its model is in {model_dir}")
-
-
-def _export(model, tokenizer, model_dir: str) -> None:
-    from gkv_jax.conversion import to_hf
-    to_hf(model, model_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(model_dir)
-
-
-def _summary(history, model_dir, run_dir) -> None:
-    steps = [e for e in history if "loss" in e]
-    if steps:
-        print(f"steps {steps[0]['step']}..{steps[-1]['step']}: loss {steps[0]['loss']:.4f} "
-              f"-> {steps[-1]['loss']:.4f}")
-    print(f"model:   {model_dir}\nhistory: {os.path.join(run_dir, 'history.jsonl')}\n"
-          f"checkpoints: {os.path.join(run_dir, 'checkpoints')}")
+from gkv_jax.cli.post_train_data import SYNTHETIC_TRAIN_SEED, _jsonl_pairs, synthetic_pairs
+from gkv_jax.cli.post_train_run import (
+    _check_output_dir,
+    _export,
+    _report_complete,
+    _summary,
+    _train,
+)
+from gkv_jax.eviction import POLICIES, get_policy
 
 
 def _eval_fn(args, tokenizer, dataset):
@@ -194,7 +44,7 @@ def _eval_fn(args, tokenizer, dataset):
     from gkv_jax import training
     if not args.eval_problems:
         return None
-    eviction = _eviction(args)
+    eviction = eviction_from_args(args)
     return training.evaluation_callback(
         tokenizer, dataset, policies=("full", eviction.policy), budgets=(eviction.budget,),
         window=args.window, divide_length=args.divide_length, num_problems=args.eval_problems,
@@ -205,7 +55,7 @@ def _eval_fn(args, tokenizer, dataset):
 def _cmd_distill(args: argparse.Namespace) -> int:
     from gkv_jax import training
 
-    eviction = _eviction(args)
+    eviction = eviction_from_args(args)
     config = training.DistillConfig(
         eviction=eviction, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, temperature=args.temperature, seed=args.seed,
@@ -247,7 +97,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     from gkv_jax.datasets import load_dataset
     from gkv_jax.evaluation import format_prompts
 
-    eviction = _eviction(args)
+    eviction = eviction_from_args(args)
     config = training.GRPOConfig(
         eviction=eviction, steps=args.steps, prompts_per_step=args.prompts_per_step,
         group_size=args.group_size, max_new_tokens=args.max_new_tokens,

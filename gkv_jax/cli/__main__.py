@@ -1,0 +1,7 @@
+"""`python -m gkv_jax.cli`: the `gkv-jax` command."""
+
+import sys
+
+from gkv_jax.cli import main
+
+sys.exit(main())
