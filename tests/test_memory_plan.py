@@ -4,6 +4,7 @@ tiny model's weight shards, the decode loop's cache layout, `generate`'s reporte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -137,7 +138,21 @@ def test_a_prompt_beyond_the_budget_adds_the_prefill_cache():
     assert fits_budget.prefill_cache == 0 and beyond.cache == fits_budget.cache
     assert beyond.prefill_cache > fits_budget.cache
     assert beyond.total == (beyond.weights + beyond.cache + beyond.prefill_cache
-                            + beyond.eviction_temporaries)
+                            + max(beyond.eviction_temporaries, beyond.prefill_activations))
+
+
+def test_the_prefill_activations_count_when_they_exceed_the_compression():
+    """All rows' prompts go through a layer at once: at hundreds of rows per device (and a
+    wide MLP) the prefill's float32 activations, not the compression's temporaries, are the
+    largest temporaries (checked against XLA:GPU by tests/test_targets_gpu.py). By hand: the larger
+    of 2 x [rows, n, T, T] scores and [rows, T, I / model + D]."""
+    config = dataclasses.replace(CONFIG, intermediate_size=4096)  # a wide MLP
+    many = memory_plan(config, (1, 1), 512, GKV, 8, prompt_length=16)
+    n, per_token = config.num_heads, config.intermediate_size + config.hidden_size
+    assert many.prefill_activations == 512 * 16 * max(per_token, 2 * n * 16) * 4
+    assert many.eviction_temporaries > 0
+    assert many.prefill_activations > many.eviction_temporaries
+    assert many.total == (many.weights + many.cache + many.prefill_activations)
 
 
 def test_r1_distill_qwen_7b_on_1x8_by_hand():
@@ -244,8 +259,9 @@ def test_the_tpu_plan_counts_what_xla_tpu_holds_twice():
         memory_plan(config, (1, 1), 1, None, 8, platform="TPU")
 
 
-def test_the_readme_table_is_the_plan_beside_the_recorded_compiler():
-    """The README's memory table is `python scripts/memory_table.py --compile --roofline`
+def test_the_documented_table_is_the_plan_beside_the_recorded_compiler():
+    """The memory table of docs/guides/memory-planning.md is
+    `python scripts/memory_table.py --compile --roofline`
     over the recorded compiler results (benchmarks/memory_table_tpu.json, nothing compiled
     here), and in every TPU cell the compiler accepted the plan is within 15% of it."""
     import json
@@ -259,9 +275,10 @@ def test_the_readme_table_is_the_plan_beside_the_recorded_compiler():
     results = json.loads(memory_table.RESULTS.read_text())
     results["offline"] = True  # a cell the plan now picks but nobody compiled: KeyError
     text = memory_table.render([1, 64], 512, 0.1, results, roofline=True)
-    assert text in (root / "README.md").read_text(), (
-        "the README's memory table is stale: run python scripts/memory_table.py --compile "
-        "--roofline")
+    guide = root / "docs" / "guides" / "memory-planning.md"
+    assert text in guide.read_text(), (
+        "the memory table of docs/guides/memory-planning.md is stale: paste the output of "
+        "python scripts/memory_table.py --compile --roofline")
     checked = 0
     for batch in (1, 64):
         for name, config in memory_table.MODELS.items():

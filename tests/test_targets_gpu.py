@@ -97,18 +97,22 @@ def test_a_decode_cycle_holds_the_planned_shards_on_h100s(target, mesh):
 
 @pytest.mark.slow
 @needs_cuda_compile
-def test_r1_distill_qwen_1_5b_generate_fits_one_h100():
-    """The whole gkv `generate` at R1-Distill-Qwen-1.5B shapes (batch 8, prompt 512, 4,096
-    new tokens, budget 2,048, bfloat16) compiles for one H100; the compiler's total is
-    within 15% of `memory_plan(..., platform="gpu")`."""
+@pytest.mark.parametrize("batch", [8, 256])
+def test_r1_distill_qwen_1_5b_generate_fits_one_h100_as_planned(batch):
+    """The whole gkv `generate` at R1-Distill-Qwen-1.5B shapes (prompt 512, 4,096 new
+    tokens, budget 2,048, bfloat16) compiles for one H100, and the compiler's total is within
+    10% of `memory_plan(..., platform="gpu")`: at batch 8 the weights dominate, at batch 256
+    the cache and the prefill's activations (all 256 prompts through a layer at once)."""
     from gkv_jax.sharding import memory_plan
 
     config = preset("deepseek-r1-distill-qwen-1.5b")
     eviction = EvictionConfig("gkv", budget=2048, implementation="pallas")
-    report = compile_for("h100-1", config, batch=8, prompt_length=512, max_new_tokens=4096,
-                         eviction=eviction, cost=False)
+    report = compile_for("h100-1", config, batch=batch, prompt_length=512,
+                         max_new_tokens=4096, eviction=eviction, cost=False)
     assert report.compiled and report.fits, report.error
-    plan = memory_plan(config, (1, 1), 8, eviction, 4096, "bfloat16", 512, platform="gpu")
-    assert abs(report.total_bytes - plan.total) <= 0.15 * report.total_bytes, (
+    plan = memory_plan(config, (1, 1), batch, eviction, 4096, "bfloat16", 512, platform="gpu")
+    assert abs(report.total_bytes - plan.total) <= 0.10 * report.total_bytes, (
         report.total_bytes, plan.total)
+    if batch == 256:
+        assert plan.prefill_activations > plan.eviction_temporaries
     assert jax.default_backend() == "cpu"  # compiled on this host, nothing attached
