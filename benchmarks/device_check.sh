@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one-call accelerator check (run it when a GPU or TPU is lent; see README, "Pallas
-# kernels"):
+# The one-call accelerator check (run it when a GPU or TPU is lent; see docs/contributing.md,
+# "The device check"):
 #
 #   bash benchmarks/device_check.sh [--dry-run] [--output FILE.json] [--budget SECONDS]
 #

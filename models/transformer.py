@@ -332,8 +332,8 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
     Why: XLA:CPU copies every slice of a stacked weight before its matrix product (a dynamic
     slice inside the layer scan, or a static one), so a decode step read each weight about
     three times; from separate per-layer arrays it reads each once (measured in
-    benchmarks/RESULTS.md, "Decode against PyTorch"). Inside a jitted program the split
-    copies the weights once per call, not once per step.
+    docs/results/decode-speed.md, "First part: the stacked weights"). Inside a jitted
+    program the split copies the weights once per call, not once per step.
     """
     stacked = params["layers"]
     num_layers = next(iter(stacked.values())).shape[0]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Post-training of the bundled reasoning model for a compressed cache (README, "Post-training":
-# the demonstration). Each step is a plain gkv-jax command; run from the repository root.
+# Post-training of the bundled reasoning model for a compressed cache (the demonstration of
+# docs/guides/post-training.md; its numbers: docs/results/post-training.md). Each step is a
+# plain gkv-jax command; run from the repository root.
 set -euo pipefail
 
 # 1. Distil the bundled model into itself for gkv at budget 68 (window 16, divide_length 16):

@@ -13,7 +13,7 @@ and whenever held-out accuracy improves, the model is exported in Hugging Face f
 (config.json, model.safetensors, tokenizer files) to `--export-dir` with
 `gkv_jax.conversion.to_hf`.
 
-    bash scripts/train_reasoner.sh   # the bundled model's recipe (README)
+    bash scripts/train_reasoner.sh   # the bundled model's recipe (docs/bundled-model.md)
 """
 
 from __future__ import annotations

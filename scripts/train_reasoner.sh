@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recipe that produced gkv_jax/assets/reasoner (see README, "The bundled reasoning model"):
+# The recipe that produced gkv_jax/assets/reasoner (see docs/bundled-model.md, "Training"):
 # the exact commands, in order; logs of each phase in scripts/logs/reasoner_phase<N>.log.
 #
 # Phases 1-3 learn the walk with the entry written "Kv" (--compact-lines), one resumable

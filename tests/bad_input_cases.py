@@ -1,7 +1,8 @@
-"""Bad inputs and what the library answers: the cases behind the README's bad-input table.
+"""Bad inputs and what the library answers: the cases behind the bad-input table of
+docs/reference/bad-inputs.md.
 
 Each case is run by `tests/test_bad_input_table.py`, which asserts the error type (or the CLI's
-exit status) and that the message names the parameter, and checks that the README's table is
+exit status) and that the message names the parameter, and checks that the documented table is
 exactly `render_table()`'s output. `python scripts/bad_input_table.py` rewrites that table.
 Every case fails before anything is compiled, so the whole table costs a few seconds.
 """
@@ -30,7 +31,7 @@ class Case:
 
     Attributes:
       area: what was called ("generate", "EvictionConfig", "load", "evaluate", "CLI", ...).
-      shown: the input as the README shows it.
+      shown: the input as the table shows it.
       run: called with the `Fixtures`; raises (API), or returns a CLI argv list.
       expected: the exception type, for CLI cases the exit status, or None for an input
         that is accepted with a documented, sensible answer (`run` returns it as text).
@@ -95,7 +96,7 @@ def observe(case: Case, fixtures: Fixtures) -> tuple[str, str]:
 
 
 def render_table(cases: list[Case], fixtures: Fixtures) -> str:
-    """The README's markdown table (between `TABLE_START` and `TABLE_END`)."""
+    """The bad-input table in markdown (between `TABLE_START` and `TABLE_END`)."""
     rows = ["| call | input | answer |", "|---|---|---|"]
     for case in cases:
         what, message = observe(case, fixtures)

@@ -1,5 +1,6 @@
-"""Every bad input of `tests/bad_input_cases.py` gets its clear error, and the README's
-bad-input table is exactly what these cases print (regenerate: scripts/bad_input_table.py)."""
+"""Every bad input of `tests/bad_input_cases.py` gets its clear error, and the documented
+bad-input table (docs/reference/bad-inputs.md) is exactly what these cases print
+(regenerate: scripts/bad_input_table.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from tests.bad_input_cases import (
     render_table,
 )
 
-README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+PAGE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "reference",
+                    "bad-inputs.md")
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +40,13 @@ def test_bad_input_gets_a_clear_error(case, fixtures):
     assert "Traceback" not in message
 
 
-def test_readme_table_is_generated_from_the_cases(fixtures):
-    with open(README, encoding="utf-8") as f:
-        readme = f.read()
-    assert readme.count(TABLE_START) == 1 and readme.count(TABLE_END) == 1
-    start = readme.index(TABLE_START)
-    in_readme = readme[start:readme.index(TABLE_END) + len(TABLE_END)]
+def test_documented_table_is_generated_from_the_cases(fixtures):
+    with open(PAGE, encoding="utf-8") as f:
+        page = f.read()
+    assert page.count(TABLE_START) == 1 and page.count(TABLE_END) == 1
+    start = page.index(TABLE_START)
+    in_page = page[start:page.index(TABLE_END) + len(TABLE_END)]
     assert len(CASES) >= 25
-    assert in_readme == render_table(CASES, fixtures), (
-        "the README's bad-input table is stale: run python scripts/bad_input_table.py")
+    assert in_page == render_table(CASES, fixtures), (
+        "docs/reference/bad-inputs.md's bad-input table is stale: run "
+        "python scripts/bad_input_table.py")

@@ -36,8 +36,8 @@ def test_full_cache_solves_held_out_problems_and_eviction_policies_differ(tmp_pa
     """Six held-out problems end to end (load -> evaluate -> grade): the full cache solves
     them, and at a quarter of the sequence (budget 136 of 544 tokens) the policies differ:
     gkv's historical score keeps the prompt's table, which the trace re-reads every 30
-    tokens (88.5% on the 200 of the README's table), rkv's cache loses it (1%). Every policy
-    runs in the demo test (slow)."""
+    tokens (88.5% on the 200 of docs/results/accuracy.md), rkv's cache loses it (1%). Every
+    policy runs in the demo test (slow)."""
     model, tokenizer = gkv_jax.load(bundled_model_dir(), dtype="float32")
     report = evaluate(model, tokenizer, "synthetic", policies=("full", "rkv", "gkv"),
                       budgets=(DEMO_BUDGET,), window=16, divide_length=16, num_problems=6,

@@ -95,5 +95,5 @@ def test_colab_tpu_notebook_runs_sharded_on_host_devices(tmp_path):
         assert run["cache_bytes_per_device"] == pytest.approx(run["cache_bytes"] / model,
                                                               rel=1e-3)
     assert gkv["cache_bytes_per_device"] < full["cache_bytes_per_device"]
-    # the bundled model solves every held-out problem with a full cache (README)
+    # the bundled model solves every held-out problem with a full cache (docs/bundled-model.md)
     assert full["correct"], full

@@ -160,14 +160,16 @@ def test_ops_resolve_once():
 # Slow (the fast suite's cold time): custom policies are registered and run in the fast registry
 # tests.
 @pytest.mark.slow
-def test_readme_walkthrough_adds_a_policy_in_a_file_of_ones_own(capsys):
-    """The README's "Adding a policy" code, run as a user's file: no library edit."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Adding a policy"):]
+def test_guide_walkthrough_adds_a_policy_in_a_file_of_ones_own(capsys):
+    """The policies guide's "Adding a policy" code (docs/guides/policies.md), run as a
+    user's file: no library edit."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "guides" / "policies.md")
+    text = guide.read_text()
+    section = text[text.index("## Adding a policy"):]
     start = section.index("```python\n") + len("```python\n")
     code = section[start: section.index("\n```", start)]
     try:
-        exec(compile(code, "README.md: Adding a policy", "exec"), {})
+        exec(compile(code, "docs/guides/policies.md: Adding a policy", "exec"), {})
         assert "recent-attention" in POLICIES
     finally:
         if "recent-attention" in POLICIES:

@@ -274,8 +274,9 @@ def _table_model(name: str) -> ModelConfig:
 ])
 def test_memory_plan_agrees_with_the_tpu_compiler(model, target, batch, policy, new_tokens,
                                                  mesh):
-    """README table cells: `memory_plan(platform="tpu")` within 15% of the compiled
-    `generate`'s bytes per device (scripts/memory_table.py --compile checks every cell)."""
+    """Memory-table cells (docs/guides/memory-planning.md): `memory_plan(platform="tpu")`
+    within 15% of the compiled `generate`'s bytes per device (scripts/memory_table.py
+    --compile checks every cell)."""
     from gkv_jax.sharding import memory_plan
     from gkv_jax.targets import compile_for
 

@@ -66,7 +66,7 @@ class Policy:
       window_role: what `window` means to it (see `WINDOW_ROLES`).
       resolve: derives knobs from the others: `resolve(fields) -> fields to set`, with
         `fields` the config's budget and knobs as given; None = the defaults only.
-      about: one line for the README table and the CLI help.
+      about: one line for the policies table (docs/guides/policies.md) and the CLI help.
     """
 
     name: str
