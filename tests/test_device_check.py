@@ -193,6 +193,9 @@ def test_a_stage_that_raises_is_recorded_and_the_summary_still_written(tmp_path,
     assert [s["stage"] for s in summary["stages"]] == ["eviction", "decode", "engine"]
 
 
+# Slow (the fast suite's cold time; CI runs it with the slow sweeps): the stage-error test
+# above keeps `device_check.run` in the fast suite.
+@pytest.mark.slow
 def test_dry_run_in_process_writes_every_stage(tmp_path, monkeypatch):
     """The dry run without the pytest stage, the transformers comparison, the Pallas
     eviction row (its interpret-mode compile) and the engine stage (its compiles; the slow

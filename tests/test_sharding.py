@@ -142,6 +142,9 @@ def test_kv_heads_replicate_when_model_exceeds_them():
 
 
 # --------------------------------------------------------------------------- generation
+# Slow (the fast suite's cold time): the 2x4 mesh is one of the sweep's meshes below; the
+# cache-sharding test keeps a sharded generate in the fast suite.
+@pytest.mark.slow
 def test_sharded_generate_equals_one_device_on_a_2x4_mesh():
     """gkv, a ragged batch of 3 on data=2 (padded to 4), KV heads over model=4."""
     check_same_as_one_device("gkv", 2, 4)

@@ -118,6 +118,10 @@ def distill_config(**changes):
     return training.DistillConfig(**{**base, **changes})
 
 
+# Slow (the fast suite's cold time; CI runs it with the slow sweeps): the KL test above
+# keeps the distillation step in the fast suite, tests/training/test_inputs.py the run
+# directory.
+@pytest.mark.slow
 def test_distill_lowers_the_loss_compiles_once_and_resumes_exactly(tmp_path):
     teacher = tiny_model()
     student = loop_common._with_params(teacher,
