@@ -1,14 +1,8 @@
 """Hugging Face PyTorch/safetensors checkpoints to Flax and back; Orbax save/restore."""
 
 from gkv_jax.conversion.checkpoint import load_checkpoint, save_checkpoint
-from gkv_jax.conversion.hf import (
-    ConversionError,
-    convert_weights,
-    from_hf,
-    hf_state_dict,
-    model_from_weights,
-    to_hf,
-)
+from gkv_jax.conversion.export import hf_state_dict, to_hf
+from gkv_jax.conversion.hf import ConversionError, convert_weights, from_hf, model_from_weights
 
 __all__ = [
     "ConversionError",

@@ -84,6 +84,42 @@ def test_to_hf_writes_shards_with_an_index(qwen2_hf, tmp_path):
     np.testing.assert_array_equal(hf_logits(reloaded, IDS), hf_logits(qwen2_hf, IDS))
 
 
+def test_to_hf_streams_one_shard_at_a_time(qwen2_hf, tmp_path, capsys):
+    """The host holds one shard's tensors and their serialised copy at a time, never the
+    whole model twice (numpy and bytes allocations traced); the shards reload exactly."""
+    import tracemalloc
+
+    from gkv_jax.conversion.export import hf_tensors
+
+    model = conversion.from_hf(qwen2_hf)
+    tensors = hf_tensors(model)
+    model_bytes = sum(t.nbytes for t in tensors)
+    largest = max(t.nbytes for t in tensors)
+    max_shard = max(model_bytes // 10, largest)
+    tracemalloc.start()
+    try:
+        conversion.to_hf(model, tmp_path, max_shard_bytes=max_shard)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 2 * max_shard + 2 * largest < model_bytes, (peak, max_shard, model_bytes)
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert index["metadata"]["total_size"] == model_bytes
+    assert list(index["weight_map"]) == [t.name for t in tensors]
+    shard_sizes = {}
+    for t in tensors:
+        shard_sizes[index["weight_map"][t.name]] = (
+            shard_sizes.get(index["weight_map"][t.name], 0) + t.nbytes)
+    assert len(shard_sizes) >= 10 and max(shard_sizes.values()) <= max_shard
+    assert "to_hf shards" in capsys.readouterr().err  # a bar over several shards
+    assert _leaves_equal(conversion.from_hf(tmp_path).params(), model.params())
+    conversion.to_hf(model, tmp_path, max_shard_bytes=max_shard, progress=False)
+    assert "to_hf shards" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_shard_bytes must be an integer >= 1"):
+        conversion.to_hf(model, tmp_path, max_shard_bytes=0)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_orbax_round_trip_is_bit_exact(qwen2_hf, tmp_path, dtype):
     model = conversion.from_hf(qwen2_hf, dtype=dtype)
