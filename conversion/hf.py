@@ -421,8 +421,32 @@ def weight_shardings(config: ModelConfig, mesh) -> dict[str, Any]:
     return param_shardings(config, param_shapes(config), check_mesh(mesh))
 
 
+# A progress bar by default for checkpoints of at least this many elements (about 0.5 GB in
+# bfloat16): loads of a few seconds and more.
+PROGRESS_MIN_ELEMENTS = 2**28
+
+
+def _with_progress(source: TensorSource, progress: bool | None) -> tuple[TensorSource, Any]:
+    """`source` whose reads advance a tqdm bar over its tensors (None: one for checkpoints
+    of `PROGRESS_MIN_ELEMENTS` or more), and the bar (None when not shown)."""
+    elements = sum(int(np.prod(shape, dtype=np.int64)) for shape in source.shapes.values())
+    show = elements >= PROGRESS_MIN_ELEMENTS if progress is None else bool(progress)
+    if not show:
+        return source, None
+    from tqdm.auto import tqdm
+
+    read_once = [key for key in source.shapes if not _DERIVED_KEY.search(key)]
+    bar = tqdm(total=len(read_once), desc="loading tensors", unit="tensor")
+
+    def read(key: str) -> np.ndarray:
+        tensor = source.read(key)
+        bar.update()
+        return tensor
+    return TensorSource(source.shapes, read, source.origin), bar
+
+
 def convert_weights(config: ModelConfig, source: TensorSource, dtype: Any = jnp.float32,
-                    mesh=None) -> dict[str, Any]:
+                    mesh=None, progress: bool | None = None) -> dict[str, Any]:
     """The model's nested weight dict (jax arrays in `dtype`) from a checkpoint's tensors.
 
     The keys and shapes are checked first (nothing is read before); then each model weight
@@ -437,6 +461,8 @@ def convert_weights(config: ModelConfig, source: TensorSource, dtype: Any = jnp.
       mesh: None (every weight on the default device), or a `jax.sharding.Mesh` from
         `gkv_jax.sharding.make_mesh`: each weight goes straight onto its shards by the
         rule table (`gkv_jax.sharding.placement.param_shardings`).
+      progress: a tqdm bar over the tensors read (None: only for checkpoints of
+        `PROGRESS_MIN_ELEMENTS` elements or more, loads of a few seconds).
 
     Raises:
       ConversionError: naming the first unexpected, duplicated, mis-shaped or missing key.
@@ -446,6 +472,17 @@ def convert_weights(config: ModelConfig, source: TensorSource, dtype: Any = jnp.
     dtype = resolve_dtype(dtype)
     table = _rules_by_key(config)
     _check_keys(config, source, table)
+    source, bar = _with_progress(source, progress)
+    try:
+        return _convert_checked(config, source, dtype, shardings)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _convert_checked(config: ModelConfig, source: TensorSource, dtype,
+                     shardings: dict[str, Any] | None) -> dict[str, Any]:
+    """`convert_weights` once the keys and shapes are checked."""
 
     def placed(rule: Rule, keys: list[str], stack: bool, name: str | None = None,
                layer: bool = False) -> jax.Array:
@@ -488,7 +525,8 @@ def model_from_weights(config: ModelConfig, weights: dict[str, Any],
     return nnx.merge(graphdef, state)
 
 
-def from_hf(source: Any, dtype: Any = jnp.float32, mesh=None) -> Transformer:
+def from_hf(source: Any, dtype: Any = jnp.float32, mesh=None,
+            progress: bool | None = None) -> Transformer:
     """A Flax model from a Hugging Face checkpoint.
 
     Args:
@@ -500,6 +538,8 @@ def from_hf(source: Any, dtype: Any = jnp.float32, mesh=None) -> Transformer:
         `gkv_jax.sharding.make_mesh`: each weight is placed straight onto its shards by the
         rule table (never whole on one device, never twice in host memory), and
         `gkv_jax.generate` then runs on that mesh without a `mesh` argument.
+      progress: a progress bar over the tensors read (None: only for checkpoints of about
+        0.5 GB or more; False: never).
 
     Raises:
       ConversionError: a tensor is missing, unexpected, mis-shaped or stored as integers,
@@ -514,4 +554,5 @@ def from_hf(source: Any, dtype: Any = jnp.float32, mesh=None) -> Transformer:
         check_mesh(mesh)
     dtype = resolve_dtype(dtype)
     config, tensors = _open_source(source)
-    return model_from_weights(config, convert_weights(config, tensors, dtype, mesh), dtype)
+    return model_from_weights(config, convert_weights(config, tensors, dtype, mesh, progress),
+                              dtype)

@@ -159,7 +159,8 @@ def _safetensors_header_dtypes(path: str) -> list[tuple[str, int]]:
     return sizes
 
 
-def load(source: str | os.PathLike, dtype: Any = None, mesh=None) -> tuple[Transformer, Any]:
+def load(source: str | os.PathLike, dtype: Any = None, mesh=None,
+         progress: bool | None = None) -> tuple[Transformer, Any]:
     """Loads `(model, tokenizer)` from a Hugging Face checkpoint.
 
     Args:
@@ -173,6 +174,8 @@ def load(source: str | os.PathLike, dtype: Any = None, mesh=None) -> tuple[Trans
         shards by the rule table (`gkv_jax.sharding.placement.param_shardings`), so no device
         ever holds the whole model and the host never holds it twice. `gkv_jax.generate`
         then runs on that mesh without a `mesh` argument.
+      progress: a progress bar over the tensors read (None: only for checkpoints of about
+        0.5 GB or more, loads of a few seconds; False: never).
 
     Returns:
       The NNX `Transformer` and the tokenizer (None if the directory has no tokenizer files).
@@ -187,4 +190,5 @@ def load(source: str | os.PathLike, dtype: Any = None, mesh=None) -> tuple[Trans
     directory = resolve_source(source)
     if dtype is None:
         dtype = checkpoint_dtype(directory)
-    return from_hf(directory, dtype=dtype, mesh=mesh), load_tokenizer(directory)
+    return (from_hf(directory, dtype=dtype, mesh=mesh, progress=progress),
+            load_tokenizer(directory))

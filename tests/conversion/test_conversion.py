@@ -120,6 +120,25 @@ def test_to_hf_streams_one_shard_at_a_time(qwen2_hf, tmp_path, capsys):
         conversion.to_hf(model, tmp_path, max_shard_bytes=0)
 
 
+def test_loading_shows_a_progress_bar_over_the_tensors_when_asked(qwen2_dir, capsys):
+    """Off by default for a checkpoint this small (a load of milliseconds), on with
+    progress=True, counting every tensor read; gkv_jax.load passes it through."""
+    from safetensors import safe_open
+
+    conversion.from_hf(qwen2_dir)
+    assert "loading tensors" not in capsys.readouterr().err
+    conversion.from_hf(qwen2_dir, progress=True)
+    err = capsys.readouterr().err
+    count = 0
+    for name in os.listdir(qwen2_dir):
+        if name.endswith(".safetensors"):
+            with safe_open(str(qwen2_dir / name), framework="numpy") as handle:
+                count += len(list(handle.keys()))
+    assert "loading tensors" in err and f"{count}/{count}" in err, err[-500:]
+    gkv_jax.load(qwen2_dir, progress=True)
+    assert "loading tensors" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_orbax_round_trip_is_bit_exact(qwen2_hf, tmp_path, dtype):
     model = conversion.from_hf(qwen2_hf, dtype=dtype)
