@@ -10,6 +10,8 @@ fresh subprocesses so that each loader's peak host RSS is isolated:
   transformers+read  the same, then every weight is read once (`p.max()`): transformers
                 keeps bf16 weights as lazy views of the memory-mapped files, so without
                 a read most of the checkpoint is never resident
+  orbax         `load_checkpoint(DIR-orbax)`: the fast reload of a model converted once
+                and saved with `save_checkpoint` (written by a child before the runs)
   ours-stages   `from_hf`'s two stages run one by one, each with its own peak RSS
 
 Every child imports the same libraries, then reports its wall time and peak RSS
@@ -41,7 +43,8 @@ from typing import Any
 
 DEFAULT_PRESET = "deepseek-r1-distill-qwen-1.5b"
 GB = 1e9  # decimal gigabytes throughout
-LOADERS = ("baseline", "ours", "transformers", "transformers+read")
+LOADERS = ("baseline", "ours", "transformers", "transformers+read", "orbax")
+ORBAX_SUFFIX = "-orbax"  # the Orbax copy of the checkpoint: a sibling directory
 
 
 # ---------------------------------------------------------------------------- memory
@@ -160,10 +163,11 @@ def directory_bytes(directory: str) -> int:
 def warm_page_cache(directory: str) -> None:
     """Reads every file once so that no loader pays the first read from disk."""
     buffer = bytearray(8 * 1024 * 1024)
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            with open(os.path.join(root, name), "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
 
 
 # ---------------------------------------------------------------------------- children
@@ -184,6 +188,26 @@ def load_ours(directory: str):
     model = from_hf(directory, dtype="bfloat16")
     jax.block_until_ready(model.params())
     return model
+
+
+def load_orbax(directory: str):
+    import jax
+
+    from gkv_jax.conversion import load_checkpoint
+
+    model = load_checkpoint(directory + ORBAX_SUFFIX)
+    jax.block_until_ready(model.params())
+    return model
+
+
+def write_orbax_child(directory: str) -> dict[str, Any]:
+    """Converts the checkpoint once and saves it with Orbax, next to it."""
+    from gkv_jax.conversion import from_hf, save_checkpoint
+
+    start = time.perf_counter()
+    save_checkpoint(from_hf(directory, dtype="bfloat16", progress=False),
+                    directory + ORBAX_SUFFIX)
+    return {"seconds": time.perf_counter() - start}
 
 
 def load_transformers(directory: str, read_weights: bool = False):
@@ -256,6 +280,8 @@ def load_child(loader: str, directory: str) -> dict[str, Any]:
         model = load_transformers(directory)
     elif loader == "transformers+read":
         model = load_transformers(directory, read_weights=True)
+    elif loader == "orbax":
+        model = load_orbax(directory)
     elif loader == "ours-stages":
         stages = load_ours_by_stage(directory)
     load_seconds = time.perf_counter() - start
@@ -298,6 +324,7 @@ LOADER_NAMES = {
     "ours": '`from_hf(dir, dtype="bfloat16")`',
     "transformers": "`AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16)`",
     "transformers+read": "the same, then read every weight once",
+    "orbax": "`load_checkpoint(dir)` of the same model saved with Orbax",
 }
 
 
@@ -351,7 +378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the per-stage breakdown of from_hf")
     parser.add_argument("--results", default=None, help="append a JSON line to this file")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
-    parser.add_argument("--child", choices=("write", *LOADERS, "ours-stages"),
+    parser.add_argument("--child", choices=("write", "write-orbax", *LOADERS, "ours-stages"),
                         help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -363,7 +390,10 @@ def measure(args: argparse.Namespace, directory: str) -> dict[str, Any]:
         record["write"] = spawn_child("write", args, directory)
         print(f"wrote the synthetic checkpoint in {record['write']['seconds']:.1f} s")
     record["checkpoint_bytes"] = directory_bytes(directory)
+    if not os.path.exists(directory + ORBAX_SUFFIX):
+        record["write_orbax"] = spawn_child("write-orbax", args, directory)
     warm_page_cache(directory)
+    warm_page_cache(directory + ORBAX_SUFFIX)
     record["parent_peak_rss"] = peak_rss_bytes()
     runs: dict[str, list[dict[str, Any]]] = {loader: [] for loader in LOADERS}
     for _ in range(args.repeats):
@@ -390,6 +420,8 @@ def report(args: argparse.Namespace, record: dict[str, Any]) -> None:
     print()
     for theirs_name in ("transformers", "transformers+read"):
         print(ratio_line(summary, theirs_name))
+    orbax_ratio = summary["orbax"]["load_seconds"] / summary["ours"]["load_seconds"]
+    print(f"orbax reload / from_hf: wall time {orbax_ratio:.2f}x (goal <= 0.5x)")
     if record["stages"]:
         print("\n" + stages_table(record["stages"]))
     if args.results:
@@ -403,8 +435,12 @@ def report(args: argparse.Namespace, record: dict[str, Any]) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        result = (write_child(args) if args.child == "write"
-                  else load_child(args.child, args.workdir))
+        if args.child == "write":
+            result = write_child(args)
+        elif args.child == "write-orbax":
+            result = write_orbax_child(args.workdir)
+        else:
+            result = load_child(args.child, args.workdir)
         print("RESULT " + json.dumps(result))
         return
     directory = args.workdir or tempfile.mkdtemp(prefix="conversion_bench_")
@@ -414,6 +450,7 @@ def main(argv=None) -> None:
     finally:
         if created and not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(directory + ORBAX_SUFFIX, ignore_errors=True)
     report(args, record)
 
 
