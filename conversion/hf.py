@@ -210,9 +210,11 @@ class TensorSource:
     def from_safetensors(cls, paths: list[str]) -> TensorSource:
         """Every shard's header read once; a tensor is read only when asked for.
 
-        Each read opens its file anew and closes it after: the memory-mapped pages of a
-        tensor already copied out would otherwise stay resident (and counted in the
-        process's memory) until the end of the conversion, a second copy of the model.
+        A read maps the tensor's bytes (`np.memmap`, no copy): the conversion copies them
+        once, straight into the weight's final buffer. Each read maps its file anew and
+        the map goes with the returned array: the memory-mapped pages of a tensor already
+        copied out would otherwise stay resident (and counted in the process's memory)
+        until the end of the conversion, a second copy of the model.
         """
         from safetensors import safe_open
 
@@ -232,14 +234,52 @@ class TensorSource:
                 raise ConversionError(f"{path}: not a readable safetensors file, truncated or "
                                       f"corrupt ({err})") from None
 
+        layouts = {path: _safetensors_layout(path) for path in paths}
+
         def read(key: str) -> np.ndarray:
+            path = owner[key]
             try:
-                with safe_open(owner[key], framework="numpy") as handle:
-                    return handle.get_tensor(key)
+                return _mapped_tensor(path, key, layouts[path])
+            except ConversionError:
+                raise
             except Exception as err:
-                raise ConversionError(f"{key} in {owner[key]}: cannot be read, the file is "
+                raise ConversionError(f"{key} in {path}: cannot be read, the file is "
                                       f"truncated or corrupt ({err})") from None
         return cls(shapes, read, origin=owner)
+
+
+# safetensors' dtype names -> numpy dtypes (the integer ones load only to be refused by name).
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _safetensors_layout(path: str) -> tuple[int, dict[str, Any]]:
+    """(where the data starts, the header's tensor entries) of a safetensors file: an
+    8-byte little-endian header size, then the JSON header (the format's specification)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def _mapped_tensor(path: str, key: str, layout: tuple[int, dict[str, Any]]) -> np.ndarray:
+    """The tensor `key` of a safetensors file as a read-only memory map of its bytes."""
+    start, header = layout
+    entry = header[key]
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ConversionError(f"{key} in {path}: stored as {entry['dtype']}; weights must be "
+                              "floating point (float32, bfloat16 or float16)")
+    shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+        raise ConversionError(f"{key} in {path}: its byte range does not match its shape "
+                              f"{shape} and dtype {entry['dtype']}; the file is corrupt")
+    if end == begin:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
 
 
 def _read_config_json(directory: str) -> ModelConfig:
