@@ -187,6 +187,9 @@ class TensorSource:
         self.shapes = shapes
         self.read = read
         self.origin = dict(origin or {})  # tensor name -> the file it is stored in
+        # What the conversion copied out of the tensors (on a mesh, only this process's
+        # blocks): the bytes it read, for a memory-mapped checkpoint.
+        self.bytes_copied = 0
 
     def where(self, key: str) -> str:
         """The tensor's name, and its file when it has one (for error messages)."""
@@ -394,26 +397,76 @@ def _copy_blocked(destination: np.ndarray, source: np.ndarray, block: int = 128)
 
 
 def _to_host(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
-             stack: bool, copy: bool = True) -> np.ndarray:
+             stack: bool) -> np.ndarray:
     """One model weight on the host, in the model layout and its stored dtype: its HF tensors
-    read one at a time and written into one buffer (stacked over layers). A single tensor
-    with `copy=False` is returned as a view of what was read (possibly transposed)."""
+    read one at a time (through memory maps for safetensors) and copied once into one
+    aligned buffer (stacked over layers), which the CPU backend then adopts."""
     host = None
     for i, key in enumerate(keys):
         tensor = source.read_float(key)
         laid_out = rule.to_flax(_as_bits(tensor), config)
         if host is None:
             stored = tensor.dtype
-            if not stack and not copy:
-                return laid_out.view(stored)
             shape = (len(keys), *laid_out.shape) if stack else laid_out.shape
             host = _aligned_empty(shape, laid_out.dtype)
         elif tensor.dtype != stored:
             raise ConversionError(f"{source.where(key)}: stored as {tensor.dtype}, other "
                                   f"layers as {stored}")
         _copy_blocked(host[i] if stack else host, laid_out)
+        source.bytes_copied += laid_out.nbytes
         del tensor, laid_out
     return host.view(stored)
+
+
+def _laid_out(rule: Rule, key: str, source: TensorSource, config: ModelConfig
+              ) -> np.ndarray:
+    """One HF tensor in the model's layout, as raw bits: a view of a memory map for a
+    safetensors checkpoint, so that nothing is read until a slice of it is copied out."""
+    return rule.to_flax(_as_bits(source.read_float(key)), config)
+
+
+def _stored_dtype(keys: list[str], source: TensorSource) -> np.dtype:
+    """The dtype every tensor of one weight is stored in (mapping them reads no data)."""
+    stored = None
+    for key in keys:
+        dtype = source.read_float(key).dtype
+        if stored is not None and dtype != stored:
+            raise ConversionError(f"{source.where(key)}: stored as {dtype}, other layers as "
+                                  f"{stored}")
+        stored = dtype
+    return stored
+
+
+def _sharded(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
+             stack: bool, sharding: NamedSharding) -> jax.Array:
+    """One weight as a global array with `sharding`, in its stored dtype, each device's
+    block copied straight from the checkpoint: only the bytes of this process's shards are
+    read (on a multi-process run, each process reads about its share), and neither the host
+    nor a device ever holds the whole weight. Each layer's tensor is mapped anew for each
+    block and dropped after, so that its pages do not stay resident."""
+    stored = _stored_dtype(keys, source)
+    layer_shape = _laid_out(rule, keys[0], source, config).shape
+    shape = (len(keys), *layer_shape) if stack else layer_shape
+    blocks: dict[tuple, np.ndarray] = {}  # replicas share their block
+
+    def block_for(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            layers = range(*index[0].indices(len(keys))) if stack else [0]
+            within = index[1:] if stack else index
+            block = None
+            for row, layer in enumerate(layers):
+                view = _laid_out(rule, keys[layer], source, config)[within]
+                if block is None:
+                    block = _aligned_empty((len(layers), *view.shape) if stack else view.shape,
+                                           view.dtype)
+                _copy_blocked(block[row] if stack else block, view)
+                source.bytes_copied += view.nbytes
+                del view
+            blocks[key] = block.view(stored)
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, block_for)
 
 
 def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelConfig,
@@ -421,49 +474,21 @@ def _to_device(rule: Rule, keys: list[str], source: TensorSource, config: ModelC
     """One model weight on the device(s), in `dtype`.
 
     Without `sharding`: the host buffer moved to the default device once, then cast once.
-    With it: each device receives only its own slice of the host buffer
-    (`jax.make_array_from_callback`; on a multi-process run each process fills only the
-    shards of its own devices), the cast runs shard by shard, and the result has exactly
-    `sharding`. The weight is never whole on one device.
+    With it: each device receives only its own block, copied from the checkpoint
+    (`_sharded`; on a multi-process run each process fills, and reads, only the shards of
+    its own devices), the cast runs shard by shard, and the result has exactly `sharding`.
+    The weight is never whole on one device, nor on the host.
     """
-    host = _to_host(rule, keys, source, config, stack, copy=sharding is None)
     if sharding is None:
+        host = _to_host(rule, keys, source, config, stack)
         device = jax.device_put(host)
         del host
         return device if device.dtype == dtype else device.astype(dtype)
-    placed = _scatter(host, sharding)
-    del host
+    placed = _sharded(rule, keys, source, config, stack, sharding)
     if placed.dtype != dtype:
         placed = placed.astype(dtype)  # elementwise: runs on each shard where it lies
     # A no-op when the cast kept the layout; it never gathers the weight on one device.
     return jax.device_put(placed, sharding)
-
-
-def _aligned_copy(view: np.ndarray) -> np.ndarray:
-    """A contiguous, aligned copy of a (possibly strided) view, copied as raw bits."""
-    out = _aligned_empty(view.shape, view.dtype)
-    _copy_blocked(_as_bits(out), _as_bits(view))
-    return out
-
-
-def _scatter(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """`host` as a global array with `sharding`, each device given only its own slice
-    (on a multi-process run, only this process's devices).
-
-    `jax.make_array_from_callback` collects every device's slice before transferring them,
-    so a slice is copied out once per distinct index (devices holding replicas share it),
-    aligned, which lets the CPU backend adopt it as the device buffer: the host then holds
-    at most one copy of the weight beyond `host` itself, whatever the mesh.
-    """
-    copies: dict[tuple, np.ndarray] = {}
-
-    def slice_for(index: tuple[slice, ...]) -> np.ndarray:
-        key = tuple((s.start, s.stop, s.step) for s in index)
-        if key not in copies:
-            copies[key] = _aligned_copy(host[index])
-        return copies[key]
-
-    return jax.make_array_from_callback(host.shape, sharding, slice_for)
 
 
 def weight_shardings(config: ModelConfig, mesh) -> dict[str, Any]:
@@ -523,10 +548,12 @@ def convert_weights(config: ModelConfig, source: TensorSource, dtype: Any = jnp.
     dtype = resolve_dtype(dtype)
     table = _rules_by_key(config)
     _check_keys(config, source, table)
-    source, bar = _with_progress(source, progress)
+    reading, bar = _with_progress(source, progress)
     try:
-        return _convert_checked(config, source, dtype, shardings)
+        return _convert_checked(config, reading, dtype, shardings)
     finally:
+        if reading is not source:
+            source.bytes_copied += reading.bytes_copied
         if bar is not None:
             bar.close()
 

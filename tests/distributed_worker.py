@@ -1,11 +1,13 @@
 """One process of the multi-process test (`tests/test_distributed.py`), and the runs it compares.
 
-    python -m tests.distributed_worker OUT.json OUTPUT_DIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python -m tests.distributed_worker OUT.json OUTPUT_DIR CHECKPOINT [COORDINATOR NUM_PROCESSES
+        PROCESS_ID]
 
 With a coordinator it joins the job with `gkv_jax.distributed.initialize` (every process runs
 the same calls with the same full prompt lists, SPMD style); without one it runs alone.
 `run_cases` generates on each mesh of `MESHES`, evaluates on the first into OUTPUT_DIR and
-resumes that evaluation with one problem more; OUT.json gets what this process got back. The
+resumes that evaluation with one problem more, then loads CHECKPOINT (safetensors) onto
+`LOAD_MESH`; OUT.json gets what this process got back. The
 test process imports `run_cases` to compute the single-process reference (no mesh).
 """
 
@@ -72,7 +74,31 @@ def _mesh(shape):
     return None if shape is None else make_mesh(data=shape[0], model=shape[1])
 
 
-def run_cases(output_dir: str, meshes=MESHES) -> dict:
+# The load case: the model axis spans both processes, so each holds (and reads) half of every
+# split weight; the 4 KV heads are not split 8 ways, so both read those whole.
+LOAD_MESH = (1, 8)
+
+
+def loaded(checkpoint: str, shape=LOAD_MESH) -> dict:
+    """`convert_weights` of `checkpoint` onto a mesh: the bytes this process copied out of
+    the checkpoint, and (index, sum, sum of squares) of each of its shards by weight."""
+    import numpy as np
+
+    from gkv_jax.conversion import convert_weights
+    from gkv_jax.conversion.hf import _open_source
+
+    config, tensors = _open_source(checkpoint)
+    weights = convert_weights(config, tensors, dtype="float32", mesh=_mesh(shape))
+    flat = {**{k: v for k, v in weights.items() if k != "layers"}, **weights["layers"]}
+    shards = {name: sorted([[[s.start, s.stop] for s in shard.index],
+                            float(np.asarray(shard.data, np.float64).sum()),
+                            float((np.asarray(shard.data, np.float64) ** 2).sum())]
+                           for shard in array.addressable_shards)
+              for name, array in flat.items()}
+    return {"bytes_copied": tensors.bytes_copied, "shards": shards}
+
+
+def run_cases(output_dir: str, meshes=MESHES, checkpoint: str | None = None) -> dict:
     """Generation on each mesh of `meshes` (None: no mesh), then an evaluation into
     `output_dir` on the first, and its resumption with one problem more."""
     import jax
@@ -89,17 +115,19 @@ def run_cases(output_dir: str, meshes=MESHES) -> dict:
         report = evaluate(model, tokenizer, "synthetic", output_dir=output_dir,
                           mesh=_mesh(meshes[0]), num_problems=num_problems, **EVAL_RUN)
         results["evaluate"].append({"rows": report.rows, "summary": report.summary})
+    if checkpoint is not None:
+        results["load"] = loaded(checkpoint)
     return results
 
 
 def main(argv: list[str]) -> None:
-    out_path, output_dir, *job = argv
+    out_path, output_dir, checkpoint, *job = argv
     if job:
         from gkv_jax import distributed
 
         coordinator, num_processes, process_id = job
         distributed.initialize(coordinator, int(num_processes), int(process_id))
-    results = run_cases(output_dir)
+    results = run_cases(output_dir, checkpoint=checkpoint)
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(results, f)
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from gkv_jax import distributed
+from gkv_jax.conversion import to_hf
 from gkv_jax.evaluation import run as evaluation_run
 from gkv_jax.evaluation.rows import make_row
 from tests import distributed_worker
@@ -137,7 +138,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _run_two_processes(tmp_path: Path, output_dir: Path) -> list[dict]:
+def _run_two_processes(tmp_path: Path, output_dir: Path, checkpoint: Path) -> list[dict]:
     """Both workers' results; a failure or a timeout kills both and shows their output."""
     address = f"localhost:{_free_port()}"
     logs = [tmp_path / f"worker{rank}.log" for rank in range(2)]
@@ -145,8 +146,8 @@ def _run_two_processes(tmp_path: Path, output_dir: Path) -> list[dict]:
     try:
         for rank, log in enumerate(logs):
             command = [sys.executable, "-m", "tests.distributed_worker",
-                       str(tmp_path / f"worker{rank}.json"), str(output_dir), address, "2",
-                       str(rank)]
+                       str(tmp_path / f"worker{rank}.json"), str(output_dir),
+                       str(checkpoint), address, "2", str(rank)]
             with open(log, "w") as out:
                 workers.append(subprocess.Popen(command, cwd=REPO, env=_worker_env(),
                                                 stdout=out, stderr=subprocess.STDOUT))
@@ -176,11 +177,25 @@ def _without(rows, *fields):
 @pytest.mark.slow
 def test_two_processes_generate_and_evaluate_as_one(tmp_path):
     output_dir = tmp_path / "eval"
-    first, second = _run_two_processes(tmp_path, output_dir)
-    reference = distributed_worker.run_cases(str(tmp_path / "reference"), meshes=(None,))
+    checkpoint = tmp_path / "checkpoint"
+    to_hf(distributed_worker.tiny_model(), checkpoint)
+    first, second = _run_two_processes(tmp_path, output_dir, checkpoint)
+    reference = distributed_worker.run_cases(str(tmp_path / "reference"), meshes=(None,),
+                                             checkpoint=str(checkpoint))
 
     assert (first["process_index"], second["process_index"]) == (0, 1)
     assert first["process_count"] == second["process_count"] == 2
+    # The load: each process read about half of the checkpoint (its own blocks; the KV
+    # projections and norms, not split, whole), and the shards of both are the one-process
+    # load's.
+    loads = [first.pop("load"), second.pop("load")]
+    alone_load = reference["load"]
+    assert all(load["bytes_copied"] <= 0.6 * alone_load["bytes_copied"] for load in loads), (
+        [load["bytes_copied"] for load in loads], alone_load["bytes_copied"])
+    assert sum(load["bytes_copied"] for load in loads) >= alone_load["bytes_copied"]
+    for name, shards in alone_load["shards"].items():
+        assert sorted(loads[0]["shards"][name] + loads[1]["shards"][name]) == sorted(
+            shards), name
     # Every process gets every row of every output back, the same on both.
     assert first == {**second, "process_index": 0}
     alone = reference["generate"]["none"]
