@@ -540,9 +540,9 @@ def weight_shardings(config: ModelConfig, mesh) -> dict[str, Any]:
     return param_shardings(config, param_shapes(config), check_mesh(mesh))
 
 
-# A progress bar by default for checkpoints of at least this many elements (about 0.5 GB in
+# A progress bar by default for checkpoints of at least this many elements (about 2 GB in
 # bfloat16): loads of a few seconds and more.
-PROGRESS_MIN_ELEMENTS = 2**28
+PROGRESS_MIN_ELEMENTS = 2**30
 
 
 def _with_progress(source: TensorSource, progress: bool | None) -> tuple[TensorSource, Any]:
@@ -660,7 +660,7 @@ def from_hf(source: Any, dtype: Any = jnp.float32, mesh=None,
         rule table (never whole on one device, never twice in host memory), and
         `gkv_jax.generate` then runs on that mesh without a `mesh` argument.
       progress: a progress bar over the tensors read (None: only for checkpoints of about
-        0.5 GB or more; False: never).
+        2 GB or more, loads of a few seconds; False: never).
 
     Raises:
       ConversionError: a tensor is missing, unexpected, mis-shaped or stored as integers,

@@ -175,7 +175,7 @@ def load(source: str | os.PathLike, dtype: Any = None, mesh=None,
         ever holds the whole model and the host never holds it twice. `gkv_jax.generate`
         then runs on that mesh without a `mesh` argument.
       progress: a progress bar over the tensors read (None: only for checkpoints of about
-        0.5 GB or more, loads of a few seconds; False: never).
+        2 GB or more, loads of a few seconds; False: never).
 
     Returns:
       The NNX `Transformer` and the tokenizer (None if the directory has no tokenizer files).

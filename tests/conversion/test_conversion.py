@@ -89,6 +89,10 @@ def test_to_hf_writes_shards_with_an_index(qwen2_hf, tmp_path):
     ((96, 130), lambda w: w.T.reshape(130, 3, 32)),    # a projection into heads
     ((96, 130), lambda w: w.reshape(3, 32, 130)),      # contiguous innermost axis
     ((257,), lambda w: w),
+    # Above the size the copy splits over threads (rows per thread, or tiles per thread):
+    ((2500, 1100), lambda w: w.T),
+    ((2500, 1100), lambda w: w),
+    ((2500, 1100), lambda w: w.T.reshape(1100, 20, 125)),
 ])
 def test_the_blocked_copy_equals_a_plain_copy(shape, view):
     from gkv_jax.conversion.hf import _copy_blocked
