@@ -400,6 +400,11 @@ def _copy_blocked(destination: np.ndarray, source: np.ndarray, block: int = 128)
     tiles each read row stays in cache. 5-9x faster on a transposed weight matrix
     (R1-Distill-Qwen-1.5B's LM head: 4.2 s -> 0.45 s on one core).
     """
+    if source.ndim > 2:  # a projection into heads: copied as the matrix it is a view of
+        flat = _as_matrix(source)
+        if flat is not None and destination.flags.c_contiguous:
+            _copy_blocked(destination.reshape(flat.shape), flat, block)
+            return
     first = source.shape[0] if source.ndim else 1
     tiled = source.ndim >= 2 and source.strides[-1] != source.itemsize
     rows = block if tiled else max(1, -(-first // _copy_workers()))
@@ -410,6 +415,25 @@ def _copy_blocked(destination: np.ndarray, source: np.ndarray, block: int = 128)
     list(_copy_pool().map(
         lambda start: _copy_rows(destination, source, start, start + rows, tiled, block),
         starts))
+
+
+def _as_matrix(array: np.ndarray) -> np.ndarray | None:
+    """A >2-d view as a 2-d one, merging its trailing or its leading axes (a transposed
+    matrix split into heads: q/k/v [D, N, H], o [N, H, D]), or None if neither merges.
+    Checked on the strides: numpy's own reshape would copy silently where they do not
+    allow a view (and assigning `.shape` copies before it refuses)."""
+    shape, strides = array.shape, array.strides
+
+    def mergeable(first: int, last: int) -> bool:  # axes first..last into one
+        return all(strides[i] == shape[i + 1] * strides[i + 1] for i in range(first, last))
+
+    if mergeable(1, array.ndim - 1):
+        return np.lib.stride_tricks.as_strided(
+            array, (shape[0], int(np.prod(shape[1:]))), (strides[0], strides[-1]))
+    if mergeable(0, array.ndim - 2):
+        return np.lib.stride_tricks.as_strided(
+            array, (int(np.prod(shape[:-1])), shape[-1]), (strides[-2], strides[-1]))
+    return None
 
 
 # Copies smaller than this run on the calling thread (the pool's hand-off costs more).

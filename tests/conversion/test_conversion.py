@@ -92,7 +92,9 @@ def test_to_hf_writes_shards_with_an_index(qwen2_hf, tmp_path):
     # Above the size the copy splits over threads (rows per thread, or tiles per thread):
     ((2500, 1100), lambda w: w.T),
     ((2500, 1100), lambda w: w),
-    ((2500, 1100), lambda w: w.T.reshape(1100, 20, 125)),
+    ((2500, 1100), lambda w: w.T.reshape(1100, 20, 125)),   # q/k/v: trailing axes merge
+    ((2500, 1100), lambda w: w.T.reshape(20, 125, 1100)),   # o: leading axes merge
+    ((2500, 1100), lambda w: w.T.reshape(1100, 20, 125)[:, ::2]),  # neither merges
 ])
 def test_the_blocked_copy_equals_a_plain_copy(shape, view):
     from gkv_jax.conversion.hf import _copy_blocked
