@@ -6,6 +6,7 @@
     gkv-jax smoke
     gkv-jax post-train distill --model DIR --policy gkv --budget 68 --steps 40 --output-dir OUT
     gkv-jax plan --target v5e-8 --model deepseek-r1-distill-qwen-7b --budget 2048
+    gkv-jax serve --model DIR --policy gkv --budget 2048 --slots 64 --port 8000
 
 Bad arguments and unreadable inputs exit with status 2 and one `error:` line naming the
 flag or file; Ctrl-C exits with status 130 and says where the results so far are. Each
@@ -26,6 +27,7 @@ from gkv_jax.cli.evaluate import add_eval_parser
 from gkv_jax.cli.generate import add_generate_parser
 from gkv_jax.cli.plan import add_plan_parser
 from gkv_jax.cli.post_train import add_post_train_parser
+from gkv_jax.cli.serve import add_serve_parser
 from gkv_jax.cli.smoke import add_smoke_parser
 
 DESCRIPTION = (
@@ -33,7 +35,7 @@ DESCRIPTION = (
     "Hugging Face checkpoint), eval (accuracy of eviction policies and budgets on a dataset; "
     "resumable), demo (every policy on the bundled reasoning model), smoke (a self-check on "
     "a tiny random model), post-train (distillation or GRPO under eviction), plan (will it "
-    "fit on a TPU slice: compiled without one).")
+    "fit on a TPU slice: compiled without one), serve (an OpenAI-compatible HTTP server).")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_smoke_parser(commands)
     add_post_train_parser(commands)
     add_plan_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 

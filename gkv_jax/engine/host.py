@@ -217,6 +217,16 @@ class Engine:
                              f"most max_prompt_length={self.max_prompt_length} tokens")
         return ids
 
+    def output(self, request_id: int) -> RequestOutput:
+        """A request's output so far (it grows as cycles complete; final once finished).
+
+        Raises:
+          KeyError: no request has that id.
+        """
+        if request_id not in self._requests:
+            raise KeyError(f"request_id: no request {request_id}")
+        return self._requests[request_id].output
+
     def cancel(self, request_id: int) -> bool:
         """Cancels a request that has not finished: a waiting one never starts, a running
         one stops at the next cycle boundary and frees its slot; its output keeps the tokens
