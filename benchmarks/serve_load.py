@@ -2,7 +2,7 @@
 
 Starts the server on 127.0.0.1 (in this process, on a free port) with the bundled model,
 then sends REQUESTS completions from CLIENTS threads, each an `openai.OpenAI` client: mixed
-prompt lengths, mixed `max_tokens`, greedy and sampled, a third of them streamed, every one
+prompt lengths (a problem, its start, or two problems), mixed `max_tokens`, greedy and sampled, a third of them streamed, every one
 with its own seed. Then checks that each request was answered exactly once and that its
 tokens equal `generate` alone for its prompt and seed (one batched `generate` per
 `max_tokens` and temperature: its row b equals `generate([prompt_b], seed=seed_b)`), and
@@ -30,15 +30,18 @@ EVICTION = dict(policy="gkv", budget=136, window=16, divide_length=16)
 
 
 def plan_requests(count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """The requests: a held-out problem each (prompt lengths vary with the problem), with
-    mixed limits, samplers and streaming."""
+    """The requests: held-out problems of the bundled task (a whole one, its first 12
+    characters, or two in a row: prompts of about 36, 12 and 72 tokens), mixed limits,
+    samplers and streaming."""
     import random
 
     from gkv_jax.datasets import synthetic_examples
 
     rng = random.Random(seed)
-    questions = [e.question for e in synthetic_examples(count, seed=seed + 1)]
-    return [{"id": i, "prompt": questions[i], "max_tokens": rng.choice(MAX_TOKENS),
+    questions = [e.question for e in synthetic_examples(count + 1, seed=seed + 1)]
+    shapes = (lambda i: questions[i], lambda i: questions[i][:12],
+              lambda i: questions[i] + questions[i + 1])
+    return [{"id": i, "prompt": rng.choice(shapes)(i), "max_tokens": rng.choice(MAX_TOKENS),
              "temperature": rng.choice(TEMPERATURES), "seed": rng.randrange(2**32),
              "stream": i % 3 == 0} for i in range(count)]
 

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import threading
 import time
 
@@ -62,10 +64,30 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000,
                           timeout_graceful_shutdown=shutdown_seconds, lifespan="on")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that a shutdown asked for by SIGINT / SIGTERM returns
+    normally once it is done (uvicorn raises the signal again afterwards, which ends the
+    process with the signal's status although every request was dealt with)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def serve(app, host: str = "127.0.0.1", port: int = 8000,
           shutdown_seconds: float = DEFAULT_SHUTDOWN_SECONDS) -> None:
-    """Runs the app until SIGINT or SIGTERM (blocks)."""
-    uvicorn.Server(uvicorn_config(app, host, port, shutdown_seconds)).run()
+    """Runs the app until SIGINT or SIGTERM (blocks), then shuts down cleanly: open
+    requests get `shutdown_seconds` to finish, the rest are cancelled, and it returns."""
+    _Server(uvicorn_config(app, host, port, shutdown_seconds)).run()
 
 
 class BackgroundServer:
