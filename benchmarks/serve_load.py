@@ -2,11 +2,11 @@
 
 Starts the server on 127.0.0.1 (in this process, on a free port) with the bundled model,
 then sends REQUESTS completions from CLIENTS threads, each an `openai.OpenAI` client: mixed
-prompt lengths (a problem, its start, or two problems), mixed `max_tokens`, greedy and sampled, a third of them streamed, every one
-with its own seed. Then checks that each request was answered exactly once and that its
-tokens equal `generate` alone for its prompt and seed (one batched `generate` per
-`max_tokens` and temperature: its row b equals `generate([prompt_b], seed=seed_b)`), and
-reports latency percentiles and throughput.
+prompt lengths (a problem, its start, or two problems), mixed `max_tokens`, greedy and
+sampled, a third of them streamed, every one with its own seed. Then checks that each
+request was answered exactly once and that its tokens equal `generate` alone for its prompt
+and seed (one batched `generate` per `max_tokens` and temperature: its row b equals
+`generate([prompt_b], seed=seed_b)`), and reports latency percentiles and throughput.
 
 Usage:
   python benchmarks/serve_load.py [--requests 200] [--clients 32] [--slots 16]
