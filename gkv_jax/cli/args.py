@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from gkv_jax.eviction import EvictionConfig
+from gkv_jax.eviction import POLICIES, EvictionConfig
 
 SEED_LIMIT = 2**32  # generate() takes seeds in [0, 2**32)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,6 +92,21 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
                         help="sample among the k most likely tokens; 0 keeps every token")
     parser.add_argument("--seed", type=seed_value, default=0,
                         help=f"sampler seed, in [0, {SEED_LIMIT - 1}]")
+
+
+def _add_eviction_args(parser: argparse.ArgumentParser) -> None:
+    """--policy, --budget, --window and --divide-length: one `EvictionConfig` (read back by
+    `eviction_from_args`)."""
+    parser.add_argument("--policy", default="gkv", choices=POLICIES,
+                        help="eviction policy; full keeps every token")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="kept tokens per layer and KV head (required unless --policy "
+                             "full)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="observation window of snapkv, rkv and gkv (default: the "
+                             "policy's)")
+    parser.add_argument("--divide-length", type=int, default=None,
+                        help="new tokens between compressions (default: the policy's)")
 
 
 def _add_dtype_arg(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ import json
 from gkv_jax.cli.args import (
     HelpFormatter,
     _add_dtype_arg,
+    _add_eviction_args,
     _add_mesh_arg,
     _add_sampling_args,
     check_sampling,
@@ -25,7 +26,6 @@ from gkv_jax.cli.args import (
     require_tokenizer,
 )
 from gkv_jax.evaluation import R1_SYSTEM_PROMPT
-from gkv_jax.eviction import POLICIES
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -72,14 +72,7 @@ def add_generate_parser(commands) -> None:
                      help=f"use the R1 math system prompt: {R1_SYSTEM_PROMPT!r}")
     gen.add_argument("--json", action="store_true",
                      help="also print texts, tokens, prompt ids and stats as one JSON line")
-    gen.add_argument("--policy", default="gkv", choices=POLICIES,
-                     help="eviction policy; full keeps every token")
-    gen.add_argument("--budget", type=int, default=None,
-                     help="kept tokens per layer and KV head (required unless --policy full)")
-    gen.add_argument("--window", type=int, default=None,
-                     help="observation window of snapkv, rkv and gkv (default: the policy's)")
-    gen.add_argument("--divide-length", type=int, default=None,
-                     help="new tokens between compressions (default: the policy's)")
+    _add_eviction_args(gen)
     gen.add_argument("--max-new-tokens", type=positive_int, default=256,
                      help="generated tokens per prompt, EOS included")
     _add_sampling_args(gen)

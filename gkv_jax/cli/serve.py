@@ -15,13 +15,13 @@ from gkv_jax.cli.args import (
     CommandError,
     HelpFormatter,
     _add_dtype_arg,
+    _add_eviction_args,
     _add_mesh_arg,
     eviction_from_args,
     load_checkpoint,
     mesh_from_args,
     positive_int,
 )
-from gkv_jax.eviction import POLICIES
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -56,14 +56,7 @@ def add_serve_parser(commands) -> None:
                           "name)")
     _add_dtype_arg(cmd)
     _add_mesh_arg(cmd)
-    cmd.add_argument("--policy", default="gkv", choices=POLICIES,
-                     help="eviction policy of every slot; full keeps every token")
-    cmd.add_argument("--budget", type=int, default=None,
-                     help="kept tokens per layer and KV head (required unless --policy full)")
-    cmd.add_argument("--window", type=int, default=None,
-                     help="observation window of snapkv, rkv and gkv (default: the policy's)")
-    cmd.add_argument("--divide-length", type=int, default=None,
-                     help="new tokens between compressions (default: the policy's)")
+    _add_eviction_args(cmd)
     cmd.add_argument("--slots", type=positive_int, default=16,
                      help="sequences decoded together (the batch; memory is fixed by it)")
     cmd.add_argument("--max-tokens", type=positive_int, default=1024,

@@ -227,6 +227,11 @@ class Engine:
             raise KeyError(f"request_id: no request {request_id}")
         return self._requests[request_id].output
 
+    @property
+    def busy_slots(self) -> int:
+        """Slots holding a request now (the rest take waiting requests at the next boundary)."""
+        return sum(r is not None for r in self._slot_request)
+
     def cancel(self, request_id: int) -> bool:
         """Cancels a request that has not finished: a waiting one never starts, a running
         one stops at the next cycle boundary and frees its slot; its output keeps the tokens

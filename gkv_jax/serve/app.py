@@ -67,9 +67,12 @@ def create_app(worker: EngineWorker, tokenizer, config: ServerConfig) -> FastAPI
 
     app = FastAPI(title="gkv-jax", lifespan=lifespan)
 
-    def answer(endpoint: str, started: float, response: Response) -> Response:
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    def record(endpoint: str, started: float, status: int) -> None:
+        metrics.requests.labels(endpoint, str(status)).inc()
         metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+
+    def answer(endpoint: str, started: float, response: Response) -> Response:
+        record(endpoint, started, response.status_code)
         return response
 
     def refuse(endpoint: str, started: float, err: BadRequest) -> Response:
@@ -110,7 +113,7 @@ def create_app(worker: EngineWorker, tokenizer, config: ServerConfig) -> FastAPI
                 finally:  # finished, or the client went away (the generator is closed)
                     run.cancel_all()
                     load.outstanding -= samples
-                    answer(endpoint, started, Response(status_code=200))
+                    record(endpoint, started, 200)
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
             result = await run.whole(request)

@@ -110,7 +110,7 @@ class EngineWorker:
                     "generated_tokens": self._generated,
                     "tokens_per_second": recent / 10.0,
                     "slots": self.engine.num_slots,
-                    "busy_slots": sum(r is not None for r in self.engine._slot_request),
+                    "busy_slots": self.engine.busy_slots,
                     "occupancy": engine_stats.get("occupancy", 0.0),
                     "cycles": engine_stats.get("cycles", 0)}
 
