@@ -5,9 +5,11 @@
     (['aime24-0', 'aime24-1'], '204', 'math')
 
 Names: "synthetic" (held-out table-walk problems, `gkv_jax.synthetic.problems(seed, n)`,
-200 by default), and the math sets shipped in `gkv_jax/assets/data/math/`: "aime24" (30),
-"aime25" (30), "amc23" (40), "math500" (500). Any other path to a JSON-lines file with a
-`question` and an `answer` string per line is loaded as a math set.
+200 by default), "synthetic-chain" (the chained walk of the second bundled model,
+`synthetic.problems(seed, n, lookup="chained")`, 200 by default), and the math sets
+shipped in `gkv_jax/assets/data/math/`: "aime24" (30), "aime25" (30), "amc23" (40),
+"math500" (500). Any other path to a JSON-lines file with a `question` and an `answer`
+string per line is loaded as a math set.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import os
 from gkv_jax import synthetic
 
 SYNTHETIC = "synthetic"
+SYNTHETIC_CHAIN = "synthetic-chain"
+# synthetic dataset name -> the walk's `lookup`
+SYNTHETIC_LOOKUPS = {SYNTHETIC: "periodic", SYNTHETIC_CHAIN: "chained"}
 MATH_DATASETS = ("aime24", "aime25", "amc23", "math500")
-DATASETS = (SYNTHETIC, *MATH_DATASETS)
+DATASETS = (SYNTHETIC, SYNTHETIC_CHAIN, *MATH_DATASETS)
 DEFAULT_SYNTHETIC_PROBLEMS = 200
 HELD_OUT_SEED = 0  # the training script never trains on synthetic.problems(0, n)
 
@@ -56,8 +61,8 @@ def load_dataset(name_or_path: str, num_problems: int | None = None,
     """The first `num_problems` examples of a named dataset or a JSON-lines file.
 
     Args:
-      name_or_path: "synthetic", "aime24", "aime25", "amc23", "math500", or a path to a
-        `.jsonl` file with a `question` and an `answer` per line.
+      name_or_path: "synthetic", "synthetic-chain", "aime24", "aime25", "amc23",
+        "math500", or a path to a `.jsonl` file with a `question` and an `answer` per line.
       num_problems: how many (None = all; synthetic: 200). For a file, at most its size.
       seed: synthetic only, the problem generator's seed (0 = the held-out problems).
 
@@ -70,8 +75,9 @@ def load_dataset(name_or_path: str, num_problems: int | None = None,
     if num_problems is not None and (isinstance(num_problems, bool)
                                      or not isinstance(num_problems, int) or num_problems < 1):
         raise ValueError(f"num_problems must be an integer >= 1 or None, got {num_problems!r}")
-    if name_or_path == SYNTHETIC:
-        return synthetic_examples(num_problems or DEFAULT_SYNTHETIC_PROBLEMS, seed)
+    if name_or_path in SYNTHETIC_LOOKUPS:
+        return synthetic_examples(num_problems or DEFAULT_SYNTHETIC_PROBLEMS, seed,
+                                  name=name_or_path)
     if name_or_path in MATH_DATASETS:
         path, prefix = dataset_path(name_or_path), name_or_path
     elif os.path.isfile(name_or_path):
@@ -90,10 +96,13 @@ def load_dataset(name_or_path: str, num_problems: int | None = None,
     return examples[:num_problems]
 
 
-def synthetic_examples(count: int, seed: int = HELD_OUT_SEED) -> list[Example]:
-    """`count` table-walk problems as examples (the first n of any count agree)."""
-    return [Example(id=f"{SYNTHETIC}-{i}", question=p.prompt, answer=p.answer, kind=SYNTHETIC)
-            for i, p in enumerate(synthetic.problems(seed, count))]
+def synthetic_examples(count: int, seed: int = HELD_OUT_SEED, name: str = SYNTHETIC
+                       ) -> list[Example]:
+    """`count` table-walk problems of the synthetic dataset `name` as examples (the first n
+    of any count agree)."""
+    problems = synthetic.problems(seed, count, lookup=SYNTHETIC_LOOKUPS[name])
+    return [Example(id=f"{name}-{i}", question=p.prompt, answer=p.answer, kind=SYNTHETIC)
+            for i, p in enumerate(problems)]
 
 
 def read_jsonl(path: str, prefix: str) -> list[Example]:

@@ -34,6 +34,17 @@ not periodic and copying an earlier stretch never gives the next line.
 
 Sizes: prompt 36 tokens with BOS (7% of a sequence), trace 10 tokens per line, 50 lines
 (500 tokens), answer 7 tokens, EOS; sequences of 544 tokens.
+
+The chained variant (`lookup="chained"`, the dataset "synthetic-chain", the second bundled
+model's task) keys each look-up by the walk itself: line i reads the entry of b, the
+second digit of the previous state, so each look-up's result chooses a later one (a
+multi-hop chain through the table). Every one of the ten entries is needed, at times no
+fixed schedule predicts, so the working set is the whole table and the last line:
+
+    line i:  "ii K v ab"   K = KEYS[b'], v = f(b'),  (a, b) = (b', (a' + v) mod 10)
+
+Its step is a bijection of the 100 states, so a walk is a cycle; the generator keeps the
+walks that visit no state twice within the trace.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 NUM_STEPS = 50  # lines of every problem's trace
 PERIOD = 3      # line i reads the entry of digit i mod PERIOD
+LOOKUPS = ("periodic", "chained")  # which entry a line reads: by line number, or by state
 _ANSWER = re.compile(r"ans (\d\d)(?!\d)")
 
 
@@ -65,6 +77,8 @@ class Problem:
         bundled model's earlier training phases used 10 and 5).
       compact: write a line's entry as "Kv" (the bundled model's first training phases)
         instead of "K v" (the task).
+      lookup: "periodic" (line i reads digit i mod period) or "chained" (line i reads the
+        second digit of the previous state; `period` is then unused).
     """
 
     table: tuple[int, ...]
@@ -73,6 +87,11 @@ class Problem:
     num_steps: int = NUM_STEPS
     period: int = PERIOD
     compact: bool = False
+    lookup: str = "periodic"
+
+    def read_digit(self, step: int, state: tuple[int, int]) -> int:
+        """The digit whose entry line `step` reads, from the state before it."""
+        return state[1] if self.lookup == "chained" else step % self.period
 
     @property
     def prompt(self) -> str:
@@ -85,15 +104,16 @@ class Problem:
         states = [self.start]
         for i in range(self.num_steps):
             a, b = states[-1]
-            states.append((b, (a + self.table[i % self.period]) % 10))
+            states.append((b, (a + self.table[self.read_digit(i, (a, b))]) % 10))
         return states
 
     def solve(self) -> tuple[str, str]:
         """The reference trace (one line per step) and the answer (the final state)."""
         states = self.states()
         gap = "" if self.compact else " "
-        lines = [f"{i:02d} {KEYS[i % self.period]}{gap}{self.table[i % self.period]} {a}{b}\n"
-                 for i, (a, b) in enumerate(states[1:])]
+        reads = [self.read_digit(i, state) for i, state in enumerate(states[:-1])]
+        lines = [f"{i:02d} {KEYS[x]}{gap}{self.table[x]} {a}{b}\n"
+                 for i, (x, (a, b)) in enumerate(zip(reads, states[1:], strict=True))]
         return "".join(lines), "".join(map(str, states[-1]))
 
     @property
@@ -108,36 +128,43 @@ class Problem:
 
 
 def walk_repeats(table: tuple[int, ...], start: tuple[int, int], num_steps: int,
-                 period: int = PERIOD) -> bool:
+                 period: int = PERIOD, lookup: str = "periodic") -> bool:
     """Whether the walk from `start` meets the same (state, step mod period) twice within
-    `num_steps` steps (from then on the trace would repeat itself)."""
-    states = Problem(table, tuple(range(10)), start, num_steps, period).states()[:-1]
-    phases = [(state, i % period) for i, state in enumerate(states)]
+    `num_steps` steps (from then on the trace would repeat itself); chained: the same
+    state."""
+    states = Problem(table, tuple(range(10)), start, num_steps, period,
+                     lookup=lookup).states()[:-1]
+    phase = 1 if lookup == "chained" else period
+    phases = [(state, i % phase) for i, state in enumerate(states)]
     return len(set(phases)) < len(phases)
 
 
 def sample_problem(rng: random.Random, num_steps: int = NUM_STEPS,
-                   period: int = PERIOD, compact: bool = False) -> Problem:
-    """A random problem whose walk does not repeat a (state, step mod period) pair within
-    `num_steps` steps."""
+                   period: int = PERIOD, compact: bool = False,
+                   lookup: str = "periodic") -> Problem:
+    """A random problem whose walk does not repeat a (state, step mod period) pair
+    (chained: a state) within `num_steps` steps."""
     if not 1 <= num_steps <= 99:
         raise ValueError(f"num_steps must be in [1, 99], got {num_steps}")
     if not 1 <= period <= 10:
         raise ValueError(f"period must be in [1, 10], got {period}")
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
     while True:
         table = tuple(rng.randrange(10) for _ in range(10))
         start = (rng.randrange(10), rng.randrange(10))
-        if not walk_repeats(table, start, num_steps, period):
+        if not walk_repeats(table, start, num_steps, period, lookup):
             order = tuple(rng.sample(range(10), 10))
             return Problem(table=table, order=order, start=start, num_steps=num_steps,
-                           period=period, compact=compact)
+                           period=period, compact=compact, lookup=lookup)
 
 
-def problems(seed: int, count: int, period: int = PERIOD, compact: bool = False
-             ) -> list[Problem]:
+def problems(seed: int, count: int, period: int = PERIOD, compact: bool = False,
+             lookup: str = "periodic") -> list[Problem]:
     """`count` problems drawn from `seed` (the same seed always gives the same problems)."""
     rng = random.Random(seed)
-    return [sample_problem(rng, period=period, compact=compact) for _ in range(count)]
+    return [sample_problem(rng, period=period, compact=compact, lookup=lookup)
+            for _ in range(count)]
 
 
 def extract_answer(text: str) -> str | None:

@@ -80,7 +80,8 @@ def problem_key(problem: synthetic.Problem) -> tuple:
 
 
 def batches(tokenizer, batch_size: int, seed: int, held_out: set, answer_weight: float = 1.0,
-            period: int = synthetic.PERIOD, compact: bool = False, whole_share: float = 0.4):
+            period: int = synthetic.PERIOD, compact: bool = False, whole_share: float = 0.4,
+            lookup: str = "periodic"):
     """Endless (tokens [B, T], loss weights [B, T]) batches of prefixes or whole sequences
     (`LINE_BUCKETS`); the weights cover the completion (and EOS), the answer line and EOS
     with `answer_weight` (it comes once per whole sequence, after 50 lines)."""
@@ -96,7 +97,8 @@ def batches(tokenizer, batch_size: int, seed: int, held_out: set, answer_weight:
         mask = np.zeros(tokens.shape, np.float32)
         row = 0
         while row < batch_size:
-            problem = synthetic.sample_problem(rng, period=period, compact=compact)
+            problem = synthetic.sample_problem(rng, period=period, compact=compact,
+                                               lookup=lookup)
             if problem_key(problem) in held_out:
                 continue
             ids, prompt_length = encode(tokenizer, problem, rng.randint(low, high))
@@ -259,6 +261,9 @@ def main() -> None:
     parser.add_argument("--period", type=int, default=synthetic.PERIOD,
                         help="line i reads the entry of digit i mod PERIOD (the task: "
                              f"{synthetic.PERIOD}; the bundled model's first phases: 10)")
+    parser.add_argument("--lookup", default="periodic", choices=synthetic.LOOKUPS,
+                        help="which entry a line reads: by line number (the bundled model) "
+                             "or by the previous state (the chained model)")
     parser.add_argument("--whole-share", type=float, default=0.4,
                         help="share of batches of whole sequences (the rest are prefixes)")
     parser.add_argument("--compact-lines", action="store_true",
@@ -308,11 +313,12 @@ def main() -> None:
             {"params": params, "opt_state": opt_state}))
         params, opt_state = restored["params"], restored["opt_state"]
         print(f"resumed from step {start}", flush=True)
-    held_out_problems = synthetic.problems(EVAL_SEED, 1000, args.period, args.compact_lines)
+    held_out_problems = synthetic.problems(EVAL_SEED, 1000, args.period, args.compact_lines,
+                                           args.lookup)
     held_out = {problem_key(p) for p in held_out_problems}
     eval_problems = held_out_problems[:args.eval_problems]
     data = batches(tokenizer, args.batch_size, TRAIN_SEED + start, held_out, args.answer_weight,
-                   args.period, args.compact_lines, args.whole_share)
+                   args.period, args.compact_lines, args.whole_share, args.lookup)
     train_step = make_train_step(config, optimizer)
     mask_rng = np.random.default_rng(TRAIN_SEED + start)
     print(f"{config}\nparameters: {config.num_parameters():,}", flush=True)

@@ -45,6 +45,16 @@ def test_synthetic_is_the_held_out_set():
     assert all(e.kind == "synthetic" for e in first)
 
 
+def test_synthetic_chain_is_the_chained_held_out_set():
+    examples = load_dataset("synthetic-chain", num_problems=5)
+    problems = synthetic.problems(0, 5, lookup="chained")
+    assert [e.id for e in examples] == [f"synthetic-chain-{i}" for i in range(5)]
+    assert [(e.question, e.answer) for e in examples] == [(p.prompt, p.answer)
+                                                          for p in problems]
+    assert all(e.kind == "synthetic" for e in examples)
+    assert [e.question for e in examples] != [p.prompt for p in synthetic.problems(0, 5)]
+
+
 def test_custom_jsonl(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"question": "1+1?", "answer": "2"}\n\n{"question": "2+2?", "answer": 4}\n')

@@ -114,3 +114,43 @@ def test_grade():
     assert synthetic.grade(problem.completion, problem.answer)
     assert not synthetic.grade(problem.completion[:-3], problem.answer)
     assert synthetic.extract_answer("ans 123\n") is None
+
+
+CHAINED = synthetic.problems(13, 60, lookup="chained")
+
+
+@pytest.mark.parametrize("problem", CHAINED[:10])
+def test_chained_lines_read_the_entry_the_previous_state_names(problem):
+    table = parse_table(problem.prompt)
+    start = problem.prompt.split("\n")[1]
+    state = (int(start[2]), int(start[3]))
+    lines = problem.completion.split("\n")
+    for i, line in enumerate(lines[:synthetic.NUM_STEPS]):
+        step, key, value, a, b = LINE.fullmatch(line).groups()
+        assert int(step) == i and key == synthetic.KEYS[state[1]]
+        assert int(value) == table[key]
+        state = (state[1], (state[0] + table[key]) % 10)
+        assert (int(a), int(b)) == state
+    assert lines[synthetic.NUM_STEPS] == f"ans {problem.answer}"
+
+
+def test_chained_walks_need_the_whole_table_and_never_revisit_a_state():
+    """A chained walk's 50 lines start from 50 distinct states (its step is a bijection of
+    the 100 states, so a revisit would make the rest periodic), reads all ten entries, and its answer
+    depends on each of them."""
+    for problem in CHAINED:
+        states = problem.states()[:-1]
+        assert len(set(states)) == len(states) == synthetic.NUM_STEPS
+        lines = problem.completion.split("\n")[:synthetic.NUM_STEPS]
+        assert {line[3] for line in lines} == set(synthetic.KEYS)
+    problem = CHAINED[0]
+    changed = 0
+    for digit in range(10):
+        table = list(problem.table)
+        table[digit] = (table[digit] + 1) % 10
+        other = synthetic.Problem(tuple(table), problem.order, problem.start, lookup="chained")
+        changed += other.answer != problem.answer
+    assert changed == 10
+    assert synthetic.walk_repeats((0,) * 10, (0, 0), 2, lookup="chained")  # 00 -> 00
+    with pytest.raises(ValueError, match="lookup must be one of"):
+        synthetic.sample_problem(random.Random(0), lookup="random")

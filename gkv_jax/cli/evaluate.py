@@ -72,7 +72,8 @@ def add_eval_parser(commands) -> None:
     evaluation.add_argument("--model", required=True,
                             help="checkpoint: a local Hugging Face directory or a hub id")
     evaluation.add_argument("--dataset", default="synthetic",
-                            help="synthetic, aime24, aime25, amc23, math500 or a .jsonl path")
+                            help="synthetic, synthetic-chain, aime24, aime25, amc23, math500 or a "
+                                 ".jsonl path")
     evaluation.add_argument("--policies", type=comma_list(str), default=["full", "gkv"],
                             help=f"comma-separated, from {', '.join(POLICIES)}")
     evaluation.add_argument("--budgets", type=comma_list(int), default=[128],

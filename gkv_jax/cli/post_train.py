@@ -35,6 +35,7 @@ from gkv_jax.cli.post_train_run import (
     _summary,
     _train,
 )
+from gkv_jax.datasets import SYNTHETIC_LOOKUPS
 from gkv_jax.eviction import POLICIES, get_policy
 
 
@@ -52,6 +53,14 @@ def _eval_fn(args, tokenizer, dataset):
         output_dir=os.path.join(args.output_dir, "run", "eval"))
 
 
+def _learning_rate(config, model) -> str:
+    """The learning rate a run will use, and where it came from."""
+    from gkv_jax.training import recipe
+    resolved, chosen = recipe.resolve(config, model.config)
+    source = " (from the model's size)" if chosen else ""
+    return f"learning rate {resolved.learning_rate:.3g}{source}"
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from gkv_jax import training
 
@@ -65,24 +74,27 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         full_attention_share=args.full_attention_share, on_policy=args.on_policy,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
     model_dir, run_dir, complete = _check_output_dir(args.output_dir, args.steps)
-    if args.dataset != "synthetic" and not os.path.isfile(args.dataset):
-        raise CommandError(f"--dataset must be 'synthetic' or a .jsonl file of "
-                           f"prompt/completion pairs, got {args.dataset!r}")
+    if args.dataset not in SYNTHETIC_LOOKUPS and not os.path.isfile(args.dataset):
+        raise CommandError(f"--dataset must be 'synthetic', 'synthetic-chain' or a .jsonl "
+                           f"file of prompt/completion pairs, got {args.dataset!r}")
     student, tokenizer = load_checkpoint(args.model, args.dtype)
     teacher = student
     if args.teacher is not None:
         teacher, _ = load_checkpoint(args.teacher, args.dtype, flag="--teacher")
     lines = None
-    if args.dataset == "synthetic":
+    # a jsonl's held-out evaluation (--eval-problems) is the bundled task's
+    eval_dataset = args.dataset if args.dataset in SYNTHETIC_LOOKUPS else "synthetic"
+    if args.dataset in SYNTHETIC_LOOKUPS:
         require_tokenizer(tokenizer, args, "cannot encode synthetic problems")
-        data = synthetic_pairs(tokenizer, args.num_examples, args.data_seed)
+        data = synthetic_pairs(tokenizer, args.num_examples, args.data_seed,
+                               SYNTHETIC_LOOKUPS[args.dataset])
     else:
         data, lines = _jsonl_pairs(args.dataset, tokenizer, args.num_examples)
     print(f"distill: {len(data)} examples, {eviction.describe()}, {args.steps} steps of "
-          f"{args.batch_size}")
+          f"{args.batch_size}, {_learning_rate(config, student)}")
     trained, history = _train(
         lambda: training.distill(student, teacher, data, config, run_dir=run_dir,
-                                 eval_fn=_eval_fn(args, tokenizer, "synthetic")),
+                                 eval_fn=_eval_fn(args, tokenizer, eval_dataset)),
         args, run_dir, lines)
     if complete:
         _report_complete(model_dir, args.steps)
@@ -107,7 +119,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every)
     model_dir, run_dir, complete = _check_output_dir(args.output_dir, args.steps)
-    seed = args.data_seed if args.dataset == "synthetic" else 0
+    seed = args.data_seed if args.dataset in SYNTHETIC_LOOKUPS else 0
     examples = load_dataset(args.dataset, args.num_problems, seed=seed)
     model, tokenizer = load_checkpoint(args.model, args.dtype)
     require_tokenizer(tokenizer, args, "cannot encode the dataset's questions")
@@ -118,7 +130,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         return grading.grade(answer[0], text, answer[1])
 
     print(f"grpo: {len(prompts)} prompts, {eviction.describe()}, {args.steps} steps of "
-          f"{args.prompts_per_step} x {args.group_size} rollouts")
+          f"{args.prompts_per_step} x {args.group_size} rollouts, "
+          f"{_learning_rate(config, model)}")
     trained, history = _train(
         lambda: training.grpo(model, prompts, answers, grade, config, run_dir=run_dir,
                               tokenizer=tokenizer,
@@ -154,7 +167,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--divide-length", type=int, default=None,
                         help="new tokens between compressions (default: the policy's)")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    parser.add_argument("--learning-rate", type=float, default=1e-6, help="peak learning rate")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="peak learning rate (default: derived from the model's size, "
+                             "1e-4 at 3M parameters to 1e-6 from 1.5B up)")
     parser.add_argument("--warmup-ratio", type=float, default=0.05,
                         help="share of the steps spent warming the learning rate up")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
@@ -189,7 +204,8 @@ def add_post_train_parser(commands) -> None:
     distill.add_argument("--teacher", default=None,
                          help="teacher checkpoint (default: --model itself)")
     distill.add_argument("--dataset", default="synthetic",
-                         help="synthetic (training problems) or a .jsonl of prompt/completion")
+                         help="synthetic or synthetic-chain (training problems) or a .jsonl "
+                              "of prompt/completion")
     distill.add_argument("--num-examples", type=positive_int, default=512,
                          help="training examples drawn from --dataset")
     distill.add_argument("--batch-size", type=int, default=8, help="examples per step")
@@ -212,7 +228,8 @@ def add_post_train_parser(commands) -> None:
                             formatter_class=HelpFormatter)
     _common(grpo)
     grpo.add_argument("--dataset", default="synthetic",
-                      help="synthetic, aime24, aime25, amc23, math500 or a .jsonl")
+                      help="synthetic, synthetic-chain, aime24, aime25, amc23, math500 or "
+                           "a .jsonl")
     grpo.add_argument("--num-problems", type=positive_int, default=256,
                       help="training problems drawn from --dataset")
     grpo.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step")

@@ -12,20 +12,22 @@ from gkv_jax.cli.args import CommandError
 SYNTHETIC_TRAIN_SEED = 1  # training problems; seed 0 is the held-out set
 
 
-def synthetic_pairs(tokenizer, count: int, seed: int = SYNTHETIC_TRAIN_SEED
-                    ) -> list[tuple[list[int], list[int]]]:
-    """(BOS + prompt, trace + answer + EOS) token ids of `count` table-walk problems drawn
+def synthetic_pairs(tokenizer, count: int, seed: int = SYNTHETIC_TRAIN_SEED,
+                    lookup: str = "periodic") -> list[tuple[list[int], list[int]]]:
+    """(BOS + prompt, trace + answer + EOS) token ids of `count` table-walk problems
+    (`lookup`: "periodic", the "synthetic" dataset, or "chained", "synthetic-chain") drawn
     from `seed`, none of them among the held-out problems."""
     from gkv_jax import synthetic
     from gkv_jax.datasets import HELD_OUT_SEED
 
     if seed == HELD_OUT_SEED:
         raise ValueError(f"seed: {HELD_OUT_SEED} draws the held-out problems; train on another")
-    held_out = {(p.table, p.order, p.start) for p in synthetic.problems(HELD_OUT_SEED, 1000)}
+    held_out = {(p.table, p.order, p.start)
+                for p in synthetic.problems(HELD_OUT_SEED, 1000, lookup=lookup)}
     pairs: list[tuple[list[int], list[int]]] = []
     draw = 0
     while len(pairs) < count:
-        for problem in synthetic.problems(seed + 7919 * draw, 2 * count):
+        for problem in synthetic.problems(seed + 7919 * draw, 2 * count, lookup=lookup):
             if (problem.table, problem.order, problem.start) in held_out:
                 continue
             # explicit BOS / EOS around the bare characters, whatever the tokenizer adds

@@ -80,7 +80,8 @@ def make_optimizer(config: OptimizerConfig, steps: int) -> optax.GradientTransfo
 
 
 def _check_optimizer(owner: str, cfg) -> None:
-    _check_number(owner, "learning_rate", cfg.learning_rate, 0.0, 1.0, low_open=True)
+    if cfg.learning_rate is not None:  # None: chosen for the model (`recipe.resolve`)
+        _check_number(owner, "learning_rate", cfg.learning_rate, 0.0, 1.0, low_open=True)
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"{owner}.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     _check_number(owner, "warmup_ratio", cfg.warmup_ratio, 0.0, 1.0)
@@ -103,8 +104,11 @@ class DistillConfig:
     Attributes:
       eviction: the evicting policy the student trains under (masks replayed every step).
       steps: optimizer updates. batch_size: sequences per update.
-      learning_rate, schedule ("cosine" | "constant"), warmup_ratio, weight_decay, clip_norm:
-        AdamW with global-norm clipping (the paper: lr 1e-6 on 7B, cosine, 5% warm-up).
+      learning_rate: the peak learning rate; None (default) derives it from the student's
+        size (`gkv_jax.training.recipe`: 1e-4 at 3M parameters, the paper's 1e-6 from 1.5B
+        up), recorded in run.json and the history.
+      schedule ("cosine" | "constant"), warmup_ratio, weight_decay, clip_norm:
+        AdamW with global-norm clipping (the paper: cosine, 5% warm-up).
       temperature: T of the T^2-scaled KL (0.6). reduction: "sum" | "token_mean".
       seed: the data order (and budget choices) of step s depend only on (seed, s).
       budgets: if set, each batch trains under `eviction` with a budget drawn from these.
@@ -121,7 +125,7 @@ class DistillConfig:
     eviction: EvictionConfig
     steps: int
     batch_size: int = 8
-    learning_rate: float = 1e-6
+    learning_rate: float | None = None
     temperature: float = 0.6
     seed: int = 0
     schedule: str = "cosine"
@@ -183,8 +187,9 @@ class GRPOConfig:
       max_new_tokens: rollout length limit (a rollout without EOS is truncated).
       temperature, top_p, top_k: the rollout sampler (the paper: 0.8, 0.95); the loss divides
         the logits by `temperature`.
-      learning_rate, schedule (default "constant"), warmup_ratio, weight_decay, clip_norm:
-        AdamW as in `DistillConfig`.
+      learning_rate (None: derived from the model's size, as in `DistillConfig`), schedule
+        (default "constant"), warmup_ratio, weight_decay, clip_norm: AdamW as in
+        `DistillConfig`.
       seed, checkpoint_every, eval_every, attention_impl, chunk_rows: as in `DistillConfig`.
       prompt_width: left-padded prompt width of every rollout batch (default the bucket of
         the longest prompt), so every step has the same shapes.
@@ -198,7 +203,7 @@ class GRPOConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 0
-    learning_rate: float = 1e-6
+    learning_rate: float | None = None
     schedule: str = "constant"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
@@ -239,7 +244,11 @@ class GRPOConfig:
 
 
 def optimizer_config(cfg) -> OptimizerConfig:
-    """The `OptimizerConfig` of a `DistillConfig` or `GRPOConfig`."""
+    """The `OptimizerConfig` of a `DistillConfig` or `GRPOConfig` whose learning rate is
+    set (`recipe.resolve` sets it for a model)."""
+    if cfg.learning_rate is None:
+        raise ValueError("learning_rate is unset: resolve the config for its model first "
+                         "(gkv_jax.training.recipe.resolve)")
     return OptimizerConfig(learning_rate=cfg.learning_rate, schedule=cfg.schedule,
                            warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                            clip_norm=cfg.clip_norm)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from gkv_jax.generation import bucket_length, generate
+from gkv_jax.training import recipe
 from gkv_jax.training.batch import batch_from_completions, shard_batch
 from gkv_jax.training.configs import DistillConfig, make_optimizer, optimizer_config
 from gkv_jax.training.inputs import distill_pairs
@@ -31,6 +32,7 @@ from gkv_jax.training.loop_common import (
     _init_opt_state,
     _on_mesh,
     _progress,
+    _record_recipe,
     _scalars,
     _step_rng,
     _training_mesh,
@@ -76,6 +78,7 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, got {type(config)}")
     check_same_vocabulary(student.config, teacher.config)
+    config, chosen = recipe.resolve(config, student.config)
     budgets = config.budgets or (config.eviction.budget,)
     # The shorter context of the two bounds the sequences (both share the vocabulary).
     bounding = min(student.config, teacher.config, key=lambda c: c.max_position_embeddings)
@@ -92,6 +95,7 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
     params = jax.tree.map(jnp.copy, student.params())  # the steps donate their buffers
     opt_state = _init_opt_state(optimizer, params, mesh)
     start, params, opt_state = run.restore(params, opt_state)
+    _record_recipe(run, start, chosen)
     teacher_params = teacher.params()
     full_rows = config.full_rows
     bar = _progress(config.steps, start, progress, "distill")

@@ -23,6 +23,7 @@ import numpy as np
 
 from gkv_jax.engine import Engine, as_generate_output
 from gkv_jax.generation import bucket_length, padded_batch_size
+from gkv_jax.training import recipe
 from gkv_jax.training.batch import batch_from_generation as _batch_from_generation
 from gkv_jax.training.batch import shard_batch
 from gkv_jax.training.configs import GRPOConfig, make_optimizer, optimizer_config
@@ -33,6 +34,7 @@ from gkv_jax.training.loop_common import (
     _init_opt_state,
     _on_mesh,
     _progress,
+    _record_recipe,
     _scalars,
     _step_rng,
     _training_mesh,
@@ -75,6 +77,7 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
         raise TypeError(f"config must be a GRPOConfig, got {type(config)}")
     if not callable(grade_fn):
         raise TypeError("grade_fn must be callable: grade_fn(completion, answer) -> bool")
+    config, chosen = recipe.resolve(config, model.config)
     prompt_ids = grpo_prompt_ids(prompts, tokenizer, config.eviction, config.max_new_tokens,
                                  model.config)
     if isinstance(answers, str) or not isinstance(answers, Sequence) \
@@ -95,6 +98,7 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
     params = jax.tree.map(jnp.copy, model.params())  # the steps donate their buffers
     opt_state = _init_opt_state(optimizer, params, mesh)
     start, params, opt_state = run.restore(params, opt_state)
+    _record_recipe(run, start, chosen)
     sampling = config.sampling
     if mesh is not None:  # host scalars: every process passes the same values
         sampling = jax.tree.map(np.asarray, sampling)

@@ -65,6 +65,13 @@ def _init_opt_state(optimizer: optax.GradientTransformation, params: dict, mesh)
                         else jax.device_put(np.asarray(x), replicated), opt_state)
 
 
+def _record_recipe(run: RunDir, start: int, chosen: dict) -> None:
+    """Logs the values the recipe chose for the model (`recipe.resolve`) as the history's
+    step-0 entry, once per run."""
+    if chosen and start == 0 and not any("recipe" in e for e in run.history()):
+        run.log({"step": 0, "recipe": chosen})
+
+
 def _step_rng(seed: int, step: int) -> np.random.Generator:
     """The draws of step `step`: they depend only on (seed, step), which makes a resume
     exact."""

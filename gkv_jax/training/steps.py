@@ -71,6 +71,9 @@ def _distill_step(student_config: ModelConfig, teacher_config: ModelConfig,
         kl = distill_token_kl(student_config, p, teacher_config, teacher_params, masked,
                               temperature, impl, chunk_rows)
         mask = masked.loss_mask
+        # the loss spikes of distillation under eviction are single predictions the
+        # student cannot make without an evicted token: their largest KL is logged
+        max_kl = jnp.max(jnp.where(mask, kl, 0.0))
         if full_batch is not None:
             full_kl = distill_token_kl(student_config, p, teacher_config, teacher_params,
                                        full_batch.replace(visible_until=None), temperature,
@@ -78,15 +81,16 @@ def _distill_step(student_config: ModelConfig, teacher_config: ModelConfig,
             kl = jnp.concatenate([kl, full_kl])
             mask = jnp.concatenate([mask, full_batch.loss_mask])
         if padding and reduction == "sum":  # per sequence, averaged over the real rows
-            return _row_mean(jnp.where(mask, kl, 0.0), kl.shape[0] - padding)
-        return reduce_per_token(kl, mask, reduction)
+            return _row_mean(jnp.where(mask, kl, 0.0), kl.shape[0] - padding), max_kl
+        return reduce_per_token(kl, mask, reduction), max_kl
 
     padding = batch.padding_rows + (full_batch.padding_rows if full_batch is not None else 0)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    (loss, max_kl), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     params, opt_state = _keep_rule_layout(student_config, params, opt_state)
-    return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads)}
+    return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads),
+                               "max_token_kl": max_kl}
 
 
 distill_step = jax.jit(
@@ -102,7 +106,8 @@ distill_step.__doc__ = """One distillation update, jitted (configs, optimizer an
 
 The student's masks for `batch` are replayed under `eviction` with the current `params`
 (under stop_gradient); `full_batch` rows (optional) train with full attention. metrics:
-`loss` (T^2 KL, reduced as `reduction`), `grad_norm` (before clipping).
+`loss` (T^2 KL, reduced as `reduction`), `grad_norm` (before clipping), `max_token_kl` (the
+largest single prediction's T^2 KL under eviction).
 
 On a mesh (data- and model-parallel): pass `params` / `teacher_params` from
 `gkv_jax.sharding.shard_params(config, params, mesh)`, `opt_state = optimizer.init(params)`
