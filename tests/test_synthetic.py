@@ -136,8 +136,8 @@ def test_chained_lines_read_the_entry_the_previous_state_names(problem):
 
 def test_chained_walks_need_the_whole_table_and_never_revisit_a_state():
     """A chained walk's 50 lines start from 50 distinct states (its step is a bijection of
-    the 100 states, so a revisit would make the rest periodic), reads all ten entries, and its answer
-    depends on each of them."""
+    the 100 states, so a revisit would make the rest periodic), reads all ten entries, and
+    its answer depends on each of them."""
     for problem in CHAINED:
         states = problem.states()[:-1]
         assert len(set(states)) == len(states) == synthetic.NUM_STEPS

@@ -1,6 +1,6 @@
 """mkdocs hook: files of the repository that pages show but that live outside `docs/`.
 
-The accuracy plot stays where the benchmark wrote it (`benchmarks/`, which the README also
+The plots stay where the benchmark wrote it (`benchmarks/`, which the README also
 shows); this hook adds it to the site as `assets/<name>`, so pages link to it without a copy.
 Registered under `hooks:` in mkdocs.yml.
 """
@@ -11,7 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = {"assets/reasoner_accuracy_vs_budget.png":
-          REPO / "benchmarks" / "reasoner_accuracy_vs_budget.png"}
+          REPO / "benchmarks" / "reasoner_accuracy_vs_budget.png",
+          "assets/distill_curves_bundled_b68.png":
+          REPO / "benchmarks" / "distill_curves_bundled_b68.png"}
 
 
 def on_files(files, config):

@@ -89,6 +89,13 @@ def _check_optimizer(owner: str, cfg) -> None:
     _check_number(owner, "clip_norm", cfg.clip_norm, 0.0, 1e9, low_open=True)
 
 
+def _check_selection(owner: str, cfg) -> None:
+    if cfg.select_by is not None and (not isinstance(cfg.select_by, str) or not cfg.select_by):
+        raise ValueError(f"{owner}.select_by must be None or a key of eval_fn's dict (e.g. "
+                         f"'gkv@68'), got {cfg.select_by!r}")
+    _check_number(owner, "full_cache_tolerance", cfg.full_cache_tolerance, 0.0, 1.0)
+
+
 def _check_eviction(owner: str, eviction: Any) -> None:
     if not isinstance(eviction, EvictionConfig):
         raise TypeError(f"{owner}.eviction must be an EvictionConfig, got {type(eviction)}")
@@ -120,6 +127,12 @@ class DistillConfig:
       eval_every: call `eval_fn` every that many steps (0: only at the end).
       attention_impl: None (auto), "dense" or "segments" for the student's masked rows.
       chunk_rows: LM-head rows per chunk.
+      select_by: a key of `eval_fn`'s dict (e.g. "gkv@68"): the run evaluates the model
+        before its first update too and returns the evaluated step with the highest score
+        among those whose "full" score (if the dict has one) is at most
+        `full_cache_tolerance` below step 0's (`gkv_jax.training.selection`); None (the
+        default) returns the last step. Needs `eval_fn`.
+      full_cache_tolerance: the full-cache accuracy a selected step may lose (0.01).
     """
 
     eviction: EvictionConfig
@@ -141,9 +154,12 @@ class DistillConfig:
     eval_every: int = 0
     attention_impl: str | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    select_by: str | None = None
+    full_cache_tolerance: float = 0.01
 
     def __post_init__(self):
         owner = "DistillConfig"
+        _check_selection(owner, self)
         _check_eviction(owner, self.eviction)
         _check_steps(owner, self.steps)
         _check_positive_int(owner, "batch_size", self.batch_size)
@@ -193,6 +209,7 @@ class GRPOConfig:
       seed, checkpoint_every, eval_every, attention_impl, chunk_rows: as in `DistillConfig`.
       prompt_width: left-padded prompt width of every rollout batch (default the bucket of
         the longest prompt), so every step has the same shapes.
+      select_by, full_cache_tolerance: as in `DistillConfig` (the full-cache guard).
     """
 
     eviction: EvictionConfig
@@ -214,9 +231,12 @@ class GRPOConfig:
     attention_impl: str | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     prompt_width: int | None = None
+    select_by: str | None = None
+    full_cache_tolerance: float = 0.01
 
     def __post_init__(self):
         owner = "GRPOConfig"
+        _check_selection(owner, self)
         _check_eviction(owner, self.eviction)
         _check_steps(owner, self.steps)
         _check_positive_int(owner, "prompts_per_step", self.prompts_per_step)

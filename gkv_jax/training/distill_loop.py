@@ -27,6 +27,7 @@ from gkv_jax.training.batch import batch_from_completions, shard_batch
 from gkv_jax.training.configs import DistillConfig, make_optimizer, optimizer_config
 from gkv_jax.training.inputs import distill_pairs
 from gkv_jax.training.loop_common import (
+    _check_select_by,
     _end_of_step,
     _finish,
     _init_opt_state,
@@ -34,6 +35,7 @@ from gkv_jax.training.loop_common import (
     _progress,
     _record_recipe,
     _scalars,
+    _start_selection,
     _step_rng,
     _training_mesh,
     _with_params,
@@ -79,6 +81,7 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
         raise TypeError(f"config must be a DistillConfig, got {type(config)}")
     check_same_vocabulary(student.config, teacher.config)
     config, chosen = recipe.resolve(config, student.config)
+    _check_select_by(config, eval_fn)
     budgets = config.budgets or (config.eviction.budget,)
     # The shorter context of the two bounds the sequences (both share the vocabulary).
     bounding = min(student.config, teacher.config, key=lambda c: c.max_position_embeddings)
@@ -96,6 +99,7 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
     opt_state = _init_opt_state(optimizer, params, mesh)
     start, params, opt_state = run.restore(params, opt_state)
     _record_recipe(run, start, chosen)
+    selection = _start_selection(run, config, start, params, opt_state, student, eval_fn)
     teacher_params = teacher.params()
     full_rows = config.full_rows
     bar = _progress(config.steps, start, progress, "distill")
@@ -134,8 +138,8 @@ def distill(student, teacher, data, config: DistillConfig, *, run_dir,
             entry = {"step": step + 1, "budget": budget, **_scalars(metrics),
                      "seconds": time.perf_counter() - started}
             _end_of_step(run, config, entry, params, opt_state, student, eval_fn, bar,
-                         loss=f"{entry['loss']:.4f}")
-        return _finish(run, config, start, params, opt_state, student, eval_fn)
+                         selection, loss=f"{entry['loss']:.4f}")
+        return _finish(run, config, start, params, opt_state, student, eval_fn, selection)
     finally:
         bar.close()
         run.close()

@@ -29,6 +29,7 @@ from gkv_jax.training.batch import shard_batch
 from gkv_jax.training.configs import GRPOConfig, make_optimizer, optimizer_config
 from gkv_jax.training.inputs import grpo_prompt_ids
 from gkv_jax.training.loop_common import (
+    _check_select_by,
     _end_of_step,
     _finish,
     _init_opt_state,
@@ -36,6 +37,7 @@ from gkv_jax.training.loop_common import (
     _progress,
     _record_recipe,
     _scalars,
+    _start_selection,
     _step_rng,
     _training_mesh,
 )
@@ -78,6 +80,7 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
     if not callable(grade_fn):
         raise TypeError("grade_fn must be callable: grade_fn(completion, answer) -> bool")
     config, chosen = recipe.resolve(config, model.config)
+    _check_select_by(config, eval_fn)
     prompt_ids = grpo_prompt_ids(prompts, tokenizer, config.eviction, config.max_new_tokens,
                                  model.config)
     if isinstance(answers, str) or not isinstance(answers, Sequence) \
@@ -99,6 +102,7 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
     opt_state = _init_opt_state(optimizer, params, mesh)
     start, params, opt_state = run.restore(params, opt_state)
     _record_recipe(run, start, chosen)
+    selection = _start_selection(run, config, start, params, opt_state, model, eval_fn)
     sampling = config.sampling
     if mesh is not None:  # host scalars: every process passes the same values
         sampling = jax.tree.map(np.asarray, sampling)
@@ -148,8 +152,9 @@ def grpo(model, prompts, answers, grade_fn: Callable[[Any, Any], bool], config: 
                      "mean_length": float(np.mean([len(t) for t in out.tokens])),
                      "seconds": time.perf_counter() - started}
             _end_of_step(run, config, entry, params, opt_state, model, eval_fn, bar,
-                         reward=f"{entry['reward']:.3f}", guard=f"{metrics['guard']:.1e}")
-        return _finish(run, config, start, params, opt_state, model, eval_fn)
+                         selection, reward=f"{entry['reward']:.3f}",
+                         guard=f"{metrics['guard']:.1e}")
+        return _finish(run, config, start, params, opt_state, model, eval_fn, selection)
     finally:
         bar.close()
         run.close()

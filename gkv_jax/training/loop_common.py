@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gkv_jax.generation import resolve_mesh
 from gkv_jax.sharding.placement import placed_mesh
 from gkv_jax.training.run_dir import RunDir
+from gkv_jax.training.selection import Selection
 
 
 def _with_params(model, params: dict, copy: bool = False):
@@ -88,8 +89,40 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _check_select_by(config, eval_fn) -> None:
+    if config.select_by and eval_fn is None:
+        raise ValueError(f"select_by={config.select_by!r} chooses among evaluations: pass an "
+                         f"eval_fn (e.g. training.evaluation_callback(...)) that returns it")
+
+
+def _start_selection(run: RunDir, config, start: int, params, opt_state, model, eval_fn):
+    """The run's `Selection` (None without `config.select_by`): a new run evaluates the
+    model before its first update (step 0, logged); a resumed one rebuilds its best from the
+    history."""
+    if not config.select_by:
+        return None
+    selection = Selection(run, config.select_by, config.full_cache_tolerance)
+    if start == 0 and not os.path.isdir(selection.path(0)):
+        evaluation = eval_fn(_with_params(model, params, copy=True), 0)
+        run.log({"step": 0, "eval": evaluation})
+        selection.offer(0, evaluation, params, opt_state)
+    else:
+        selection.resume(run.history())
+    return selection
+
+
+def _evaluate(run: RunDir, step: int, params, opt_state, model, eval_fn, selection,
+              checkpoint: bool = True) -> None:
+    """Runs `eval_fn` at `step` into the history (then offers it to the selection: a crash
+    between the two leaves an evaluation that the resume drops with its step)."""
+    evaluation = eval_fn(_with_params(model, params, copy=True), step)
+    run.log({"step": step, "eval": evaluation})
+    if selection is not None:
+        selection.offer(step, evaluation, params, opt_state, checkpoint=checkpoint)
+
+
 def _end_of_step(run: RunDir, config, entry: dict, params, opt_state, model, eval_fn, bar,
-                 **postfix) -> None:
+                 selection=None, **postfix) -> None:
     """Logs a step; checkpoints and evaluates on their periods (the last step: `_finish`)."""
     run.log(entry)
     bar.update(1)
@@ -100,18 +133,23 @@ def _end_of_step(run: RunDir, config, entry: dict, params, opt_state, model, eva
     if config.checkpoint_every and done % config.checkpoint_every == 0:
         run.save(done, params, opt_state)
     if eval_fn is not None and config.eval_every and done % config.eval_every == 0:
-        run.log({"step": done, "eval": eval_fn(_with_params(model, params, copy=True), done)})
+        _evaluate(run, done, params, opt_state, model, eval_fn, selection)
 
 
-def _finish(run: RunDir, config, start: int, params, opt_state, model, eval_fn):
+def _finish(run: RunDir, config, start: int, params, opt_state, model, eval_fn,
+            selection=None):
     """The final checkpoint and evaluation (none when resuming a finished run); returns
-    (trained model, history)."""
-    trained = _with_params(model, params)
+    (trained model, history). With a selection, the model is its best evaluated step's."""
     if start < config.steps:
         run.save(config.steps, params, opt_state)
         if eval_fn is not None:
-            run.log({"step": config.steps, "eval": eval_fn(trained, config.steps)})
-    return trained, run.history()
+            _evaluate(run, config.steps, params, opt_state, model, eval_fn, selection,
+                      checkpoint=False)
+    if selection is not None:
+        params = selection.best_params(params, config.steps)
+        if start < config.steps:
+            run.log({"step": config.steps, "selection": selection.summary()})
+    return _with_params(model, params), run.history()
 
 
 def evaluation_callback(tokenizer, dataset: str = "synthetic", *,

@@ -45,3 +45,27 @@ def test_unset_learning_rate_is_chosen_for_the_model_and_a_set_one_kept():
     with pytest.raises(ValueError, match="resolve the config for its model"):
         training.make_optimizer(training.configs.optimizer_config(
             training.DistillConfig(eviction=GKV, steps=10)), 10)
+
+
+@pytest.mark.slow
+def test_a_run_records_the_learning_rate_it_chose(tmp_path):
+    import json
+
+    from tests.training.test_post_training import distill_config, distill_data
+    from tests.training.test_record import tiny_model
+
+    model = tiny_model()
+    config = distill_config(steps=1, learning_rate=None, checkpoint_every=0)
+    _, history = training.distill(model, model, distill_data(), config,
+                                  run_dir=str(tmp_path / "run"), progress=False)
+    expected = float(f"{recipe.learning_rate_for(model.config.num_parameters()):.3g}")
+    assert history[0] == {"step": 0, "recipe": {"learning_rate": {
+        "value": expected, "rule": history[0]["recipe"]["learning_rate"]["rule"]}}}
+    assert f"{model.config.num_parameters():,} parameters" in \
+        history[0]["recipe"]["learning_rate"]["rule"]
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["config"]["learning_rate"] == expected
+    # the same call resumes the finished run without logging the recipe twice
+    _, again = training.distill(model, model, distill_data(), config,
+                                run_dir=str(tmp_path / "run"), progress=False)
+    assert sum("recipe" in e for e in again) == 1
