@@ -27,7 +27,12 @@ from gkv_jax.cli.args import (
     require_tokenizer,
     seed_value,
 )
-from gkv_jax.cli.post_train_data import SYNTHETIC_TRAIN_SEED, _jsonl_pairs, synthetic_pairs
+from gkv_jax.cli.post_train_data import (
+    SYNTHETIC_TRAIN_SEED,
+    VALIDATION_SEED,
+    _jsonl_pairs,
+    synthetic_pairs,
+)
 from gkv_jax.cli.post_train_run import (
     _check_output_dir,
     _export,
@@ -40,17 +45,59 @@ from gkv_jax.eviction import POLICIES, get_policy
 
 
 def _eval_fn(args, tokenizer, dataset):
-    """--eval-problems N: held-out accuracy (full and the trained policy) every
-    --eval-every steps and at the end, into the history and OUT/run/eval/."""
+    """The run's `eval_fn`: --select-problems N validation problems (keys "full",
+    "<policy>@<budget>": what --select-problems chooses by) and --eval-problems N held-out
+    ones (the same keys prefixed "held-out "), every --eval-every steps and at the end, into
+    the history and OUT/run/eval/; None when neither is asked for."""
     from gkv_jax import training
-    if not args.eval_problems:
-        return None
     eviction = eviction_from_args(args)
-    return training.evaluation_callback(
-        tokenizer, dataset, policies=("full", eviction.policy), budgets=(eviction.budget,),
-        window=args.window, divide_length=args.divide_length, num_problems=args.eval_problems,
-        batch_size=min(args.eval_problems, 40),
-        output_dir=os.path.join(args.output_dir, "run", "eval"))
+
+    def callback(examples, count, folder):
+        return training.evaluation_callback(
+            tokenizer, examples, policies=("full", eviction.policy),
+            budgets=(eviction.budget,), window=args.window, divide_length=args.divide_length,
+            num_problems=count, batch_size=min(count, 40),
+            output_dir=os.path.join(args.output_dir, "run", folder))
+
+    validate = held_out = None
+    if args.select_problems:
+        validate = callback(_validation_examples(args), args.select_problems, "validation")
+    if args.eval_problems:
+        held_out = callback(dataset, args.eval_problems, "eval")
+    if validate is None or held_out is None:
+        return validate or held_out
+
+    def both(model, step):
+        scores = validate(model, step)
+        scores.update({f"held-out {k}": v for k, v in held_out(model, step).items()})
+        return scores
+
+    return both
+
+
+def _validation_examples(args):
+    """The problems --select-problems chooses on: --validation-dataset, else, for a
+    synthetic task, its problems of `VALIDATION_SEED` (neither trained on nor held out)."""
+    from gkv_jax.datasets import load_dataset, synthetic_examples
+    if args.validation_dataset is not None:
+        return load_dataset(args.validation_dataset, args.select_problems)
+    return synthetic_examples(args.select_problems, VALIDATION_SEED, name=args.dataset)
+
+
+def _selection(args) -> dict:
+    """DistillConfig / GRPOConfig fields of --select-problems (checked before anything is
+    written)."""
+    if args.select_problems < 0:
+        raise CommandError(f"--select-problems must be >= 0, got {args.select_problems}")
+    if not args.select_problems:
+        return {}
+    if args.validation_dataset is None and args.dataset not in SYNTHETIC_LOOKUPS:
+        raise CommandError(f"--select-problems: give --validation-dataset (a dataset name or "
+                           f".jsonl of question/answer) for --dataset {args.dataset!r}; only "
+                           f"the synthetic tasks have validation problems of their own")
+    eviction = eviction_from_args(args)
+    return {"select_by": f"{eviction.policy}@{eviction.budget}",
+            "full_cache_tolerance": args.full_cache_tolerance}
 
 
 def _learning_rate(config, model) -> str:
@@ -72,7 +119,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, reduction=args.reduction,
         budgets=tuple(args.budgets) if args.budgets else None,
         full_attention_share=args.full_attention_share, on_policy=args.on_policy,
-        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, **_selection(args))
     model_dir, run_dir, complete = _check_output_dir(args.output_dir, args.steps)
     if args.dataset not in SYNTHETIC_LOOKUPS and not os.path.isfile(args.dataset):
         raise CommandError(f"--dataset must be 'synthetic', 'synthetic-chain' or a .jsonl "
@@ -117,7 +164,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, schedule=args.schedule,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
         clip_norm=args.clip_norm, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every)
+        eval_every=args.eval_every, **_selection(args))
     model_dir, run_dir, complete = _check_output_dir(args.output_dir, args.steps)
     seed = args.data_seed if args.dataset in SYNTHETIC_LOOKUPS else 0
     examples = load_dataset(args.dataset, args.num_problems, seed=seed)
@@ -184,6 +231,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-problems", type=int, default=0,
                         help="held-out synthetic problems evaluated (full and the policy at "
                              "the budget) every --eval-every steps and at the end; 0: none")
+    parser.add_argument("--select-problems", type=int, default=0,
+                        help="validation problems evaluated before training, every "
+                             "--eval-every steps and at the end; the run's model is the "
+                             "evaluated step with the best accuracy under the policy whose "
+                             "full-cache accuracy stays within --full-cache-tolerance of "
+                             "before (before training included: no harm); 0: the last step")
+    parser.add_argument("--validation-dataset", default=None,
+                        help="what --select-problems evaluates (default: the synthetic "
+                             f"task's problems of seed {VALIDATION_SEED}, neither trained on "
+                             "nor held out)")
+    parser.add_argument("--full-cache-tolerance", type=float, default=0.01,
+                        help="full-cache accuracy a selected step may lose")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="steps between evaluations; 0: only at the end")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -10,6 +10,7 @@ import json
 from gkv_jax.cli.args import CommandError
 
 SYNTHETIC_TRAIN_SEED = 1  # training problems; seed 0 is the held-out set
+VALIDATION_SEED = 2       # --select-problems' problems: neither trained on nor held out
 
 
 def synthetic_pairs(tokenizer, count: int, seed: int = SYNTHETIC_TRAIN_SEED,

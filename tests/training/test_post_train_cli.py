@@ -80,8 +80,27 @@ def test_grpo_cli_runs_and_reports_the_guard(tiny_checkpoint, tmp_path, capsys):
     assert max(e["guard"] for e in history) < 1e-4
 
 
+@pytest.mark.slow
+def test_distill_cli_selects_on_validation_problems_with_the_size_rule(tiny_checkpoint,
+                                                                       tmp_path, capsys):
+    out = tmp_path / "select"
+    common = [f for f in COMMON if f not in ("--learning-rate", "1e-3")]
+    assert main(["post-train", "distill", "--model", tiny_checkpoint, "--output-dir", str(out),
+                 "--dataset", "synthetic-chain", "--num-examples", "4", "--batch-size", "2",
+                 "--select-problems", "2", "--eval-every", "1", *common]) == 0
+    assert "(from the model's size)" in capsys.readouterr().out
+    history = [json.loads(line) for line in (out / "run" / "history.jsonl").open()]
+    assert history[0]["recipe"]["learning_rate"]["value"] == 1e-4  # held below 3.16M
+    evaluations = {e["step"]: e["eval"] for e in history if "eval" in e}
+    assert sorted(evaluations) == [0, 1, 2] and set(evaluations[0]) == {"full", "gkv@40"}
+    assert history[-1]["selection"]["selected_step"] in (0, 1, 2)
+    assert (out / "run" / "validation" / "step_0").is_dir()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--learning-rate", "0"], "--learning-rate must be a number in (0.0, 1.0]"),
+    (["--select-problems", "2", "--dataset", "aime24", "--group-size", "2"],
+     "--select-problems: give --validation-dataset"),
     (["--group-size", "1"], "--group-size must be an integer >= 2"),
     (["--budget", "4"], "budget must be > window"),
     (["--steps", "99999999999999999999"], "--steps must be an integer in [1, 2147483647]"),
