@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import sys
 import time
 
@@ -33,7 +34,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     literals (numbers, tuples, True/False/None)."""
     name, _, fields = text.partition(":")
     overrides = {}
-    for item in filter(None, fields.split(";" if ";" in fields else ",")):
+    # split at the commas that start a new FIELD=, not those inside a tuple
+    for item in filter(None, re.split(r",(?=\s*\w+\s*=)", fields)):
         key, _, value = item.partition("=")
         overrides[key.strip()] = ast.literal_eval(value.strip())
     return name.strip(), overrides
