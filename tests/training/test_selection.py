@@ -98,3 +98,25 @@ def test_distill_returns_the_selected_step_and_resumes_to_it(tmp_path):
     for got, want in zip(jax.tree.leaves(again.params()), jax.tree.leaves(seen[1]),
                          strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.slow
+def test_grpo_that_only_lowers_the_full_cache_returns_the_model_it_was_given(tmp_path):
+    from tests.training.test_record import SPEC
+
+    model = tiny_model()
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, SPEC.vocab, n).tolist() for n in (6, 9)]
+
+    def eval_fn(trained, step):  # every update "costs" the full cache 5 points
+        return {"full": 1.0 - 0.05 * step, "gkv": 0.1 * step}
+
+    config = training.GRPOConfig(eviction=GKV, steps=2, prompts_per_step=2, group_size=3,
+                                 max_new_tokens=20, learning_rate=1e-3, warmup_ratio=0.0,
+                                 checkpoint_every=0, eval_every=1, select_by="gkv")
+    trained, history = training.grpo(model, prompts, [7, 11], lambda ids, a: a in ids, config,
+                                     run_dir=str(tmp_path), eval_fn=eval_fn, progress=False)
+    assert history[-1]["selection"]["selected_step"] == 0
+    for got, want in zip(jax.tree.leaves(trained.params()), jax.tree.leaves(model.params()),
+                         strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
