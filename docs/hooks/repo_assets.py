@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS = {"assets/reasoner_accuracy_vs_budget.png":
           REPO / "benchmarks" / "reasoner_accuracy_vs_budget.png",
           "assets/distill_curves_bundled_b68.png":
-          REPO / "benchmarks" / "distill_curves_bundled_b68.png"}
+          REPO / "benchmarks" / "distill_curves_bundled_b68.png",
+          "assets/distill_curves_bundled_b40.png":
+          REPO / "benchmarks" / "distill_curves_bundled_b40.png"}
 
 
 def on_files(files, config):
