@@ -12,7 +12,9 @@ distillation and GRPO losses, steps and loops built on them.
 * `distill_loss`, `group_advantages`, `grpo_loss`; `distill_step`, `grpo_step` (`steps`);
   `distill(...)` (`distill_loop`), `grpo(...)` (`grpo_loop`), sharing `loop_common`, with
   `DistillConfig` / `GRPOConfig` (`configs`), their inputs checked by `inputs` and their run
-  directories kept by `run_dir`.
+  directories kept by `run_dir`; an unset learning rate is chosen for the model's size
+  (`recipe`), and `select_by` returns the best validated step that keeps the full cache
+  (`selection`).
 """
 
 from gkv_jax.training.batch import (
