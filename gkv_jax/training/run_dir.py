@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from gkv_jax.models.config import ModelConfig
 
 IDENTITY_FILE = "run.json"
+BEST = "best"  # `select_by`'s best parameters (gkv_jax.training.selection)
 HISTORY_FILE = "history.jsonl"
 CHECKPOINTS = "checkpoints"
 
@@ -153,6 +155,13 @@ class RunDir:
         """Claims run_dir (after `check`): run.json written, the checkpoint manager made."""
         if self.writer:
             os.makedirs(self.run_dir, exist_ok=True)
+            existing = self._read_identity() if os.path.isfile(self.identity_path) else None
+            if existing is not None and existing != self.identity:
+                # taking over a run that made no progress: its step-0 entries and its
+                # saved step-0 model (`select_by`) belong to the other run
+                if os.path.isfile(self.history_path):
+                    os.remove(self.history_path)
+                shutil.rmtree(os.path.join(self.run_dir, BEST), ignore_errors=True)
             with open(self.identity_path, "w") as f:
                 json.dump(self.identity, f, indent=1)
         self.manager = ocp.CheckpointManager(
@@ -172,7 +181,22 @@ class RunDir:
         if os.path.isdir(checkpoints) and any(name.isdigit()
                                               for name in os.listdir(checkpoints)):
             return True
-        return os.path.isfile(self.history_path) and os.path.getsize(self.history_path) > 0
+        # step 0's entries (the recipe's choices, the evaluation before training) are not
+        # progress: a run that failed in its first step may still be taken over
+        return any(entry.get("step", 0) > 0 for entry in self.history_entries())
+
+    def history_entries(self) -> list[dict]:
+        """The history's readable entries (a line cut off mid-write is skipped)."""
+        if not os.path.isfile(self.history_path):
+            return []
+        entries = []
+        with open(self.history_path) as f:
+            for line in f:
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return [e for e in entries if isinstance(e, dict)]
 
     def restore(self, params, opt_state):
         """(step, params, opt_state) of the latest checkpoint, restored onto the shardings

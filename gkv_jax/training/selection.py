@@ -19,10 +19,9 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from gkv_jax.training.run_dir import RunDir
+from gkv_jax.training.run_dir import BEST, RunDir
 
 FULL_CACHE_KEY = "full"
-BEST = "best"
 
 
 class Selection:
