@@ -214,6 +214,10 @@ class RunDir:
         return step, restored["params"], restored["opt_state"]
 
     def save(self, step: int, params, opt_state) -> None:
+        """An Orbax checkpoint of `step` (none if that step is saved already: a periodic
+        checkpoint and `select_by`'s can fall on the same step)."""
+        if step in self.manager.all_steps():
+            return
         self.manager.save(step, args=ocp.args.StandardSave(
             {"params": params, "opt_state": opt_state}), force=True)
         self.manager.wait_until_finished()
