@@ -25,7 +25,8 @@ GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-BUNDLED_VARIANTS = {"base": "reasoner", "distilled": "reasoner_distilled"}
+BUNDLED_VARIANTS = {"base": "reasoner", "distilled": "reasoner_distilled",
+                    "chain": "reasoner_chain"}
 # Stored dtypes that `dtype=None` keeps (float64 checkpoints load as float32), by config.json
 # name and by safetensors header code.
 CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
@@ -59,9 +60,12 @@ def bundled_model_dir(variant: str = "base") -> str:
     package data).
 
     Args:
-      variant: "base" (trained on `gkv_jax.synthetic` by scripts/train_reasoner.py) or
+      variant: "base" (trained on `gkv_jax.synthetic` by scripts/train_reasoner.py),
         "distilled" (the base model distilled for gkv at budget 68 by
-        scripts/post_train_reasoner.sh).
+        scripts/post_train_reasoner.sh) or "chain" (the second model: the base model's
+        architecture trained on the chained walk, dataset "synthetic-chain", by
+        scripts/train_chain_reasoner.sh; post-training recipes are validated on it, never
+        chosen on it).
     """
     if variant not in BUNDLED_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BUNDLED_VARIANTS)}, got {variant!r}")
@@ -70,7 +74,8 @@ def bundled_model_dir(variant: str = "base") -> str:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(
             f"the bundled model is missing from {directory!r}; reinstall the package or train "
-            "it with scripts/train_reasoner.sh (base) or scripts/post_train_reasoner.sh")
+            "it with scripts/train_reasoner.sh (base), scripts/post_train_reasoner.sh "
+            "(distilled) or scripts/train_chain_reasoner.sh (chain)")
     return directory
 
 

@@ -22,11 +22,13 @@ train --init-from "$RUN_DIR/phase1" --steps 600 --stop-at 150 --warmup 10 --eval
 # 3. Random evictions of the trace's copies (the prompt's entries never evicted), as in the
 #    bundled model's phase 2, which broke the same plateau there: the table must be read.
 #    Token accuracy 0.94 -> 0.98 in 400 steps; then the same run resumed from its step-400
-#    checkpoint with its schedule stretched to 1000 steps (4.).
+#    checkpoint with its schedule stretched to 1000 steps (4.), which broke through: held-out
+#    exact answers 0.02 at step 500, 0.84 at 600, 1.00 at 700 (50 problems).
 phase3() { train --init-from "$RUN_DIR/phase2" --warmup 10 --eval-every 100 \
   --evict-fraction 0.7 --evict-min-window 16 --evict-fact-keep 1.0 \
   --evict-layout-keep 0 0.2 --evict-max-delay 40 \
   --run-dir "$RUN_DIR/run3" --export-dir "$RUN_DIR/phase3" "$@"; }
 phase3 --steps 400
-# 4. (in progress)
-phase3 --steps 1000
+# 4. Stopped after the step-700 export (the shipped model).
+phase3 --steps 1000 --stop-at 700
+cp "$RUN_DIR/phase3"/* gkv_jax/assets/reasoner_chain/

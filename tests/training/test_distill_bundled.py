@@ -49,3 +49,25 @@ def test_the_distilled_checkpoint_ships_and_loads():
     assert distilled.config == base.config and len(tokenizer) == base.config.vocab_size
     with pytest.raises(ValueError, match="variant must be one of"):
         bundled_model_dir("other")
+
+
+def test_the_chain_model_ships_beside_the_bundled_one():
+    """The second model: the bundled architecture and tokenizer, other weights."""
+    from gkv_jax.models import ModelConfig
+
+    chain, base = bundled_model_dir("chain"), bundled_model_dir()
+    size = sum(os.path.getsize(os.path.join(chain, f)) for f in os.listdir(chain))
+    assert size < 20 * 2**20
+    assert ModelConfig.from_hf_config(os.path.join(chain, "config.json")) == \
+        ModelConfig.from_hf_config(os.path.join(base, "config.json"))
+    with open(os.path.join(chain, "model.safetensors"), "rb") as a, \
+            open(os.path.join(base, "model.safetensors"), "rb") as b:
+        assert a.read() != b.read()
+
+
+@pytest.mark.slow
+def test_the_chain_model_solves_its_task_with_a_full_cache(tmp_path):
+    model, tokenizer = gkv_jax.load(bundled_model_dir("chain"), dtype="float32")
+    report = evaluate(model, tokenizer, "synthetic-chain", policies=("full",), num_problems=20,
+                      batch_size=20, output_dir=str(tmp_path), progress=False)
+    assert report.summary[0]["pass@1"] >= 0.95, report.summary
