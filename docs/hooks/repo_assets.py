@@ -15,7 +15,9 @@ ASSETS = {"assets/reasoner_accuracy_vs_budget.png":
           "assets/distill_curves_bundled_b68.png":
           REPO / "benchmarks" / "distill_curves_bundled_b68.png",
           "assets/distill_curves_bundled_b40.png":
-          REPO / "benchmarks" / "distill_curves_bundled_b40.png"}
+          REPO / "benchmarks" / "distill_curves_bundled_b40.png",
+          "assets/distill_curves_chain_b68.png":
+          REPO / "benchmarks" / "distill_curves_chain_b68.png"}
 
 
 def on_files(files, config):
