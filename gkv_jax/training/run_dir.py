@@ -226,16 +226,8 @@ class RunDir:
         """Drops history lines after `step` (written past the checkpoint resumed from)."""
         if not self.writer or not os.path.exists(self.history_path):
             return
-        with open(self.history_path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off mid-write
-            if entry.get("step", 0) <= step:
-                kept.append(json.dumps(entry) + "\n")
+        kept = [json.dumps(entry) + "\n" for entry in self.history_entries()
+                if entry.get("step", 0) <= step]
         with open(self.history_path, "w") as f:
             f.writelines(kept)
 

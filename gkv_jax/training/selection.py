@@ -50,17 +50,24 @@ class Selection:
                              f"{self.key!r}")
         return float(evaluation[self.key])
 
-    def offer(self, step: int, evaluation: dict, params, opt_state,
-              checkpoint: bool = True) -> bool:
-        """Records an evaluation of `params` at `step`; returns whether it is the new best
-        (its parameters are then saved, and with `checkpoint` a regular checkpoint of the
-        step, so that a resume keeps the evaluation that chose it)."""
+    def _record(self, step: int, evaluation: dict) -> bool:
+        """Takes an evaluation into account; returns whether it is the new best (the only
+        rule, shared by a live run and a resume)."""
         score = self._score(step, evaluation)
         if step == 0:
             self.full_before = evaluation.get(FULL_CACHE_KEY)
         if not self._qualifies(evaluation) or (self.score is not None and score <= self.score):
             return False
         self.step, self.score = step, score
+        return True
+
+    def offer(self, step: int, evaluation: dict, params, opt_state,
+              checkpoint: bool = True) -> bool:
+        """Records an evaluation of `params` at `step`; returns whether it is the new best
+        (its parameters are then saved, and with `checkpoint` a regular checkpoint of the
+        step, so that a resume keeps the evaluation that chose it)."""
+        if not self._record(step, evaluation):
+            return False
         self._save(step, params)
         if step and checkpoint:
             self.run.save(step, params, opt_state)
@@ -71,12 +78,7 @@ class Selection:
         checkpoint: a new best always saves one)."""
         for entry in history:
             if "eval" in entry:
-                evaluation, step = entry["eval"], entry["step"]
-                score = self._score(step, evaluation)
-                if step == 0:
-                    self.full_before = evaluation.get(FULL_CACHE_KEY)
-                if self._qualifies(evaluation) and (self.score is None or score > self.score):
-                    self.step, self.score = step, score
+                self._record(entry["step"], entry["eval"])
 
     def best_params(self, params, final_step: int):
         """The parameters of the best step (`params` themselves when that is `final_step`)."""
