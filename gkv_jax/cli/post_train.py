@@ -95,6 +95,10 @@ def _selection(args) -> dict:
         raise CommandError(f"--select-problems: give --validation-dataset (a dataset name or "
                            f".jsonl of question/answer) for --dataset {args.dataset!r}; only "
                            f"the synthetic tasks have validation problems of their own")
+    try:  # a bad validation set fails now, not at the first evaluation
+        _validation_examples(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise CommandError(f"--validation-dataset: {err}") from None
     eviction = eviction_from_args(args)
     return {"select_by": f"{eviction.policy}@{eviction.budget}",
             "full_cache_tolerance": args.full_cache_tolerance}

@@ -101,6 +101,8 @@ def test_distill_cli_selects_on_validation_problems_with_the_size_rule(tiny_chec
     (["--learning-rate", "0"], "--learning-rate must be a number in (0.0, 1.0]"),
     (["--select-problems", "2", "--dataset", "aime24", "--group-size", "2"],
      "--select-problems: give --validation-dataset"),
+    (["--select-problems", "2", "--validation-dataset", "aime26"],
+     "--validation-dataset: dataset must be one of"),
     (["--group-size", "1"], "--group-size must be an integer >= 2"),
     (["--budget", "4"], "budget must be > window"),
     (["--steps", "99999999999999999999"], "--steps must be an integer in [1, 2147483647]"),
