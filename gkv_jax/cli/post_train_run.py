@@ -91,5 +91,10 @@ def _summary(history, model_dir, run_dir) -> None:
     if steps:
         print(f"steps {steps[0]['step']}..{steps[-1]['step']}: loss {steps[0]['loss']:.4f} "
               f"-> {steps[-1]['loss']:.4f}")
+    chosen = next((e["selection"] for e in reversed(history) if "selection" in e), None)
+    if chosen is not None:  # --select-problems: which step the model is
+        print(f"selected step {chosen['selected_step']} ({chosen['select_by']} "
+              f"{chosen['score']:.3f} on the validation problems; 0 is the model before "
+              f"training)")
     print(f"model:   {model_dir}\nhistory: {os.path.join(run_dir, 'history.jsonl')}\n"
           f"checkpoints: {os.path.join(run_dir, 'checkpoints')}")

@@ -88,7 +88,8 @@ def test_distill_cli_selects_on_validation_problems_with_the_size_rule(tiny_chec
     assert main(["post-train", "distill", "--model", tiny_checkpoint, "--output-dir", str(out),
                  "--dataset", "synthetic-chain", "--num-examples", "4", "--batch-size", "2",
                  "--select-problems", "2", "--eval-every", "1", *common]) == 0
-    assert "(from the model's size)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(from the model's size)" in printed and "selected step " in printed
     history = [json.loads(line) for line in (out / "run" / "history.jsonl").open()]
     assert history[0]["recipe"]["learning_rate"]["value"] == 1e-4  # held below 3.16M
     evaluations = {e["step"]: e["eval"] for e in history if "eval" in e}
