@@ -7,9 +7,11 @@ set -euo pipefail
 # 1. Distil the bundled model into itself for gkv at budget 68 (window 16, divide_length 16):
 #    the full-attention teacher scores 512 training problems' true traces, the student trains
 #    under the gkv@68 masks replayed every step with its own parameters (~2.5 min on 2 cores).
+#    --select-problems 0: the shipped model is the last step, as it was made (before the
+#    full-cache guard was the default; with it, add its evaluations' few minutes).
 gkv-jax post-train distill --model gkv_jax/assets/reasoner --policy gkv --budget 68 \
     --window 16 --divide-length 16 --steps 50 --batch-size 8 --learning-rate 1e-4 \
-    --output-dir runs/post_train/distill68
+    --select-problems 0 --output-dir runs/post_train/distill68
 
 # 2. The 200 held-out problems: the full cache and every policy at budgets 68 and 136.
 gkv-jax eval --model runs/post_train/distill68/model --dataset synthetic \
@@ -24,7 +26,8 @@ gkv-jax eval --model runs/post_train/distill68/model --dataset synthetic \
 GRPO_BUDGET="${GRPO_BUDGET:-40}"
 gkv-jax post-train grpo --model runs/post_train/distill68/model --policy gkv \
     --budget "$GRPO_BUDGET" --window 16 --divide-length 16 --steps 30 --prompts-per-step 4 \
-    --group-size 8 --learning-rate 5e-5 --output-dir "runs/post_train/grpo$GRPO_BUDGET"
+    --group-size 8 --learning-rate 5e-5 --select-problems 0 \
+    --output-dir "runs/post_train/grpo$GRPO_BUDGET"
 gkv-jax eval --model "runs/post_train/grpo$GRPO_BUDGET/model" --dataset synthetic \
     --policies full,gkv --budgets "$GRPO_BUDGET,68" --window 16 --divide-length 16 \
     --num-problems 200 --batch-size 40 --dtype float32 \

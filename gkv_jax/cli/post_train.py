@@ -43,6 +43,9 @@ from gkv_jax.cli.post_train_run import (
 from gkv_jax.datasets import SYNTHETIC_LOOKUPS
 from gkv_jax.eviction import POLICIES, get_policy
 
+# Validation problems of the full-cache guard by default: a one-point tolerance is one problem.
+DEFAULT_SELECT_PROBLEMS = 100
+
 
 def _eval_fn(args, tokenizer, dataset):
     """The run's `eval_fn`: --select-problems N validation problems (keys "full",
@@ -84,6 +87,28 @@ def _validation_examples(args):
     return synthetic_examples(args.select_problems, VALIDATION_SEED, name=args.dataset)
 
 
+def _resolve_guard(args) -> None:
+    """Fills in the defaults of the full-cache guard: --select-problems is
+    `DEFAULT_SELECT_PROBLEMS` where there are validation problems (a synthetic task's own, or
+    --validation-dataset), else 0; --eval-every is a quarter of the steps while the guard is
+    on (so it chooses among five evaluated steps, before training included), else 0."""
+    if args.select_problems is None:
+        has_validation = (args.validation_dataset is not None
+                          or args.dataset in SYNTHETIC_LOOKUPS)
+        args.select_problems = DEFAULT_SELECT_PROBLEMS if has_validation else 0
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 4) if args.select_problems > 0 else 0
+
+
+def _guard_line(args) -> str:
+    """What the run prints about the full-cache guard."""
+    if args.select_problems:
+        return (f"full-cache guard: {args.select_problems} validation problems every "
+                f"{args.eval_every} steps (--select-problems 0: off)")
+    return ("no full-cache guard: the last step is the model (--validation-dataset FILE "
+            "guards it)")
+
+
 def _selection(args) -> dict:
     """DistillConfig / GRPOConfig fields of --select-problems (checked before anything is
     written)."""
@@ -116,6 +141,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from gkv_jax import training
 
     eviction = eviction_from_args(args)
+    _resolve_guard(args)
     config = training.DistillConfig(
         eviction=eviction, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, temperature=args.temperature, seed=args.seed,
@@ -142,7 +168,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     else:
         data, lines = _jsonl_pairs(args.dataset, tokenizer, args.num_examples)
     print(f"distill: {len(data)} examples, {eviction.describe()}, {args.steps} steps of "
-          f"{args.batch_size}, {_learning_rate(config, student)}")
+          f"{args.batch_size}, {_learning_rate(config, student)}\n{_guard_line(args)}")
     trained, history = _train(
         lambda: training.distill(student, teacher, data, config, run_dir=run_dir,
                                  eval_fn=_eval_fn(args, tokenizer, eval_dataset)),
@@ -161,6 +187,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     from gkv_jax.evaluation import format_prompts
 
     eviction = eviction_from_args(args)
+    _resolve_guard(args)
     config = training.GRPOConfig(
         eviction=eviction, steps=args.steps, prompts_per_step=args.prompts_per_step,
         group_size=args.group_size, max_new_tokens=args.max_new_tokens,
@@ -182,7 +209,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
 
     print(f"grpo: {len(prompts)} prompts, {eviction.describe()}, {args.steps} steps of "
           f"{args.prompts_per_step} x {args.group_size} rollouts, "
-          f"{_learning_rate(config, model)}")
+          f"{_learning_rate(config, model)}\n{_guard_line(args)}")
     trained, history = _train(
         lambda: training.grpo(model, prompts, answers, grade, config, run_dir=run_dir,
                               tokenizer=tokenizer,
@@ -235,20 +262,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-problems", type=int, default=0,
                         help="held-out synthetic problems evaluated (full and the policy at "
                              "the budget) every --eval-every steps and at the end; 0: none")
-    parser.add_argument("--select-problems", type=int, default=0,
+    parser.add_argument("--select-problems", type=int, default=None,
                         help="validation problems evaluated before training, every "
                              "--eval-every steps and at the end; the run's model is the "
                              "evaluated step with the best accuracy under the policy whose "
                              "full-cache accuracy stays within --full-cache-tolerance of "
-                             "before (before training included: no harm); 0: the last step")
+                             "before (before training included: no harm); 0: the last step "
+                             f"(default: {DEFAULT_SELECT_PROBLEMS} where there are "
+                             "validation problems: a synthetic task or --validation-dataset)")
     parser.add_argument("--validation-dataset", default=None,
                         help="what --select-problems evaluates (default: the synthetic "
                              f"task's problems of seed {VALIDATION_SEED}, neither trained on "
                              "nor held out)")
     parser.add_argument("--full-cache-tolerance", type=float, default=0.01,
                         help="full-cache accuracy a selected step may lose")
-    parser.add_argument("--eval-every", type=int, default=0,
-                        help="steps between evaluations; 0: only at the end")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="steps between evaluations; 0: only at the end (default: a "
+                             "quarter of --steps while --select-problems is on, else 0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="parameter dtype trained in")
 

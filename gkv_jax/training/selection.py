@@ -4,7 +4,8 @@ run do no harm on the measure it is judged by.
 With `config.select_by` set (a key of `eval_fn`'s dict, e.g. "gkv@68"), the loop evaluates
 the model before its first update (step 0) and at every evaluation after, and returns the
 evaluated parameters with the highest `select_by` among the steps whose full-cache score
-(`eval["full"]`, when the evaluation has one) is within `full_cache_tolerance` of step 0's.
+(`eval["full"]`, when the evaluation has one) is within `full_cache_tolerance` of step 0's;
+of steps with the same `select_by`, the higher full-cache score wins, then the earlier step.
 Step 0 always qualifies, so the run returns the model it was given unless training improved
 it. The best parameters are kept on disk (run_dir/best/), never as a second copy in memory,
 and a regular checkpoint is saved with each new best, so a resumed run knows its best.
@@ -36,6 +37,7 @@ class Selection:
         self.directory = os.path.join(run.run_dir, BEST)
         self.step: int | None = None
         self.score: float | None = None
+        self.full: float = 0.0  # the best step's full-cache score (ties on `score`)
         self.full_before: float | None = None
 
     def _qualifies(self, evaluation: dict) -> bool:
@@ -56,9 +58,11 @@ class Selection:
         score = self._score(step, evaluation)
         if step == 0:
             self.full_before = evaluation.get(FULL_CACHE_KEY)
-        if not self._qualifies(evaluation) or (self.score is not None and score <= self.score):
+        full = float(evaluation.get(FULL_CACHE_KEY, 0.0))
+        if not self._qualifies(evaluation) or (
+                self.score is not None and (score, full) <= (self.score, self.full)):
             return False
-        self.step, self.score = step, score
+        self.step, self.score, self.full = step, score, full
         return True
 
     def offer(self, step: int, evaluation: dict, params, opt_state,

@@ -34,7 +34,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 COMMON = ["--policy", "gkv", "--budget", "40", "--window", "8", "--divide-length", "16",
-          "--steps", "2", "--learning-rate", "1e-3", "--checkpoint-every", "1"]
+          "--steps", "2", "--learning-rate", "1e-3", "--checkpoint-every", "1",
+          "--select-problems", "0"]  # the guard's 100 validation problems: tested below
 
 
 # Slow (the fast suite's cold time): the distill loop itself is fast in test_post_training.
@@ -87,7 +88,7 @@ def test_distill_cli_selects_on_validation_problems_with_the_size_rule(tiny_chec
     common = [f for f in COMMON if f not in ("--learning-rate", "1e-3")]
     assert main(["post-train", "distill", "--model", tiny_checkpoint, "--output-dir", str(out),
                  "--dataset", "synthetic-chain", "--num-examples", "4", "--batch-size", "2",
-                 "--select-problems", "2", "--eval-every", "1", *common]) == 0
+                 *common, "--select-problems", "2", "--eval-every", "1"]) == 0
     printed = capsys.readouterr().out
     assert "(from the model's size)" in printed and "selected step " in printed
     history = [json.loads(line) for line in (out / "run" / "history.jsonl").open()]
@@ -96,6 +97,28 @@ def test_distill_cli_selects_on_validation_problems_with_the_size_rule(tiny_chec
     assert sorted(evaluations) == [0, 1, 2] and set(evaluations[0]) == {"full", "gkv@40"}
     assert history[-1]["selection"]["selected_step"] in (0, 1, 2)
     assert (out / "run" / "validation" / "step_0").is_dir()
+
+
+@pytest.mark.parametrize("flags, guard", [
+    ([], (100, 10)),  # a synthetic task has validation problems of its own: on
+    (["--dataset", "synthetic-chain", "--steps", "7"], (100, 1)),
+    (["--dataset", "data.jsonl"], (0, 0)),  # none to validate on: off, said so
+    (["--dataset", "data.jsonl", "--validation-dataset", "aime24"], (100, 10)),
+    (["--select-problems", "0"], (0, 0)),
+    (["--select-problems", "30", "--eval-every", "5"], (30, 5)),
+    (["--eval-problems", "20"], (100, 10)),
+])
+def test_the_full_cache_guard_is_on_by_default_where_there_are_validation_problems(
+        flags, guard):
+    from gkv_jax.cli import build_parser
+    from gkv_jax.cli.post_train import _guard_line, _resolve_guard
+    args = build_parser().parse_args(["post-train", "distill", "--model", "m", "--budget", "68",
+                                      "--steps", "40", "--output-dir", "o", *flags])
+    _resolve_guard(args)
+    assert (args.select_problems, args.eval_every) == guard
+    line = _guard_line(args)
+    assert ("full-cache guard: 100 validation problems" in line) == (guard[0] == 100)
+    assert ("no full-cache guard" in line) == (guard[0] == 0)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -48,6 +48,22 @@ def test_the_best_step_within_the_full_cache_tolerance_is_kept(tmp_path):
     run.close()
 
 
+def test_a_tie_goes_to_the_better_full_cache_then_the_earlier_step(tmp_path):
+    run = _run(tmp_path)
+    selection = Selection(run, "gkv@68", tolerance=0.01)
+    # the default recipe on the bundled model: gkv@68 1.0 from step 25, full 0.98 .. 1.0
+    for step, full in ((0, 1.0), (25, 0.98), (50, 0.99), (75, 1.0), (100, 1.0)):
+        selection.offer(step, {"full": full, "gkv@68": 0.1 if step == 0 else 1.0},
+                        _params(float(step)), None, checkpoint=False)
+    assert selection.step == 75  # 50 ties on gkv with a lower full cache; 100 only ties
+    again = Selection(run, "gkv@68", tolerance=0.01)
+    again.resume([{"step": 0, "eval": {"full": 1.0, "gkv@68": 0.1}},
+                  {"step": 50, "eval": {"full": 0.99, "gkv@68": 1.0}},
+                  {"step": 75, "eval": {"full": 1.0, "gkv@68": 1.0}}])
+    assert again.step == 75
+    run.close()
+
+
 def test_a_run_that_only_does_harm_returns_step_0(tmp_path):
     run = _run(tmp_path)
     selection = Selection(run, "gkv@68", tolerance=0.0)
