@@ -33,6 +33,6 @@ def test_it_counts_every_problem_of_the_chain_model(monkeypatch, capsys):
                                       "--budget", "68", "--num-problems", "4"])
     assert _module().main() == 0
     printed = capsys.readouterr().out
-    counts = printed.split("first error:")[1].splitlines()[0]
+    counts = printed.split("\nfirst error:")[1].splitlines()[0]
     assert sum(int(part.split()[-1]) for part in counts.split(",")) == 4
     assert all(f"layer {layer}:" in printed for layer in range(4))
