@@ -85,7 +85,7 @@ def hf_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
 
     Read from the conversion table itself, so the checkpoint is exactly what `from_hf` expects.
     """
-    from gkv_jax.conversion.hf import GLOBAL_RULES, LAYER_RULES
+    from gkv_jax.conversion.rules import GLOBAL_RULES, LAYER_RULES
 
     head = [r for r in GLOBAL_RULES if r.when(config) and r.hf_suffix == "lm_head.weight"]
     shapes = {r.hf_suffix: r.hf_shape(config) for r in GLOBAL_RULES
@@ -229,12 +229,12 @@ def load_ours_by_stage(directory: str) -> dict[str, dict[str, Any]]:
     uses the stage functions `from_hf` is made of)."""
     import jax
 
-    from gkv_jax.conversion import hf
+    from gkv_jax.conversion import hf, source
 
     stages = {}
     reset_peak_rss()
     start = time.perf_counter()
-    config, tensors = hf._open_source(directory)
+    config, tensors = source._open_source(directory)
     weights = hf.convert_weights(config, tensors, "bfloat16")
     stages["convert_weights: safetensors -> stacked numpy"] = _stage(start)
     reset_peak_rss()

@@ -2,7 +2,8 @@
 
 from gkv_jax.conversion.checkpoint import load_checkpoint, save_checkpoint
 from gkv_jax.conversion.export import hf_state_dict, to_hf
-from gkv_jax.conversion.hf import ConversionError, convert_weights, from_hf, model_from_weights
+from gkv_jax.conversion.hf import convert_weights, from_hf, model_from_weights
+from gkv_jax.conversion.rules import ConversionError
 
 __all__ = [
     "ConversionError",

@@ -2,8 +2,8 @@
 the same logits, tensor by tensor into size-capped shards with an index, so that the host
 holds at most one shard beyond the model (never a second copy of the whole model).
 
-The names, shapes and layouts come from the same table as loading (`hf.LAYER_RULES`,
-`hf.GLOBAL_RULES`); a shard's plan needs only the shapes.
+The names, shapes and layouts come from the same table as loading (`rules.LAYER_RULES`,
+`rules.GLOBAL_RULES`); a shard's plan needs only the shapes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from gkv_jax.conversion.hf import _WEIGHT_FILE, INDEX_FILE, _rules_by_key
+from gkv_jax.conversion.rules import _WEIGHT_FILE, INDEX_FILE, _rules_by_key
 from gkv_jax.models.transformer import Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size (5 GiB)

@@ -1,20 +1,17 @@
-"""Strict Hugging Face <-> Flax weight conversion for the Qwen2 / Llama / Qwen3 families.
+"""Strict Hugging Face -> Flax loading: `from_hf` and `convert_weights`.
 
-One table (`LAYER_RULES`) says how each HF tensor maps to a stacked model weight; `from_hf`
-and `to_hf` both read it. Strict in both directions: every HF tensor is consumed, every model
-weight is filled exactly once, every shape is checked, and errors name the HF key.
+The checkpoint's keys and shapes are checked against the table (`rules`) before anything is
+read: every HF tensor is consumed, every model weight is filled exactly once, and errors name
+the HF key. Each weight is then copied once, in parallel and cache-friendly tiles, into its
+final host buffer, or block by block straight onto its shards on a mesh.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
-import json
 import mmap
 import os
-import re
-from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,328 +22,25 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from gkv_jax.conversion.rules import (
+    _DERIVED_KEY,
+    GLOBAL_RULES,
+    LAYER_RULES,
+    ConversionError,
+    Rule,
+    _rules_by_key,
+)
+from gkv_jax.conversion.source import TensorSource, _open_source
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import Transformer, param_shapes, resolve_dtype
 from gkv_jax.sharding.mesh import check_mesh
 from gkv_jax.sharding.placement import param_shardings
-
-# ---------------------------------------------------------------------------- the table
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """How one HF tensor becomes one model weight.
-
-    `to_flax(hf_array, config)` reshapes/transposes an HF tensor into the model's layout;
-    `hf_shape(config)` is the HF tensor's expected shape; `to_hf` is the inverse.
-    """
-
-    hf_suffix: str
-    name: str
-    hf_shape: Callable[[ModelConfig], tuple[int, ...]]
-    to_flax: Callable[[np.ndarray, ModelConfig], np.ndarray]
-    to_hf: Callable[[np.ndarray, ModelConfig], np.ndarray]
-    when: Callable[[ModelConfig], bool] = lambda c: True
-
-
-def _linear_in(heads: Callable[[ModelConfig], int]):
-    """HF [heads*H, D] -> ours [D, heads, H] (a projection into heads)."""
-    return (lambda c: (heads(c) * c.head_dim, c.hidden_size),
-            lambda w, c: w.T.reshape(c.hidden_size, heads(c), c.head_dim),
-            lambda w, c: w.reshape(c.hidden_size, heads(c) * c.head_dim).T)
-
-
-def _bias(heads: Callable[[ModelConfig], int]):
-    return (lambda c: (heads(c) * c.head_dim,),
-            lambda b, c: b.reshape(heads(c), c.head_dim),
-            lambda b, c: b.reshape(-1))
-
-
-def _same(shape: Callable[[ModelConfig], tuple[int, ...]]):
-    return shape, lambda w, c: w, lambda w, c: w
-
-
-def _transposed(shape: Callable[[ModelConfig], tuple[int, ...]]):
-    return shape, lambda w, c: w.T, lambda w, c: w.T
-
-
-def _q_heads(c):
-    return c.num_heads
-
-
-def _kv_heads(c):
-    return c.num_kv_heads
-
-
-def _has_bias(c):
-    return c.qkv_bias
-
-
-def _has_qk_norm(c):
-    return c.qk_norm
-
-
-LAYER_RULES: tuple[Rule, ...] = (
-    Rule("input_layernorm.weight", "attn_norm", *_same(lambda c: (c.hidden_size,))),
-    Rule("self_attn.q_proj.weight", "q_proj", *_linear_in(_q_heads)),
-    Rule("self_attn.k_proj.weight", "k_proj", *_linear_in(_kv_heads)),
-    Rule("self_attn.v_proj.weight", "v_proj", *_linear_in(_kv_heads)),
-    Rule("self_attn.q_proj.bias", "q_bias", *_bias(_q_heads), when=_has_bias),
-    Rule("self_attn.k_proj.bias", "k_bias", *_bias(_kv_heads), when=_has_bias),
-    Rule("self_attn.v_proj.bias", "v_bias", *_bias(_kv_heads), when=_has_bias),
-    Rule("self_attn.q_norm.weight", "q_norm", *_same(lambda c: (c.head_dim,)),
-         when=_has_qk_norm),
-    Rule("self_attn.k_norm.weight", "k_norm", *_same(lambda c: (c.head_dim,)),
-         when=_has_qk_norm),
-    Rule("self_attn.o_proj.weight", "o_proj",
-         lambda c: (c.hidden_size, c.num_heads * c.head_dim),
-         lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-         lambda w, c: w.reshape(c.num_heads * c.head_dim, c.hidden_size).T),
-    Rule("post_attention_layernorm.weight", "mlp_norm", *_same(lambda c: (c.hidden_size,))),
-    Rule("mlp.gate_proj.weight", "gate_proj",
-         *_transposed(lambda c: (c.intermediate_size, c.hidden_size))),
-    Rule("mlp.up_proj.weight", "up_proj",
-         *_transposed(lambda c: (c.intermediate_size, c.hidden_size))),
-    Rule("mlp.down_proj.weight", "down_proj",
-         *_transposed(lambda c: (c.hidden_size, c.intermediate_size))),
-)
-
-GLOBAL_RULES: tuple[Rule, ...] = (
-    Rule("model.embed_tokens.weight", "embedding",
-         *_same(lambda c: (c.vocab_size, c.hidden_size))),
-    Rule("model.norm.weight", "final_norm", *_same(lambda c: (c.hidden_size,))),
-    Rule("lm_head.weight", "lm_head", *_transposed(lambda c: (c.vocab_size, c.hidden_size)),
-         when=lambda c: not c.tie_word_embeddings),
-)
-
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-INDEX_FILE = "model.safetensors.index.json"
-# The weight files `to_hf` writes: one file, or numbered shards named in the index.
-_WEIGHT_FILE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
-# Derived buffers that some older checkpoints store; recomputed from the config, so skipped.
-_DERIVED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-class ConversionError(ValueError):
-    """A checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
-
-
-# ---------------------------------------------------------------------------- sources
-def _torch_to_numpy(tensor) -> np.ndarray:
-    import torch  # only when the caller handed us torch tensors
-
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def _as_numpy(value) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    if type(value).__module__.startswith("torch"):
-        return _torch_to_numpy(value)
-    return np.asarray(value)
-
-
-def _read_json(path: str) -> Any:
-    """A JSON file's content; ValueError naming the file and the position of a syntax error
-    (a file cut short by an interrupted copy or download is the usual cause)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column "
-                         f"{err.colno}); is the file truncated?") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
-def _safetensors_files(directory: str) -> list[str]:
-    index = os.path.join(directory, INDEX_FILE)
-    if os.path.isfile(index):
-        content = _read_json(index)
-        weight_map = content.get("weight_map") if isinstance(content, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"source: no *.safetensors files in {directory!r}")
-    paths = [os.path.join(directory, f) for f in files]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"source: shard {path!r} named in the index is missing")
-    return paths
-
-
-class TensorSource:
-    """Lazy access to a checkpoint's tensors: names, shapes without reading, and one tensor
-    at a time as numpy (in its stored dtype)."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray],
-                 origin: Mapping[str, str] | None = None):
-        self.shapes = shapes
-        self.read = read
-        self.origin = dict(origin or {})  # tensor name -> the file it is stored in
-        # What the conversion copied out of the tensors (on a mesh, only this process's
-        # blocks): the bytes it read, for a memory-mapped checkpoint.
-        self.bytes_copied = 0
-
-    def where(self, key: str) -> str:
-        """The tensor's name, and its file when it has one (for error messages)."""
-        return f"{key} in {self.origin[key]}" if key in self.origin else key
-
-    def read_float(self, key: str) -> np.ndarray:
-        """A tensor that must hold floating-point weights (an integer one is quantized or
-        corrupt: cast to float it would load, then generate garbage)."""
-        tensor = self.read(key)
-        if not jnp.issubdtype(tensor.dtype, jnp.floating):
-            raise ConversionError(f"{self.where(key)}: stored as {tensor.dtype}; weights must be "
-                                  "floating point (float32, bfloat16 or float16)")
-        return tensor
-
-    @classmethod
-    def from_mapping(cls, state: Mapping[str, Any]) -> TensorSource:
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        return cls(shapes, lambda key: _as_numpy(state[key]))
-
-    @classmethod
-    def from_safetensors(cls, paths: list[str]) -> TensorSource:
-        """Every shard's header read once; a tensor is read only when asked for.
-
-        A read maps the tensor's bytes (`np.memmap`, no copy): the conversion copies them
-        once, straight into the weight's final buffer. Each read maps its file anew and
-        the map goes with the returned array: the memory-mapped pages of a tensor already
-        copied out would otherwise stay resident (and counted in the process's memory)
-        until the end of the conversion, a second copy of the model.
-        """
-        from safetensors import safe_open
-
-        owner, shapes = {}, {}
-        for path in paths:
-            try:
-                with safe_open(path, framework="numpy") as handle:
-                    for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                        if key in owner:
-                            raise ConversionError(f"{key}: tensor appears twice (in "
-                                                  f"{owner[key]!r} and {path!r})")
-                        owner[key] = path
-                        shapes[key] = tuple(handle.get_slice(key).get_shape())
-            except ConversionError:
-                raise
-            except Exception as err:  # safetensors' SafetensorError, not a ValueError
-                raise ConversionError(f"{path}: not a readable safetensors file, truncated or "
-                                      f"corrupt ({err})") from None
-
-        layouts = {path: _safetensors_layout(path) for path in paths}
-
-        def read(key: str) -> np.ndarray:
-            path = owner[key]
-            try:
-                return _mapped_tensor(path, key, layouts[path])
-            except ConversionError:
-                raise
-            except Exception as err:
-                raise ConversionError(f"{key} in {path}: cannot be read, the file is "
-                                      f"truncated or corrupt ({err})") from None
-        return cls(shapes, read, origin=owner)
-
-
-# safetensors' dtype names -> numpy dtypes (the integer ones load only to be refused by name).
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _safetensors_layout(path: str) -> tuple[int, dict[str, Any]]:
-    """(where the data starts, the header's tensor entries) of a safetensors file: an
-    8-byte little-endian header size, then the JSON header (the format's specification)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, header
-
-
-def _mapped_tensor(path: str, key: str, layout: tuple[int, dict[str, Any]]) -> np.ndarray:
-    """The tensor `key` of a safetensors file as a read-only memory map of its bytes."""
-    start, header = layout
-    entry = header[key]
-    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise ConversionError(f"{key} in {path}: stored as {entry['dtype']}; weights must be "
-                              "floating point (float32, bfloat16 or float16)")
-    shape = tuple(entry["shape"])
-    begin, end = entry["data_offsets"]
-    if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-        raise ConversionError(f"{key} in {path}: its byte range does not match its shape "
-                              f"{shape} and dtype {entry['dtype']}; the file is corrupt")
-    if end == begin:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
-
-
-def _read_config_json(directory: str) -> ModelConfig:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"source: no config.json in {directory!r}")
-    content = _read_json(path)
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return _model_config(content, path)
-
-
-def _model_config(hf_config: Any, where: str) -> ModelConfig:
-    """`ModelConfig.from_hf_config`, its errors prefixed with where the config came from."""
-    try:
-        return ModelConfig.from_hf_config(hf_config)
-    except KeyError as err:
-        raise ValueError(f"{where}: missing required field {err.args[0]!r}") from None
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    except TypeError as err:
-        if not isinstance(hf_config, dict):
-            raise
-        raise ValueError(f"{where}: a field has the wrong type ({err})") from err
-
-
-def _open_source(source: Any) -> tuple[ModelConfig, TensorSource]:
-    """The config and the tensors of any accepted `source`."""
-    if isinstance(source, str | os.PathLike):
-        directory = os.fspath(source)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(
-                f"source: {directory!r} is not a directory (expected a local Hugging Face "
-                "checkpoint with config.json and *.safetensors)")
-        config = _read_config_json(directory)
-        return config, TensorSource.from_safetensors(_safetensors_files(directory))
-    if isinstance(source, tuple) and len(source) == 2:
-        state_dict, hf_config = source
-        return _model_config(hf_config, "hf_config"), TensorSource.from_mapping(state_dict)
-    if hasattr(source, "state_dict") and hasattr(source, "config"):
-        config = _model_config(source.config, "source.config")
-        return config, TensorSource.from_mapping(source.state_dict())
-    raise TypeError(
-        "source must be a transformers model, a local checkpoint directory or a "
-        f"(state_dict, hf_config) pair, got {type(source).__name__}")
 
 
 # ---------------------------------------------------------------------------- HF -> Flax
 def _check_shape(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(shape) != tuple(expected):
         raise ConversionError(f"{key}: expected shape {tuple(expected)}, got {tuple(shape)}")
-
-
-def _rules_by_key(config: ModelConfig) -> dict[str, tuple[Rule, int | None]]:
-    table: dict[str, tuple[Rule, int | None]] = {
-        r.hf_suffix: (r, None) for r in GLOBAL_RULES if r.when(config)}
-    for i in range(config.num_layers):
-        for r in LAYER_RULES:
-            if r.when(config):
-                table[f"model.layers.{i}.{r.hf_suffix}"] = (r, i)
-    return table
 
 
 def _check_keys(config: ModelConfig, source: TensorSource,

@@ -85,7 +85,7 @@ def loaded(checkpoint: str, shape=LOAD_MESH) -> dict:
     import numpy as np
 
     from gkv_jax.conversion import convert_weights
-    from gkv_jax.conversion.hf import _open_source
+    from gkv_jax.conversion.source import _open_source
 
     config, tensors = _open_source(checkpoint)
     weights = convert_weights(config, tensors, dtype="float32", mesh=_mesh(shape))

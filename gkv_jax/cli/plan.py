@@ -23,7 +23,7 @@ SEARCH_STEPS = 4  # compiles per mesh while stepping a refused batch down
 
 def _model_config(source: str):
     """A preset's config, or a checkpoint directory's config.json (no weights are read)."""
-    from gkv_jax.conversion.hf import _read_config_json
+    from gkv_jax.conversion.source import _read_config_json
     from gkv_jax.models.config import PRESETS, preset
 
     if source.lower() in PRESETS:

@@ -91,7 +91,7 @@ def test_load_places_each_weight_on_its_shards(checkpoint, reference, data, mode
 
 def test_an_in_memory_transformers_model_loads_onto_a_mesh(hf_model, reference):
     mesh = make_mesh(data=2, model=4)
-    config, tensors = conversion.hf._open_source(hf_model)
+    config, tensors = conversion.source._open_source(hf_model)
     weights = conversion.convert_weights(config, tensors, dtype="float32", mesh=mesh)
     model = conversion.model_from_weights(config, weights)
     # model_from_weights takes the placed arrays as they are: no copy, no move.
