@@ -111,7 +111,7 @@ def test_distill_cli_selects_on_validation_problems_with_the_size_rule(tiny_chec
 def test_the_full_cache_guard_is_on_by_default_where_there_are_validation_problems(
         flags, guard):
     from gkv_jax.cli import build_parser
-    from gkv_jax.cli.post_train import _guard_line, _resolve_guard
+    from gkv_jax.cli.post_train_guard import _guard_line, _resolve_guard
     args = build_parser().parse_args(["post-train", "distill", "--model", "m", "--budget", "68",
                                       "--steps", "40", "--output-dir", "o", *flags])
     _resolve_guard(args)
