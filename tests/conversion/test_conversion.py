@@ -97,7 +97,7 @@ def test_to_hf_writes_shards_with_an_index(qwen2_hf, tmp_path):
     ((2500, 1100), lambda w: w.T.reshape(1100, 20, 125)[:, ::2]),  # neither merges
 ])
 def test_the_blocked_copy_equals_a_plain_copy(shape, view):
-    from gkv_jax.conversion.hf import _copy_blocked
+    from gkv_jax.conversion.fast_copy import _copy_blocked
 
     source = view(np.random.default_rng(0).integers(0, 2**16, shape, dtype=np.uint16))
     destination = np.zeros(source.shape, np.uint16)
