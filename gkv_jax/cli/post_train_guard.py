@@ -72,8 +72,10 @@ def _guard_line(args) -> str:
     if args.select_problems:
         return (f"full-cache guard: {args.select_problems} validation problems every "
                 f"{args.eval_every} steps (--select-problems 0: off)")
-    return ("no full-cache guard: the last step is the model (--validation-dataset FILE "
-            "guards it)")
+    if args.validation_dataset is None and args.dataset not in SYNTHETIC_LOOKUPS:
+        return ("no full-cache guard: the last step is the model (--validation-dataset "
+                "NAME_OR_JSONL turns it on)")
+    return "no full-cache guard (--select-problems 0): the last step is the model"
 
 
 def _selection(args) -> dict:

@@ -119,6 +119,8 @@ def test_the_full_cache_guard_is_on_by_default_where_there_are_validation_proble
     line = _guard_line(args)
     assert ("full-cache guard: 100 validation problems" in line) == (guard[0] == 100)
     assert ("no full-cache guard" in line) == (guard[0] == 0)
+    assert ("--validation-dataset NAME_OR_JSONL turns it on" in line) == (
+        guard[0] == 0 and "data.jsonl" in flags)
 
 
 @pytest.mark.parametrize("flags, message", [
