@@ -50,7 +50,7 @@ import gkv_jax
 from gkv_jax import Engine, EvictionConfig, generate
 from gkv_jax.datasets import synthetic_examples
 from gkv_jax.evaluation import format_prompt
-from gkv_jax.generation import bucket_length
+from gkv_jax.generation_inputs import bucket_length
 from gkv_jax.loading import bundled_model_dir
 from gkv_jax.models import Transformer, preset
 

@@ -1,4 +1,4 @@
-"""The functional decode loop: prefill, decode steps, and eviction, all jit-able.
+"""The functional decode loop: prefill, decode cycles, and the whole generation, all jit-able.
 
 Timing follows docs/algorithm.md section 2. Forward 0 (the prefill) produces generated token 0;
 decode forward k feeds token k-1 and produces token k. After forward 0 and after every decode
@@ -14,6 +14,9 @@ last W slots are the last W tokens, for all sequences of the batch at once.
 
 Public, jit-able pieces: `cache_capacity`, `prefill`, `decode_step`, `compress_layer`, `evict`,
 `record_evictions`, `run_cycles`; `gkv_jax.generate` assembles them into one compiled program.
+This module holds the sizes, the prefill, the cycles and `generate_tokens`; it re-exports the
+per-step state and step (`gkv_jax.decode_state`), the compressions (`gkv_jax.compression`)
+and the eviction record's `init_record` and `record_evictions` (`gkv_jax.eviction_record`).
 """
 
 from __future__ import annotations
@@ -24,41 +27,23 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.cache import EMPTY_POSITION, KVCache, init_cache
-from gkv_jax.eviction import EvictionConfig, Ops, select_with_ops
+from gkv_jax.compression import compress_layer, evict
+from gkv_jax.decode_state import (
+    NO_LIMIT,
+    DecodeState,
+    StepOutput,
+    decode_step,
+    initial_state,
+    is_eos,
+    start_state,
+)
+from gkv_jax.eviction import EvictionConfig
 from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig
 from gkv_jax.models.transformer import forward_cached, lm_logits, unstack_layers
 from gkv_jax.pallas_kernels import traced_platform
-from gkv_jax.sampling import SamplingParams, sample, seed_keys, token_keys
-from gkv_jax.sharding.local import constrain_cache, per_head_blocks, per_sequence
-
-
-@chex.dataclass(frozen=True)
-class DecodeState:
-    """Everything a decode step carries (a pytree of fixed shapes).
-
-    Attributes:
-      cache: the `KVCache`.
-      last_token: [B] int32, the token the next forward feeds.
-      next_position: [B] int32, its true position (prompt length + tokens generated before it).
-      done: [B] bool, the sequence produced an EOS or its last token; its cache is frozen.
-      keys: [B, 2] uint32, each sequence's base key (`sampling.seed_keys` of its seed): token
-        j is drawn with `fold_in(keys[b], j)`, so a sequence's tokens never depend on its row
-        or its neighbours.
-      token_index: [B] int32, j of the token the next forward samples (1 after the prefill).
-      max_tokens: [B] int32, tokens the sequence generates at most (done after token
-        max_tokens - 1).
-      step: [] int32 index of the next forward of the batch (1 right after the prefill).
-    """
-
-    cache: KVCache
-    last_token: Int[Array, " B"]
-    next_position: Int[Array, " B"]
-    done: Bool[Array, " B"]
-    keys: Array
-    token_index: Int[Array, " B"]
-    max_tokens: Int[Array, " B"]
-    step: Int[Array, ""]
+from gkv_jax.sampling import SamplingParams, seed_keys
+from gkv_jax.sharding.local import constrain_cache
 
 
 def query_window_size(eviction: EvictionConfig) -> int:
@@ -97,118 +82,11 @@ def live_attention_block(eviction: EvictionConfig, capacity: int) -> int:
     return -(-per_block // smallest) * smallest
 
 
-def real_token_counts(cache: KVCache) -> Int[Array, " B"]:
-    """[B] number of real (non-empty) slots; every layer and KV head holds the same count."""
-    return layer_real_token_counts(cache.positions[0])
-
-
-def layer_real_token_counts(positions: Int[Array, "B K S"]) -> Int[Array, " B"]:
-    """[B] real slots of one layer's positions (the same for every KV head)."""
-    return jnp.sum(positions[:, 0, :] >= 0, axis=-1).astype(jnp.int32)
-
 
 __all__ = ["NEVER", "NO_LIMIT", "DecodeState", "Outputs", "StepOutput", "cache_capacity",
            "compress_layer", "compress_served", "decode_step", "decode_steps", "evict",
            "generate_tokens", "init_record", "initial_state", "is_eos", "prefill",
            "query_window_size", "record_evictions", "run_cycles", "start_state"]
-
-
-# ------------------------------------------------------------------------------ eviction
-def compress_layer(eviction: EvictionConfig, query_window: Float[Array, "B N W H"],
-                   keys: Float[Array, "B K S H"], values: Float[Array, "B K S H"],
-                   positions: Int[Array, "B K S"], global_score: Float[Array, "B K S"],
-                   active: Bool[Array, " B"], evicting: Bool[Array, " B"]):
-    """One layer's compression: selection (`eviction.select_with_ops`) then compaction
-    (`Ops.compact`), both on the ops `eviction.implementation` resolves to (once). Under a
-    mesh (`jax.set_mesh`) it runs inside `jax.shard_map` on each device's block of sequences
-    and KV heads (`gkv_jax.sharding.per_head_blocks`): it needs no communication.
-
-    The one door through which the decode loop (`evict`) and the post-training replay
-    (`gkv_jax.training.replay_evictions`) change a cache. Buffers keep their shapes; the S
-    slots must be full for every active sequence (the last W slots are the window).
-
-    Args:
-      query_window: [B, N, W, H] the last W queries (W = 0 for streaming).
-      keys, values: [B, K, S, H]; positions: [B, K, S] (-1 = empty); global_score:
-        [B, K, S] (NaN = no history).
-      active: [B] sequences to compact (others are returned unchanged).
-      evicting: [B] active sequences holding more than `budget` real tokens, whose carried
-        global score is replaced by the new one.
-
-    Returns:
-      keys, values, positions, global_score, compacted (kept rows first, then the window).
-    """
-    ops = Ops.resolve(eviction.implementation, matmul_dtype=eviction.matmul_dtype)
-
-    def compress(query_window, keys, values, positions, global_score, active, evicting):
-        valid = positions[:, 0, :] >= 0  # identical across KV heads until the first eviction
-        kept_index, new_score = select_with_ops(eviction, ops, query_window, keys, valid,
-                                                global_score[:, :, :eviction.kept_scored])
-        if new_score is None:  # policies without history: evicting sequences carry none
-            new_score = jnp.full(kept_index.shape, jnp.nan, jnp.float32)
-        return ops.compact(keys, values, positions, global_score, kept_index,
-                           window=eviction.window, active=active, new_score=new_score,
-                           replace_score=evicting)
-
-    # Under a mesh each device compresses its own (sequences, KV heads) block: no collective.
-    local = per_head_blocks(compress, query_window.shape[1], keys.shape[1], keys.shape[0])
-    return local(query_window, keys, values, positions, global_score, active, evicting)
-
-
-def resize_slots(buffer: Array, capacity: int, fill, axis: int = 3) -> Array:
-    """Drops or adds empty trailing slots along the slot axis (3 of [L, B, K, S, ...]; 2 for
-    one layer's [B, K, S, ...]) so that it holds `capacity`."""
-    S = buffer.shape[axis]
-    if capacity <= S:
-        return jax.lax.slice_in_dim(buffer, 0, capacity, axis=axis)
-    pad = [(0, 0)] * buffer.ndim
-    pad[axis] = (0, capacity - S)
-    return jnp.pad(buffer, pad, constant_values=fill)
-
-
-def evict(eviction: EvictionConfig, cache: KVCache, active: Bool[Array, " B"],
-          capacity: int | None = None) -> tuple[KVCache, Bool[Array, " B"]]:
-    """One compression of every layer (docs/algorithm.md sections 3-5, per policy).
-
-    Every active sequence must have a full buffer (`lengths == cache.capacity`). Sequences
-    holding more than `budget` real tokens evict down to `budget`; other active sequences
-    are compacted without losing a token (pads and holes dropped), which attends exactly as
-    before; inactive (finished) sequences are left untouched. Layers are compressed one at a
-    time in a `fori_loop` that updates the cache buffers in place (jit with the cache
-    donated when calling this directly), so scoring memory is one layer's.
-
-    Args:
-      eviction: the policy (static).
-      cache: [L, B, K, S, ...] buffers.
-      active: [B] sequences to compress.
-      capacity: slots of the returned cache (default: the same as the input; the prefill
-        compresses a prompt-sized cache into a `budget + divide_length` one).
-
-    Returns:
-      The compressed cache and [B] bool, which sequences actually evicted tokens.
-    """
-    capacity = cache.capacity if capacity is None else capacity
-    # Counted per device block (every KV head holds the same count): no collective.
-    counts = per_sequence(layer_real_token_counts, cache.query_window.shape[2],
-                          cache.keys.shape[2], cache.keys.shape[1])(cache.positions[0])
-    evicting = active & (counts > eviction.budget)
-
-    def layer_step(layer, buffers):
-        layer_buffers = [b[layer] for b in buffers]
-        compressed = compress_layer(eviction, cache.query_window[layer], *layer_buffers,
-                                    active, evicting)
-        return tuple(jax.lax.dynamic_update_index_in_dim(b, c, layer, 0)
-                     for b, c in zip(buffers, compressed, strict=True))
-
-    keys, values, positions, global_score = jax.lax.fori_loop(
-        0, cache.keys.shape[0], layer_step,
-        (cache.keys, cache.values, cache.positions, cache.global_score))
-    compressed = constrain_cache(cache.replace(
-        keys=resize_slots(keys, capacity, 0), values=resize_slots(values, capacity, 0),
-        positions=resize_slots(positions, capacity, EMPTY_POSITION),
-        global_score=resize_slots(global_score, capacity, jnp.nan),
-        lengths=jnp.where(active, eviction.budget, cache.lengths)))
-    return compressed, evicting
 
 
 # ------------------------------------------------------------------------------ prefill
@@ -257,112 +135,8 @@ def place_slots(cache: KVCache, capacity: int, first_slot: int) -> KVCache:
                          lengths=cache.lengths + first_slot)
 
 
+
 # ------------------------------------------------------------------------------ decoding
-def _freeze_finished(done: Bool[Array, " B"], new: KVCache, old: KVCache) -> KVCache:
-    """Finished sequences keep their lengths and query ring (their slot writes were empty)."""
-    return new.replace(
-        lengths=jnp.where(done, old.lengths, new.lengths),
-        query_window=jnp.where(done[None, :, None, None, None], old.query_window,
-                               new.query_window))
-
-
-@chex.dataclass(frozen=True)
-class StepOutput:
-    """What one decode step emits.
-
-    Attributes:
-      tokens: [B] int32 sampled tokens (finished sequences repeat the filler).
-      log_probs: [B] float32 log-probability of each sampled token.
-      logits: [B, V] float32 logits of the step (dropped by XLA when unused).
-    """
-
-    tokens: Int[Array, " B"]
-    log_probs: Float[Array, " B"]
-    logits: Float[Array, "B V"]
-
-
-def is_eos(tokens: Int[Array, " B"], eos_ids: Int[Array, "*B E"]) -> Bool[Array, " B"]:
-    """[B] whether each token is one of the EOS ids: `eos_ids` [E] for every row, or [B, E]
-    per row (padded with -1, which no token equals); E may be 0."""
-    ids = eos_ids if eos_ids.ndim == 2 else eos_ids[None, :]
-    return jnp.any(tokens[:, None] == ids, axis=-1)
-
-
-NO_LIMIT = 2**31 - 1  # max_tokens of a sequence that only stops at an EOS (or the loop's end)
-
-
-def initial_state(cache: KVCache, last_token: Int[Array, " B"],
-                  next_position: Int[Array, " B"], *, seeds: Int[Array, " B"] | None = None,
-                  done: Bool[Array, " B"] | None = None,
-                  max_tokens: Int[Array, " B"] | None = None) -> DecodeState:
-    """A `DecodeState` after a prefill whose token 0 is `last_token` (for decode loops of
-    one's own): seeds [B] (default 0 each), done [B] (default none), max_tokens [B] (default
-    no limit)."""
-    B = last_token.shape[0]
-    seeds = jnp.zeros((B,), jnp.int32) if seeds is None else jnp.asarray(seeds, jnp.int32)
-    return DecodeState(
-        cache=cache, last_token=jnp.asarray(last_token, jnp.int32),
-        next_position=jnp.broadcast_to(jnp.asarray(next_position, jnp.int32), (B,)),
-        done=jnp.zeros((B,), bool) if done is None else jnp.asarray(done, bool),
-        keys=seed_keys(seeds), token_index=jnp.ones((B,), jnp.int32),
-        max_tokens=jnp.full((B,), NO_LIMIT, jnp.int32) if max_tokens is None
-        else jnp.asarray(max_tokens, jnp.int32), step=jnp.int32(1))
-
-
-def start_state(cache: KVCache, logits: Float[Array, "B V"], next_position: Int[Array, " B"],
-                keys: Array, max_tokens: Int[Array, " B"], sampling: SamplingParams,
-                eos_ids: Int[Array, "*B E"]) -> tuple[DecodeState, StepOutput]:
-    """The state after the prefill: token 0 drawn from the prompts' last logits with
-    `fold_in(keys[b], 0)`; done where it is an EOS or `max_tokens` is 1."""
-    B = logits.shape[0]
-    first, first_log_prob = sample(logits, token_keys(keys, jnp.zeros((B,), jnp.int32)),
-                                   sampling)
-    state = DecodeState(cache=cache, last_token=first, next_position=next_position,
-                        done=is_eos(first, eos_ids) | (max_tokens <= 1), keys=keys,
-                        token_index=jnp.ones((B,), jnp.int32), max_tokens=max_tokens,
-                        step=jnp.int32(1))
-    return state, StepOutput(tokens=first, log_probs=first_log_prob, logits=logits)
-
-
-def decode_step(config: ModelConfig, params: dict, state: DecodeState,
-                sampling: SamplingParams, eos_ids: Int[Array, "*B E"],
-                attention_block: int | None = None) -> tuple[DecodeState, StepOutput]:
-    """One decode forward: feeds `state.last_token` and samples the next token of every
-    sequence with its own key (`fold_in(keys[b], token_index[b])`).
-
-    A finished sequence feeds an empty slot (position -1) and its cache stays frozen; its
-    output token is a filler (its first EOS id, or 0). A sequence is done after an EOS
-    (`eos_ids` [E], or [B, E] per row) or after its `max_tokens`-th token. Compression is
-    not part of a step: call `evict` after every `divide_length`-th step, as `run_cycles`
-    does. `attention_block` (static): see `forward_cached` and `live_attention_block`.
-    """
-    done = state.done
-    positions = jnp.where(done, EMPTY_POSITION, state.next_position)[:, None]
-    hidden, cache = forward_cached(config, params, state.last_token[:, None], positions,
-                                   state.cache, attention_block)
-    cache = constrain_cache(_freeze_finished(done, cache, state.cache))
-    logits = lm_logits(config, params, hidden)[:, 0]
-    tokens, log_probs = sample(logits, token_keys(state.keys, state.token_index), sampling)
-    tokens = jnp.where(done, _filler(eos_ids, tokens.shape[0]), tokens)
-    log_probs = jnp.where(done, 0.0, log_probs)
-    finished = is_eos(tokens, eos_ids) | (state.token_index + 1 >= state.max_tokens)
-    new_state = state.replace(
-        cache=cache, last_token=tokens,
-        next_position=jnp.where(done, state.next_position, state.next_position + 1),
-        done=done | finished, token_index=jnp.where(done, state.token_index,
-                                                    state.token_index + 1),
-        step=state.step + 1)
-    return new_state, StepOutput(tokens=tokens, log_probs=log_probs, logits=logits)
-
-
-def _filler(eos_ids: Int[Array, "*B E"], B: int) -> Int[Array, " B"]:
-    """The token a finished sequence repeats: its first EOS id (>= 0), else 0."""
-    if eos_ids.shape[-1] == 0:
-        return jnp.zeros((B,), jnp.int32)
-    first = eos_ids[..., 0] if eos_ids.ndim == 2 else jnp.broadcast_to(eos_ids[0], (B,))
-    return jnp.maximum(first, 0).astype(jnp.int32)
-
-
 @chex.dataclass(frozen=True)
 class Outputs:
     """Per-token outputs written in place as cycles run.

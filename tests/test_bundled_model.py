@@ -81,7 +81,7 @@ def test_string_prompts_get_the_bos_the_model_was_trained_with():
     characters, as in training); add_special_tokens=False drops the BOS; the chat template
     writes its own BOS and nothing is added on top."""
     from gkv_jax.evaluation import format_prompt
-    from gkv_jax.generation import _tokenize
+    from gkv_jax.generation_inputs import _tokenize
     from gkv_jax.loading import load_tokenizer
 
     example = _held_out_example()

@@ -30,7 +30,8 @@ from gkv_jax.evaluation import (
 from gkv_jax.evaluation import rows as evaluation_rows
 from gkv_jax.evaluation import run as evaluation_run
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import bucket_length, generate
+from gkv_jax.generation import generate
+from gkv_jax.generation_inputs import bucket_length
 from gkv_jax.models import ModelConfig, Transformer
 
 NUM_PROBLEMS, SAMPLES = 10, 2

@@ -12,10 +12,11 @@ import pytest
 import torch
 import transformers
 
-from gkv_jax import conversion, generation, policies
+from gkv_jax import conversion, generation_inputs, policies
 from gkv_jax.decode import generate_tokens
 from gkv_jax.eviction import POLICIES, EvictionConfig, Policy, get_policy
-from gkv_jax.generation import bucket_length, compiled_programs, generate
+from gkv_jax.generation import compiled_programs, generate
+from gkv_jax.generation_inputs import bucket_length
 from gkv_jax.sampling import SamplingParams
 from tests.helpers import SPEC_BY_NAME, tiny_hf_model
 
@@ -279,11 +280,11 @@ def test_string_prompts_with_chat_template_and_texts():
 def test_eos_token_strings_are_looked_up_in_the_vocabulary():
     _, model = tiny()
     tokenizer = _word_tokenizer()
-    eos = generation._eos_ids(["</s>", np.int64(3)], tokenizer, model.config)
+    eos = generation_inputs._eos_ids(["</s>", np.int64(3)], tokenizer, model.config)
     assert eos.tolist() == [SPEC.vocab - 1, 3]
     with pytest.raises(ValueError, match="eos_token_id 'stop' is not a token of the "
                                          "tokenizer's vocabulary"):
-        generation._eos_ids("stop", tokenizer, model.config)
+        generation_inputs._eos_ids("stop", tokenizer, model.config)
 
 
 @pytest.mark.parametrize("kwargs, match", [

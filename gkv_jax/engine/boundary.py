@@ -16,7 +16,7 @@ import numpy as np
 from gkv_jax.engine import core
 from gkv_jax.engine.requests import Request, TokenEvent
 from gkv_jax.eviction_record import NEVER, EvictionRecord
-from gkv_jax.generation import to_host
+from gkv_jax.generation_outputs import to_host
 from gkv_jax.sampling import SamplingParams
 
 _prefill = jax.jit(core.prefill_group, static_argnums=(0, 1, 2, 3))

@@ -27,13 +27,8 @@ from gkv_jax.engine import core
 from gkv_jax.engine.boundary import CycleBoundary, _Pending
 from gkv_jax.engine.requests import PromptGroup, Request, RequestOutput, TokenEvent
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import (
-    _encode,
-    _eos_ids,
-    bucket_length,
-    resolve_mesh,
-    row_seeds,
-)
+from gkv_jax.generation import resolve_mesh
+from gkv_jax.generation_inputs import _encode, _eos_ids, bucket_length, row_seeds
 from gkv_jax.sampling import SamplingParams
 from gkv_jax.sharding import mesh as mesh_lib
 from gkv_jax.token_ids import check_vocabulary, is_int, token_ids

@@ -94,7 +94,7 @@ def as_generate_output(outputs: list[RequestOutput], *, prompt_bucket: int,
     records stacked to [L, B, K, P_max + M] (padded with NEVER), so that
     `gkv_jax.training.batch_from_generation` trains on engine rollouts."""
     from gkv_jax.eviction_record import NEVER
-    from gkv_jax.generation import GenerateOutput
+    from gkv_jax.generation_outputs import GenerateOutput
 
     record = None
     if outputs and all(o.eviction_record is not None for o in outputs):

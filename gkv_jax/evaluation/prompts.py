@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from gkv_jax.datasets import Example, load_dataset
 from gkv_jax.evaluation.configs import check_positive
-from gkv_jax.generation import _encode
+from gkv_jax.generation_inputs import _encode
 
 R1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 # max_new_tokens=None: this per dataset kind, capped at the model's context.

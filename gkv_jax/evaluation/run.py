@@ -43,7 +43,8 @@ from gkv_jax.evaluation.summary import (
     write_summary_csv,
 )
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import bucket_length, resolve_mesh
+from gkv_jax.generation import resolve_mesh
+from gkv_jax.generation_inputs import bucket_length
 from gkv_jax.sampling import SamplingParams
 
 

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gkv_jax import decode
 from gkv_jax.engine import core
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import bucket_length
+from gkv_jax.generation_inputs import bucket_length
 from gkv_jax.models import ModelConfig, Transformer
 from gkv_jax.pallas_kernels import traced_platform
 from gkv_jax.sampling import SamplingParams

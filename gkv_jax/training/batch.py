@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
 from gkv_jax.eviction import EvictionConfig
-from gkv_jax.generation import GenerateOutput, bucket_length, to_host
+from gkv_jax.generation_inputs import bucket_length
+from gkv_jax.generation_outputs import GenerateOutput, to_host
 from gkv_jax.models.masked_attention import SegmentLayout
 from gkv_jax.sharding.mesh import DATA, axis_size, check_mesh
 from gkv_jax.sharding.rules import spec

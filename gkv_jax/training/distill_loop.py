@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gkv_jax.generation import bucket_length, generate
+from gkv_jax.generation import generate
+from gkv_jax.generation_inputs import bucket_length
 from gkv_jax.training import recipe
 from gkv_jax.training.batch import batch_from_completions, shard_batch
 from gkv_jax.training.configs import DistillConfig, make_optimizer, optimizer_config

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkv_jax.engine import Engine, as_generate_output
-from gkv_jax.generation import bucket_length, padded_batch_size
+from gkv_jax.generation import padded_batch_size
+from gkv_jax.generation_inputs import bucket_length
 from gkv_jax.training import recipe
 from gkv_jax.training.batch import batch_from_generation as _batch_from_generation
 from gkv_jax.training.batch import shard_batch

@@ -20,12 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from gkv_jax.decode import (
-    compress_layer,
-    layer_real_token_counts,
-    query_window_size,
-    resize_slots,
-)
+from gkv_jax.compression import compress_layer, layer_real_token_counts, resize_slots
+from gkv_jax.decode import query_window_size
 from gkv_jax.eviction import EvictionConfig
 from gkv_jax.eviction_record import NEVER, init_record, record_evictions
 from gkv_jax.models.config import ModelConfig

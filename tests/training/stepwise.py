@@ -19,7 +19,7 @@ from gkv_jax.decode import (
     record_evictions,
 )
 from gkv_jax.eviction_record import NEVER
-from gkv_jax.generation import _left_pad
+from gkv_jax.generation_inputs import _left_pad
 from gkv_jax.sampling import SamplingParams
 
 GREEDY = SamplingParams.create()
