@@ -54,15 +54,19 @@ def _validation_examples(args):
     return synthetic_examples(args.select_problems, VALIDATION_SEED, name=args.dataset)
 
 
+def _has_validation(args) -> bool:
+    """Whether the run has validation problems: --validation-dataset, or a synthetic task's
+    own."""
+    return args.validation_dataset is not None or args.dataset in SYNTHETIC_LOOKUPS
+
+
 def _resolve_guard(args) -> None:
     """Fills in the defaults of the full-cache guard: --select-problems is
     `DEFAULT_SELECT_PROBLEMS` where there are validation problems (a synthetic task's own, or
     --validation-dataset), else 0; --eval-every is a quarter of the steps while the guard is
     on (so it chooses among five evaluated steps, before training included), else 0."""
     if args.select_problems is None:
-        has_validation = (args.validation_dataset is not None
-                          or args.dataset in SYNTHETIC_LOOKUPS)
-        args.select_problems = DEFAULT_SELECT_PROBLEMS if has_validation else 0
+        args.select_problems = DEFAULT_SELECT_PROBLEMS if _has_validation(args) else 0
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 4) if args.select_problems > 0 else 0
 
@@ -72,7 +76,7 @@ def _guard_line(args) -> str:
     if args.select_problems:
         return (f"full-cache guard: {args.select_problems} validation problems every "
                 f"{args.eval_every} steps (--select-problems 0: off)")
-    if args.validation_dataset is None and args.dataset not in SYNTHETIC_LOOKUPS:
+    if not _has_validation(args):
         return ("no full-cache guard: the last step is the model (--validation-dataset "
                 "NAME_OR_JSONL turns it on)")
     return "no full-cache guard (--select-problems 0): the last step is the model"
@@ -85,7 +89,7 @@ def _selection(args) -> dict:
         raise CommandError(f"--select-problems must be >= 0, got {args.select_problems}")
     if not args.select_problems:
         return {}
-    if args.validation_dataset is None and args.dataset not in SYNTHETIC_LOOKUPS:
+    if not _has_validation(args):
         raise CommandError(f"--select-problems: give --validation-dataset (a dataset name or "
                            f".jsonl of question/answer) for --dataset {args.dataset!r}; only "
                            f"the synthetic tasks have validation problems of their own")

@@ -103,9 +103,7 @@ def _start_selection(run: RunDir, config, start: int, params, opt_state, model, 
         return None
     selection = Selection(run, config.select_by, config.full_cache_tolerance)
     if start == 0 and not os.path.isdir(selection.path(0)):
-        evaluation = eval_fn(_with_params(model, params, copy=True), 0)
-        run.log({"step": 0, "eval": evaluation})
-        selection.offer(0, evaluation, params, opt_state)
+        _evaluate(run, 0, params, opt_state, model, eval_fn, selection)
     else:
         selection.resume(run.history())
     return selection

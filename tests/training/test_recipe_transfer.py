@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 
 import gkv_jax
+from gkv_jax import training
 from gkv_jax.cli import main
-from gkv_jax.evaluation import evaluate
 from gkv_jax.loading import bundled_model_dir
 
 
 def _held_out(model, tokenizer, directory):
-    report = evaluate(model, tokenizer, "synthetic-chain", policies=("full", "gkv"),
-                      budgets=(68,), window=16, divide_length=16, num_problems=20,
-                      batch_size=20, output_dir=directory, progress=False)
-    return {entry["name"]: entry["pass@1"] for entry in report.summary}
+    score = training.evaluation_callback(tokenizer, "synthetic-chain", policies=("full", "gkv"),
+                                         budgets=(68,), window=16, divide_length=16,
+                                         num_problems=20, batch_size=20, output_dir=directory)
+    return score(model, 0)
 
 
 @pytest.mark.slow
